@@ -1,0 +1,66 @@
+"""Command line: ``pusherd`` serves; ``pusherd --check-config`` validates; exit 2 on a config error."""
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import List, Optional
+
+from . import __version__
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pusherd",
+        description="Real-time push daemon speaking the Phoenix Channels protocol. "
+                    "With no arguments: development settings on 127.0.0.1:4000.")
+    p.add_argument("--config", metavar="FILE", help="pusher.yml (default: $PUSHERD_CONFIG, else the embedded default)")
+    p.add_argument("--env", metavar="NAME", help="environment section (default: $PUSHERD_ENV, $RAILS_ENV, development)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
+    p.add_argument("--check-config", action="store_true", help="validate, print the effective settings, exit 0/2")
+    p.add_argument("--version", action="version", version="pusherd " + __version__)
+    return p
+
+
+def load_settings(args, environ=None):
+    """Config and environment chosen as documented; raises config.ConfigError."""
+    import os
+    from . import config
+    environ = os.environ if environ is None else environ
+    env = config.resolve_env(args.env, environ)
+    path = config.resolve_path(args.config, environ)
+    return config.load(path, env, environ, listen=getattr(args, "listen", None))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from . import config
+
+    args = _serve_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except config.ConfigError as exc:
+        print("pusherd: configuration error:\n" + "\n".join("  " + p for p in exc.problems), file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+        return 0
+
+    from .logs import setup_logging
+    from .server import serve
+    setup_logging(settings.log_level)
+
+    def reload_settings():
+        return load_settings(args)
+
+    try:
+        return asyncio.run(serve(settings, reload_settings))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:  # e.g. address in use
+        print("pusherd: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Thin Tornado adapters: they translate between HTTP/WebSocket and the pure core.
+
+No protocol logic lives here: frames go to `Session`, publish bodies to `publish.parse_body`.
+Dependencies arrive through ``initialize()`` (no globals), so several daemons can run in one
+test process.
+"""
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Optional
+
+import tornado.web
+import tornado.websocket
+
+from . import errors
+from .broker import Broadcast
+from .errors import BrokerUnavailable, PublishError
+from .framing import text_frame
+from .outbox import Outbox
+from .protocol import serializer_for_vsn
+from .publish import parse_body, secret_matches
+from .session import Close, Publish, Send, Session, Subscribe, Unsubscribe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Daemon
+
+log = logging.getLogger("pusherd")
+access_log = logging.getLogger("pusherd.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log without query strings (tokens may travel there)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return
+    request = handler.request
+    access_log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.path,
+                   request.remote_ip, 1000.0 * request.request_time())
+
+
+class JSONHandler(tornado.web.RequestHandler):
+    """Every HTTP answer, errors included, is a JSON object."""
+
+    def initialize(self, daemon: "Daemon"):
+        self.daemon = daemon
+
+    def set_default_headers(self):
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+
+    def send_json(self, status: int, body: dict) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        reason = self._reason.lower() if self._reason else "error"
+        self.finish(json.dumps({"error": reason}))
+
+
+class NotFoundHandler(JSONHandler):
+    def prepare(self):
+        self.send_json(404, {"error": "not found"})
+
+
+class HealthHandler(JSONHandler):
+    def get(self):
+        daemon = self.daemon
+        healthy = daemon.broker.healthy()
+        body = {"status": "ok" if healthy else "unavailable", "broker": daemon.broker.describe(),
+                "connections": len(daemon.sockets)}
+        if not healthy:
+            body["error"] = "broker %s is unavailable" % daemon.broker.describe()
+        self.send_json(200 if healthy else 503, body)
+
+
+@tornado.web.stream_request_body
+class PublishHandler(JSONHandler):
+    """POST /publish: the Rails app (or `pusherd publish`) hands events to every subscriber."""
+
+    def prepare(self):
+        self._chunks = []
+        self._size = 0
+        self._refused = False
+        if self.request.method != "POST":
+            return
+        limit = self.daemon.settings.max_publish_bytes
+        self.request.connection.set_max_body_size(limit + 1)
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._refused = True
+        self.request.connection.set_close()  # don't read the rest of a refused body
+        self.send_json(status, {"error": reason})
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._refused:
+            return
+        self._size += len(chunk)
+        if self._size > self.daemon.settings.max_publish_bytes:
+            self._chunks = []
+            self._refuse(413, "body larger than max_publish_bytes (%d)" % self.daemon.settings.max_publish_bytes)
+            return
+        self._chunks.append(chunk)
+
+    async def post(self):
+        if self._refused:
+            return
+        daemon = self.daemon
+        if not secret_matches(self.request.headers.get("Authorization"), daemon.publish_secrets):
+            self.set_header("WWW-Authenticate", 'Bearer realm="pusherd"')
+            return self.send_json(401, {"error": "missing or wrong publish secret"})
+        try:
+            broadcasts = parse_body(b"".join(self._chunks), self.request.headers.get("Content-Type", ""),
+                                    daemon.settings.max_topic_length)
+        except PublishError as exc:
+            return self.send_json(exc.status, {"error": exc.reason})
+        try:
+            positions = [await daemon.publish(b) for b in broadcasts]
+        except BrokerUnavailable as exc:
+            return self.send_json(503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())})
+        body = {"status": "ok", "published": len(broadcasts)}
+        if len(broadcasts) == 1 and positions[0] is not None:
+            body["position"] = positions[0]
+        elif any(p is not None for p in positions):
+            body["positions"] = positions
+        self.send_json(200, body)
+
+    def get(self):
+        self.set_header("Allow", "POST")
+        self.send_json(405, {"error": "use POST"})
+
+
+class SocketHandler(tornado.websocket.WebSocketHandler):
+    """One browser socket: Tornado does the handshake and reads frames; `Session` decides."""
+
+    def initialize(self, daemon: "Daemon", legacy_path: bool = False):
+        self.daemon = daemon
+        self.legacy_path = legacy_path
+        self.session: Optional[Session] = None
+        self.outbox: Optional[Outbox] = None
+        self.serializer = None
+
+    async def get(self, *args, **kwargs):
+        vsn = self.get_query_argument("vsn", None)  # the last one, as Plug does
+        serializer = serializer_for_vsn(vsn, legacy_path=self.legacy_path)
+        if serializer is None:
+            self.set_status(403)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            return self.finish(json.dumps({"error": "unsupported protocol version (vsn)"}))
+        daemon = self.daemon
+        if len(daemon.sockets) >= daemon.settings.max_connections or daemon.draining:
+            self.set_status(503)
+            self.set_header("Content-Type", "application/json; charset=utf-8")
+            self.set_header("Retry-After", "5")
+            reason = "shutting down" if daemon.draining else "too many connections"
+            return self.finish(json.dumps({"error": reason}))
+        self.serializer = serializer
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.daemon.origins.allows(origin)
+        if not allowed:
+            log.info("refused WebSocket upgrade from origin %.200s", origin)
+        return allowed
+
+    def get_compression_options(self):
+        return None  # frames are shared between sockets: no per-socket compression
+
+    def open(self, *args, **kwargs):
+        daemon = self.daemon
+        stream = self.ws_connection.stream
+        self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
+        self.outbox = Outbox(stream, daemon.call_soon, daemon.settings.max_outbox_bytes, self._slow_consumer)
+        self.set_nodelay(True)
+        daemon.sockets.add(self)
+
+    def on_message(self, message):
+        session = self.session
+        if session is None:
+            return
+        self.execute(session.receive(message, time.time()))
+
+    def execute(self, actions) -> None:
+        daemon = self.daemon
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                self.send_frame(text_frame(action.text.encode("utf-8")))
+            elif kind is Subscribe:
+                daemon.subscribe(action.topic, self, action.params)
+            elif kind is Unsubscribe:
+                daemon.hub.unsubscribe(action.topic, self)
+            elif kind is Publish:
+                daemon.spawn(self._publish(action))
+            elif kind is Close:
+                self.close_with(action.code, action.reason)
+
+    def send_frame(self, frame: bytes) -> None:
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.send(frame)
+
+    async def _publish(self, push: Publish) -> None:
+        try:
+            await self.daemon.publish(Broadcast(push.topic, push.event, push.payload))
+        except BrokerUnavailable:
+            reply = self.session.push_error(push, errors.UNAVAILABLE)
+        else:
+            reply = self.session.push_ok(push)
+        self.send_frame(text_frame(reply.text.encode("utf-8")))
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()
+            self.outbox.detach()
+        self.close(code, reason)
+
+    def _slow_consumer(self) -> None:
+        self.daemon.stats["slow_consumer_closes"] += 1
+        log.info("%s: closing slow consumer (outbox over %d bytes)", self.session.peer if self.session else "-",
+                 self.daemon.settings.max_outbox_bytes)
+        self.close(errors.CLOSE_TRY_AGAIN, "slow consumer")
+
+    def tick(self, now: float) -> None:
+        """Called by the daemon's periodic sweep (one timer for every socket)."""
+        session = self.session
+        if session is None:
+            return
+        outbox = self.outbox
+        if outbox is not None and outbox.stalled_for(time.monotonic()) > self.daemon.settings.slow_consumer_seconds:
+            self.daemon.stats["slow_consumer_closes"] += 1
+            log.info("%s: dropping slow consumer (writes stalled)", session.peer)
+            outbox.detach()
+            self.ws_connection.stream.close()  # a close frame could not get through either
+            return
+        actions = session.tick(now)
+        if actions:
+            self.execute(actions)
+
+    def on_close(self):
+        daemon = self.daemon
+        daemon.sockets.discard(self)
+        if self.outbox is not None:
+            self.outbox.detach()
+        session = self.session
+        if session is not None:
+            for topic in list(session.channels):
+                daemon.hub.unsubscribe(topic, self)
+            session.channels.clear()
+            session.closed = True

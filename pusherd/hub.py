@@ -1,0 +1,67 @@
+"""Topic -> local subscribers, and fan-out that encodes each broadcast once per serializer.
+
+A subscriber is anything with a ``serializer`` attribute and a ``send_frame(bytes)`` method
+(the socket adapter). For one broadcast the hub builds at most one frame per protocol version
+present on the topic and hands the very same bytes to every subscriber: no per-socket JSON,
+no per-socket framing.
+"""
+
+import logging
+from typing import Callable, Dict, Optional, Set
+
+from .broker import Broadcast
+from .framing import text_frame
+
+log = logging.getLogger("pusherd.hub")
+
+
+class Hub:
+    def __init__(self, on_first: Optional[Callable[[str], None]] = None,
+                 on_last: Optional[Callable[[str], None]] = None):
+        self.topics: Dict[str, Set[object]] = {}
+        self._on_first = on_first or (lambda topic: None)
+        self._on_last = on_last or (lambda topic: None)
+        self.encodes = 0      # frames built (a test can count them)
+        self.delivered = 0    # frames handed to sockets
+
+    def subscribe(self, topic: str, subscriber) -> None:
+        members = self.topics.get(topic)
+        if members is None:
+            members = self.topics[topic] = set()
+            self._on_first(topic)
+        members.add(subscriber)
+
+    def unsubscribe(self, topic: str, subscriber) -> None:
+        members = self.topics.get(topic)
+        if members is None:
+            return
+        members.discard(subscriber)
+        if not members:
+            del self.topics[topic]
+            self._on_last(topic)
+
+    def members(self, topic: str) -> int:
+        return len(self.topics.get(topic, ()))
+
+    def broadcast(self, broadcast: Broadcast) -> int:
+        """Deliver to every local member of the topic; returns the number of sockets reached."""
+        members = self.topics.get(broadcast.topic)
+        if not members:
+            return 0
+        frames = {}
+        sent = 0
+        for sub in tuple(members):
+            serializer = sub.serializer
+            frame = frames.get(serializer)
+            if frame is None:
+                text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
+                                                   broadcast.position)
+                frame = frames[serializer] = text_frame(text.encode("utf-8"))
+                self.encodes += 1
+            try:
+                sub.send_frame(frame)
+                sent += 1
+            except Exception:  # one broken socket must never stop the fan-out
+                log.exception("delivery to one socket failed")
+        self.delivered += sent
+        return sent

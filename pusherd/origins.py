@@ -1,0 +1,71 @@
+"""Which browser origins may open a WebSocket (a page elsewhere must not ride a visitor's cookies).
+
+Patterns: ``"*"`` (anything, must be explicit), an exact origin ``https://app.example.com``,
+a subdomain wildcard ``https://*.example.com`` (any subdomain, not the bare domain), and a
+port wildcard ``http://localhost:*``. Comparison is on scheme, host and port, case-insensitive.
+"""
+
+from typing import Iterable, Optional, Tuple
+from urllib.parse import urlsplit
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _split(origin: str) -> Optional[Tuple[str, str, str]]:
+    """(scheme, host, port-as-text) or None when `origin` is not an origin."""
+    try:
+        parts = urlsplit(origin.strip())
+        scheme = parts.scheme.lower()
+        if not scheme or not parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+            return None
+        netloc = parts.netloc.lower()
+        if "@" in netloc:
+            return None
+        if netloc.startswith("["):
+            host, _, rest = netloc[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port = netloc.partition(":")
+        if not host:
+            return None
+        if not port:
+            port = str(_DEFAULT_PORTS.get(scheme, ""))
+        return scheme, host, port
+    except ValueError:
+        return None
+
+
+class OriginPolicy:
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = tuple(patterns)
+        self.any = "*" in self.patterns
+        self._rules = []
+        for text in self.patterns:
+            if text == "*":
+                continue
+            wildcard_port = text.endswith(":*")
+            split = _split(text[:-2] if wildcard_port else text)
+            if split is None:
+                raise ValueError("not an origin pattern: %r" % text)
+            scheme, host, port = split
+            self._rules.append((scheme, host, None if wildcard_port else port))
+
+    def allows(self, origin: Optional[str]) -> bool:
+        """A request without an Origin header is not a browser page: the caller decides (allowed)."""
+        if self.any:
+            return True
+        if not origin:
+            return False
+        split = _split(origin)
+        if split is None:
+            return False
+        scheme, host, port = split
+        for r_scheme, r_host, r_port in self._rules:
+            if r_scheme != scheme or (r_port is not None and r_port != port):
+                continue
+            if r_host.startswith("*."):
+                if host.endswith(r_host[1:]) and len(host) > len(r_host) - 1:
+                    return True
+            elif r_host == host:
+                return True
+        return False

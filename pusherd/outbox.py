@@ -1,0 +1,89 @@
+"""A bounded, coalescing outbox per socket.
+
+Frames queued during one event-loop iteration go out in one write (one syscall). The bytes a
+socket may hold unsent are bounded: past ``max_bytes`` the socket is a slow consumer and is
+closed (1013) without ever slowing delivery to anyone else. Tornado's IOStream has no bound of
+its own unless ``max_write_buffer_size`` is set, which is what the second half of the bound uses.
+"""
+
+import time
+from typing import Callable, List, Optional
+
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+
+
+class Outbox:
+    __slots__ = ("_stream", "_chunks", "_pending", "_scheduled", "_call_soon", "_max", "_on_overflow",
+                 "stalled_since")
+
+    def __init__(self, stream, call_soon: Callable, max_bytes: int, on_overflow: Callable[[], None]):
+        self._stream = stream
+        self._chunks: List[bytes] = []
+        self._pending = 0
+        self._scheduled = False
+        self._call_soon = call_soon
+        self._max = max_bytes
+        self._on_overflow = on_overflow
+        self.stalled_since: Optional[float] = None
+        stream.max_write_buffer_size = max_bytes
+
+    def send(self, frame: bytes) -> None:
+        if self._stream is None:
+            return
+        self._pending += len(frame)
+        if self._pending > self._max:
+            self._overflow()
+            return
+        self._chunks.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        stream = self._stream
+        if stream is None or not self._chunks:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._pending = 0
+        try:
+            stream.write(data)
+        except StreamBufferFullError:
+            self._overflow()
+            return
+        except StreamClosedError:
+            self.detach()
+            return
+        if stream.writing():
+            if self.stalled_since is None:
+                self.stalled_since = time.monotonic()
+        else:
+            self.stalled_since = None
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds this socket's writes have gone undrained (0 when it keeps up)."""
+        stream = self._stream
+        if stream is None or self.stalled_since is None:
+            return 0.0
+        if not stream.writing():
+            self.stalled_since = None
+            return 0.0
+        return now - self.stalled_since
+
+    def _overflow(self) -> None:
+        self._chunks = []
+        self._pending = 0
+        stream = self._stream
+        self.detach()
+        if stream is not None:
+            # Let the close frame through even though the buffer is at its bound: it is tiny,
+            # and the connection is aborted if the peer never reads it.
+            stream.max_write_buffer_size = None
+        self._on_overflow()
+
+    def detach(self) -> None:
+        self._stream = None
+        self._chunks = []
+        self._pending = 0

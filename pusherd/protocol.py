@@ -1,0 +1,207 @@
+"""The Phoenix Channels vocabulary and its two JSON serializers, chosen by the `vsn` query parameter.
+
+V1 (vsn 1.0.x, or no vsn at all: the 2015 clients) sends JSON objects
+``{"topic", "event", "payload", "ref"[, "join_ref"]}``; V2 (vsn 2.0.x) sends JSON arrays
+``[join_ref, ref, topic, event, payload]``. Refs are echoed exactly as the client sent them.
+
+Pure: no sockets, no event loop. ``decode`` never returns a half-valid message: it either
+returns a `Message` or raises `ProtocolError`, carrying whatever refs it could read so the
+session can still answer with an error reply.
+"""
+
+import json
+import re
+from typing import Any, Optional
+
+from .errors import MALFORMED_MESSAGE, UNSUPPORTED_BINARY, ProtocolError
+
+Ref = Optional[str]
+
+PHX_JOIN = "phx_join"
+PHX_LEAVE = "phx_leave"
+PHX_REPLY = "phx_reply"
+PHX_CLOSE = "phx_close"
+PHX_ERROR = "phx_error"
+HEARTBEAT = "heartbeat"
+PHOENIX_TOPIC = "phoenix"
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+class Message:
+    """One Phoenix message, in either direction."""
+
+    __slots__ = ("join_ref", "ref", "topic", "event", "payload")
+
+    def __init__(self, join_ref: Any, ref: Any, topic: str, event: str, payload: Any):
+        self.join_ref = join_ref
+        self.ref = ref
+        self.topic = topic
+        self.event = event
+        self.payload = payload
+
+    def __eq__(self, other):
+        return isinstance(other, Message) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self):
+        return "Message(%r, %r, %r, %r, %r)" % (self.join_ref, self.ref, self.topic, self.event, self.payload)
+
+
+class MalformedFrame(ProtocolError):
+    """A frame was JSON but not a Phoenix message; `ref`/`topic` are set when they could be read."""
+
+    def __init__(self, detail: str, join_ref: Any = None, ref: Any = None, topic: Any = None,
+                 reason: str = MALFORMED_MESSAGE):
+        super().__init__(reason, detail)
+        self.join_ref = join_ref if _is_ref(join_ref) else None
+        self.ref = ref if _is_ref(ref) else None
+        self.topic = topic if isinstance(topic, str) else None
+
+    @property
+    def answerable(self) -> bool:
+        """True when an error reply can be addressed (the client gave a ref and a topic)."""
+        return self.ref is not None and self.topic is not None
+
+
+class UndecodableFrame(ProtocolError):
+    """The frame is not JSON (or not UTF-8): the connection is closed, nothing can be answered."""
+
+
+def _is_ref(value: Any) -> bool:
+    # phoenix.js sends refs as strings; accept integers too and echo them untouched.
+    return value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _parse_json(text) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UndecodableFrame("invalid JSON", str(exc)[:80]) from None
+
+
+def _check(join_ref, ref, topic, event, payload) -> Message:
+    if not isinstance(topic, str) or not topic:
+        raise MalformedFrame("topic must be a non-empty string", join_ref, ref, None)
+    if not _is_ref(ref) or not _is_ref(join_ref):
+        raise MalformedFrame("refs must be strings or null", join_ref, ref, topic)
+    if not isinstance(event, str) or not event:
+        raise MalformedFrame("event must be a non-empty string", join_ref, ref, topic)
+    if not isinstance(payload, dict):
+        raise MalformedFrame("payload must be a JSON object", join_ref, ref, topic)
+    return Message(join_ref, ref, topic, event, payload)
+
+
+class Serializer:
+    """Encodes and decodes text frames for one protocol version."""
+
+    vsn = ""
+
+    def decode(self, text) -> Message:
+        raise NotImplementedError
+
+    def encode(self, msg: Message) -> str:
+        raise NotImplementedError
+
+    def encode_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: dict) -> str:
+        return self.encode(Message(join_ref, ref, topic, PHX_REPLY, {"status": status, "response": response}))
+
+    def encode_broadcast(self, topic: str, event: str, payload: dict, ref: Any = None) -> str:
+        return self.encode(Message(None, ref, topic, event, payload))
+
+
+class V1Serializer(Serializer):
+    """vsn 1.0.x: JSON objects. The encoder never emits join_ref (phoenix.js 1.2 ignores it)."""
+
+    vsn = "1.0.0"
+
+    def decode(self, text) -> Message:
+        data = _parse_json(text)
+        if not isinstance(data, dict):
+            raise MalformedFrame("expected a JSON object")
+        return _check(data.get("join_ref"), data.get("ref"), data.get("topic"), data.get("event"),
+                      data.get("payload", {}) if "payload" in data else None)
+
+    def encode(self, msg: Message) -> str:
+        return _dumps({"topic": msg.topic, "event": msg.event, "payload": msg.payload, "ref": msg.ref})
+
+
+class LegacyV1Serializer(V1Serializer):
+    """The 2015 clients (`socket.chan`, no vsn, endpoint URL opened verbatim).
+
+    Phoenix 0.13 read a reply's ref from inside the payload; 0.14 from the top level.
+    Writing both satisfies both: each ignores the copy it does not read.
+    """
+
+    vsn = "legacy"
+
+    def encode_reply(self, join_ref, ref, topic, status, response):
+        return _dumps({"topic": topic, "event": PHX_REPLY,
+                       "payload": {"status": status, "response": response, "ref": ref}, "ref": ref})
+
+
+class V2Serializer(Serializer):
+    """vsn 2.0.x: JSON arrays ``[join_ref, ref, topic, event, payload]``; extra elements ignored."""
+
+    vsn = "2.0.0"
+
+    def decode(self, text) -> Message:
+        data = _parse_json(text)
+        if not isinstance(data, list) or len(data) < 5:
+            ref = data[1] if isinstance(data, list) and len(data) > 1 else None
+            topic = data[2] if isinstance(data, list) and len(data) > 2 else None
+            join_ref = data[0] if isinstance(data, list) and data else None
+            raise MalformedFrame("expected [join_ref, ref, topic, event, payload]", join_ref, ref, topic)
+        return _check(data[0], data[1], data[2], data[3], data[4])
+
+    def encode(self, msg: Message) -> str:
+        return _dumps([msg.join_ref, msg.ref, msg.topic, msg.event, msg.payload])
+
+    def decode_binary(self, data: bytes) -> MalformedFrame:
+        """Read the header of a binary push (phoenix.js >= 1.5.7, ArrayBuffer payloads).
+
+        pusherd does not relay binary payloads; this only recovers the refs so the client
+        gets an error reply instead of a dropped connection.
+        """
+        try:
+            if data[0] != 0:
+                raise IndexError
+            sizes = data[1:5]
+            pos = 5
+            fields = []
+            for size in sizes:
+                fields.append(data[pos:pos + size].decode("utf-8"))
+                pos += size
+            if len(fields) != 4 or pos > len(data):
+                raise IndexError
+        except (IndexError, UnicodeDecodeError):
+            return MalformedFrame("undecodable binary frame")
+        join_ref, ref, topic, _event = fields
+        return MalformedFrame("binary payloads are not supported", join_ref or None, ref or None, topic or None,
+                              reason=UNSUPPORTED_BINARY)
+
+
+V1 = V1Serializer()
+V2 = V2Serializer()
+LEGACY = LegacyV1Serializer()
+
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+def serializer_for_vsn(vsn: Optional[str], legacy_path: bool = False) -> Optional[Serializer]:
+    """Pick the serializer as Phoenix does (``~> 1.0.0`` / ``~> 2.0.0``); None means refuse (403).
+
+    A missing vsn is V1 (clients before 0.17 sent none); on the bare endpoint path it is the
+    2015 client, whose replies also carry the ref inside the payload.
+    """
+    if vsn is None:
+        return LEGACY if legacy_path else V1
+    m = _SEMVER.match(vsn)
+    if not m:
+        return None
+    major, minor = int(m.group(1)), int(m.group(2))
+    if (major, minor) == (1, 0):
+        return V1
+    if (major, minor) == (2, 0):
+        return V2
+    return None

@@ -1,0 +1,213 @@
+"""Guardian-compatible join tokens: verify what the Rails helper mints, and mint the same.
+
+The Rails side signs ``{aud: "csrf", sub: {...} | {}, iss, exp, s_csrf, listen, publish}`` with
+HS256 and the shared secret; ``s_csrf`` is base64url-without-padding of
+HMAC-SHA256(secret, csrf_token). The page sends the token and the raw csrf token on join.
+
+Rules (Guardian 0.1-0.3 semantics, minus its bugs):
+- the algorithm comes from configuration, never from the token header;
+- ``exp`` is required and enforced; ``iat``/``nbf`` in the future are refused;
+- ``iss`` is checked only when issuers are configured;
+- ``sub`` may be any JSON value (PyJWT >= 2.10 rejects non-strings unless told not to);
+- when ``aud`` is ``"csrf"``, the csrf token must match ``s_csrf`` (constant-time compare);
+- several secrets may verify (rotation); the one that verified the signature keys the csrf HMAC.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import warnings
+from typing import Any, Iterable, Optional, Sequence, Tuple
+
+import jwt
+
+from .errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
+from .topics import TopicPattern, compile_patterns
+
+# Short development secrets ("development", "test") are legitimate here; config warns about
+# short production secrets once at start-up instead of PyJWT warning on every join.
+try:
+    warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+except AttributeError:  # PyJWT < 2.11 has no such warning
+    pass
+
+ASYMMETRIC = {"RS256", "ES256"}
+
+
+def s_csrf(secret: str, csrf_token: str) -> str:
+    """base64url(HMAC-SHA256(secret, csrf_token)) without padding, as Guardian and the Rails helper compute it."""
+    digest = hmac.new(_bytes(secret), _bytes(csrf_token), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8")
+
+
+class Claims:
+    """What a verified token grants."""
+
+    __slots__ = ("sub", "listen", "publish", "exp", "iss", "aud", "raw")
+
+    def __init__(self, sub: Any, listen: Tuple[TopicPattern, ...], publish: Tuple[TopicPattern, ...],
+                 exp: float, iss: Any = None, aud: Any = None, raw: Optional[dict] = None):
+        self.sub = sub
+        self.listen = listen
+        self.publish = publish
+        self.exp = exp
+        self.iss = iss
+        self.aud = aud
+        self.raw = raw or {}
+
+    def __repr__(self):
+        return "Claims(sub=%r, listen=%r, publish=%r, exp=%r)" % (
+            self.sub, [p.text for p in self.listen], [p.text for p in self.publish], self.exp)
+
+
+def _pattern_claim(claims: dict, name: str) -> Tuple[TopicPattern, ...]:
+    value = claims.get(name, [])
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AuthError(INVALID_TOKEN, "claim %r must be a list of strings" % name)
+    return compile_patterns(value)
+
+
+class Verifier:
+    """Verifies join tokens against the configured keys. Immutable; build a new one on reload."""
+
+    def __init__(self, secrets: Sequence[str], algorithm: str = "HS256", public_key: Optional[str] = None,
+                 issuers: Optional[Iterable[str]] = None, leeway: float = 0):
+        if algorithm in ASYMMETRIC:
+            if not public_key:
+                raise ValueError("%s needs a public key" % algorithm)
+        elif algorithm != "HS256":
+            raise ValueError("unsupported algorithm %r" % algorithm)
+        self.algorithm = algorithm
+        self._secrets = tuple(s for s in secrets if s)
+        if not self._secrets:
+            raise ValueError("at least one non-empty secret is required (it also keys the csrf HMAC)")
+        self._keys = (public_key,) if algorithm in ASYMMETRIC else self._secrets
+        self._issuers = tuple(issuers) if issuers else None
+        self._leeway = leeway
+
+    def verify(self, token: Any, csrf_token: Any = None, now: Optional[float] = None) -> Claims:
+        """Return the token's claims, or raise AuthError with a stable reason (never echoing the token)."""
+        if not isinstance(token, str) or not token or len(token) > 16384:
+            raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
+        claims, key_secret = self._decode(token, now)
+        exp = claims.get("exp")
+        if exp is None:
+            raise AuthError(INVALID_TOKEN, "exp claim is required")
+        if self._issuers is not None and claims.get("iss") not in self._issuers:
+            raise AuthError(INVALID_TOKEN, "issuer not accepted")
+        aud = claims.get("aud")
+        if aud == "csrf" or (isinstance(aud, list) and "csrf" in aud):
+            self._check_csrf(claims, csrf_token, key_secret)
+        return Claims(
+            sub=claims.get("sub"),
+            listen=_pattern_claim(claims, "listen"),
+            publish=_pattern_claim(claims, "publish"),
+            exp=float(exp),
+            iss=claims.get("iss"),
+            aud=aud,
+            raw=claims,
+        )
+
+    def _decode(self, token: str, now: Optional[float]):
+        options = {
+            "verify_aud": False,     # Guardian semantics: aud is a token type ("csrf"), handled below
+            "verify_sub": False,     # sub is a JSON object from Rails
+            "verify_jti": False,
+            "verify_iss": False,     # checked below against a list, when configured
+            "verify_exp": now is None,
+            "verify_iat": now is None,
+            "verify_nbf": now is None,
+            "require": ["exp"],
+        }
+        last_error: Optional[Exception] = None
+        for key in self._keys:
+            try:
+                claims = jwt.decode(token, key, algorithms=[self.algorithm], options=options, leeway=self._leeway)
+            except jwt.ExpiredSignatureError:
+                raise AuthError(TOKEN_EXPIRED, "token expired") from None
+            except jwt.InvalidSignatureError as exc:
+                last_error = exc
+                continue  # maybe the next (rotated) secret
+            except jwt.MissingRequiredClaimError as exc:
+                raise AuthError(INVALID_TOKEN, str(exc)) from None
+            except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+                raise AuthError(INVALID_TOKEN, "%s: %s" % (type(exc).__name__, exc)) from None
+            if not isinstance(claims, dict):
+                raise AuthError(INVALID_TOKEN, "claims are not an object")
+            if now is not None:
+                self._check_times(claims, now)
+            return claims, (key if self.algorithm == "HS256" else self._secrets[0])
+        raise AuthError(INVALID_TOKEN, "signature does not verify (%s)" % type(last_error).__name__)
+
+    def _check_times(self, claims: dict, now: float) -> None:
+        """Explicit clock, for tests and for re-checking open channels (PyJWT's own checks use time.time())."""
+        times = {}
+        for name in ("exp", "iat", "nbf"):
+            if name in claims:
+                value = claims[name]
+                try:
+                    if isinstance(value, bool):
+                        raise ValueError
+                    times[name] = value if isinstance(value, (int, float)) else int(value)
+                except (TypeError, ValueError):
+                    raise AuthError(INVALID_TOKEN, "%s must be a number" % name) from None
+        if "exp" in times and times["exp"] <= now - self._leeway:
+            raise AuthError(TOKEN_EXPIRED, "token expired")
+        for name in ("iat", "nbf"):
+            if name in times and times[name] > now + self._leeway:
+                raise AuthError(INVALID_TOKEN, "%s is in the future" % name)
+
+    @staticmethod
+    def _check_csrf(claims: dict, csrf_token: Any, secret: str) -> None:
+        expected = claims.get("s_csrf")
+        if not isinstance(expected, str):
+            raise AuthError(CSRF_MISMATCH, "token has aud csrf but no s_csrf claim")
+        if not isinstance(csrf_token, str) or not csrf_token:
+            raise AuthError(CSRF_MISMATCH, "csrf_token missing from join payload")
+        if not hmac.compare_digest(s_csrf(secret, csrf_token).encode(), expected.encode("utf-8", "replace")):
+            raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf")
+
+
+def parse_ttl(text) -> float:
+    """'30d', '12h', '15m', '45s' or a number of seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = str(text).strip()
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def mint_token(secret: str, sub: Any = None, listen: Sequence[str] = (), publish: Sequence[str] = (),
+               ttl: float = 30 * 86400, csrf_token: Optional[str] = None, issuer: Optional[str] = None,
+               now: Optional[float] = None, algorithm: str = "HS256", private_key: Optional[str] = None) -> str:
+    """Mint a token exactly as the Rails helper does (no iat; aud csrf when a csrf token is given)."""
+    now = time.time() if now is None else now
+    claims = {"sub": {} if sub is None else sub, "exp": int(now + ttl),
+              "listen": list(listen), "publish": list(publish)}
+    if issuer:
+        claims["iss"] = issuer
+    if csrf_token is not None:
+        claims["aud"] = "csrf"
+        claims["s_csrf"] = s_csrf(secret, csrf_token)
+    key = private_key if algorithm in ASYMMETRIC else secret
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def looks_like_jwt(value: str) -> bool:
+    """Three non-empty base64url segments: a bearer value shaped like a JWT."""
+    parts = value.split(".")
+    if len(parts) != 3 or not all(parts):
+        return False
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    return all(set(p) <= allowed for p in parts)
+
