@@ -49,6 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .logs import setup_logging
     from .server import serve
     setup_logging(settings.log_level)
+    import logging
+    for warning in settings.warnings():
+        logging.getLogger("pusherd").warning("config: %s", warning)
 
     def reload_settings():
         return load_settings(args)
