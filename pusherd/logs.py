@@ -1,0 +1,151 @@
+"""Logging to stderr, journald-aware.
+
+pusherd logs one event per line to stderr and never writes log files:
+
+* under systemd, when stderr *is* the journal stream (``$JOURNAL_STREAM`` holds
+  the ``device:inode`` of our stderr), every line starts with the syslog
+  priority ``<N>``. journald turns it into ``PRIORITY=N``, strips it, and adds
+  the timestamp itself, so these lines carry no timestamp;
+* anywhere else (a terminal, a test, a redirected file) lines are
+  human-readable with a timestamp.
+
+Checking only that ``$JOURNAL_STREAM`` is set is not enough: a child whose
+stderr was redirected inherits the variable (sd_journal_stream_fd(3)).
+
+``setup_logging()`` installs one handler on the root logger (so tornado,
+asyncio and library warnings are not lost) and is idempotent: calling it again
+replaces the handler instead of adding a second one. ``set_level()`` changes
+the level at runtime, e.g. on SIGHUP.
+"""
+
+import logging
+import os
+import sys
+from typing import Mapping, Optional, TextIO, Union
+
+__all__ = [
+    "setup_logging",
+    "set_level",
+    "parse_level",
+    "stream_is_journal",
+    "syslog_priority",
+    "JournalFormatter",
+    "HumanFormatter",
+]
+
+PACKAGE_LOGGER = "pusherd"
+
+_HANDLER_NAME = "pusherd-stderr"
+
+_LEVELS = {
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
+
+
+def parse_level(level: Union[str, int]) -> int:
+    """``"info"``/``"INFO"``/``20`` -> 20. Raises ValueError for anything else."""
+    if isinstance(level, int) and not isinstance(level, bool):
+        return level
+    if isinstance(level, str):
+        found = _LEVELS.get(level.strip().lower())
+        if found is not None:
+            return found
+    raise ValueError(f"unknown log level {level!r}; expected one of "
+                     "debug, info, warning, error, critical")
+
+
+def syslog_priority(levelno: int) -> int:
+    """Python level -> syslog priority (5, notice, is not used by Python)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def stream_is_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """True when ``stream``'s fd is the journal stream named by ``$JOURNAL_STREAM``."""
+    value = environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        # malformed variable, or a stream without a real fd (StringIO, pytest capture)
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>LEVEL logger: message``; every line of a multi-line record (tracebacks)
+    gets the prefix, or journald would file continuation lines as info."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        text = super().format(record)
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class HumanFormatter(logging.Formatter):
+    """``2024-05-01 12:00:00.123 WARNING pusherd.hub: message``"""
+
+    default_msec_format = "%s.%03d"
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _third_party_level(level: int) -> int:
+    # Debug output of tornado/asyncio/redis is noise for operators; debug is for
+    # pusherd's own loggers. Errors-only stays errors-only for everyone.
+    return max(level, logging.INFO)
+
+
+def setup_logging(level: Union[str, int] = "info",
+                  environ: Mapping[str, str] = os.environ,
+                  stream: Optional[TextIO] = None) -> logging.Handler:
+    """Install (or replace) pusherd's stderr handler and set the level.
+
+    ``stream`` defaults to the *current* ``sys.stderr``. The journal format is
+    chosen once, here, by comparing ``$JOURNAL_STREAM`` with that stream's fd.
+    Returns the installed handler.
+    """
+    levelno = parse_level(level)
+    if stream is None:
+        stream = sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.set_name(_HANDLER_NAME)
+    if stream_is_journal(stream, environ):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(HumanFormatter())
+
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    set_level(levelno)
+    return handler
+
+
+def set_level(level: Union[str, int]) -> None:
+    """Change the level at runtime (config reload). Raises ValueError on an
+    unknown level name, before changing anything."""
+    levelno = parse_level(level)
+    logging.getLogger(PACKAGE_LOGGER).setLevel(levelno)
+    logging.getLogger().setLevel(_third_party_level(levelno))
