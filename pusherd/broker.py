@@ -7,6 +7,8 @@ delivers it to its own sockets through the hub. The broker never sees sockets.
 import time
 from typing import Any, Callable, Optional
 
+from .history import Recovery, Rules, Store
+
 
 class Broadcast:
     """One event for every member of a topic."""
@@ -50,6 +52,14 @@ class Broker:
     def unsubscribe(self, topic: str) -> None:
         """Last local member left `topic`."""
 
+    def has_history(self, topic: str) -> bool:
+        """True when `topic` keeps history (its broadcasts carry positions)."""
+        return False
+
+    async def recover(self, topic: str, since: Any) -> Recovery:
+        """What a client that last saw position `since` missed on `topic` (see history.py)."""
+        return Recovery(False, None, ())
+
     def healthy(self) -> bool:
         return True
 
@@ -61,20 +71,37 @@ class Broker:
 
 
 class MemoryBroker(Broker):
-    """One process, no backplane. Delivery is synchronous and exactly-once within this process."""
+    """One process, no backplane. Delivery is synchronous and exactly-once within this process.
+
+    History lives in this process's memory: a restart starts every topic on a new epoch, so a
+    client that rejoins with an old position is told ``recovered: false``.
+    """
 
     name = "memory"
 
-    def __init__(self):
+    def __init__(self, history_rules: Rules = Rules(), max_recovery: int = 300):
         self._deliver: Optional[Deliver] = None
+        self.history = Store(history_rules, max_recovery)
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
     async def publish(self, broadcast: Broadcast) -> Optional[str]:
+        if self.history.rules:
+            broadcast.position = self.history.append(broadcast.topic, broadcast.event, broadcast.payload,
+                                                     time.time())
         if self._deliver is not None:
             self._deliver(broadcast)
-        return None
+        return broadcast.position
+
+    def has_history(self, topic: str) -> bool:
+        return self.history.rules.rule_for(topic) is not None
+
+    async def recover(self, topic: str, since: Any) -> Recovery:
+        return self.history.recover(topic, since, time.time())
+
+    def sweep(self, now: float) -> None:
+        self.history.sweep(now)
 
     async def close(self) -> None:
         self._deliver = None

@@ -20,7 +20,7 @@ from .framing import text_frame
 from .outbox import Outbox
 from .protocol import serializer_for_vsn
 from .publish import parse_body, secret_matches
-from .session import Close, Publish, Send, Session, Subscribe, Unsubscribe
+from .session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon
@@ -199,6 +199,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                 daemon.hub.unsubscribe(action.topic, self)
             elif kind is Publish:
                 daemon.spawn(self._publish(action))
+            elif kind is Recover:
+                daemon.spawn(daemon.recover_join(self, action))
             elif kind is Close:
                 self.close_with(action.code, action.reason)
 

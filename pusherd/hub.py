@@ -21,6 +21,7 @@ class Hub:
         self.topics: Dict[str, Set[object]] = {}
         self._on_first = on_first or (lambda topic: None)
         self._on_last = on_last or (lambda topic: None)
+        self.holds: Dict[str, list] = {}   # topic -> buffers of joins replaying history
         self.encodes = 0      # frames built (a test can count them)
         self.delivered = 0    # frames handed to sockets
 
@@ -36,7 +37,24 @@ class Hub:
         if members is None:
             return
         members.discard(subscriber)
-        if not members:
+        if not members and topic not in self.holds:
+            del self.topics[topic]
+            self._on_last(topic)
+
+    def hold(self, topic: str, buffer: list) -> None:
+        """Collect the topic's broadcasts in `buffer` while a join replays history (no gap)."""
+        self.holds.setdefault(topic, []).append(buffer)
+        if topic not in self.topics:
+            self._on_first(topic)
+            self.topics[topic] = set()
+
+    def release(self, topic: str, buffer: list) -> None:
+        buffers = self.holds.get(topic)
+        if buffers is not None:
+            buffers[:] = [b for b in buffers if b is not buffer]
+            if not buffers:
+                del self.holds[topic]
+        if not self.topics.get(topic, True) and topic not in self.holds:
             del self.topics[topic]
             self._on_last(topic)
 
@@ -45,6 +63,9 @@ class Hub:
 
     def broadcast(self, broadcast: Broadcast) -> int:
         """Deliver to every local member of the topic; returns the number of sockets reached."""
+        if self.holds:
+            for buffer in self.holds.get(broadcast.topic, ()):
+                buffer.append(broadcast)
         members = self.topics.get(broadcast.topic)
         if not members:
             return 0

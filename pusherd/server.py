@@ -13,6 +13,8 @@ import tornado.netutil
 import tornado.web
 
 from .broker import Broadcast, Broker, MemoryBroker
+from .framing import text_frame
+from .history import Rules, parse_position, pending_after
 from .handlers import HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, log_request
 from .hub import Hub
 from .origins import OriginPolicy
@@ -37,7 +39,7 @@ def build_limits(settings) -> Limits:
 
 def build_broker(settings) -> Broker:
     if settings.broker == "memory":
-        return MemoryBroker()
+        return MemoryBroker(Rules(settings.history), settings.max_recovery)
     raise RuntimeError("broker %r is not supported by this build" % settings.broker.split("://", 1)[0])
 
 
@@ -110,6 +112,9 @@ class Daemon:
             self.sweep(time.time())
 
     def sweep(self, now: float) -> None:
+        broker_sweep = getattr(self.broker, "sweep", None)
+        if broker_sweep is not None:
+            broker_sweep(now)
         for handler in list(self.sockets):
             try:
                 handler.tick(now)
@@ -140,6 +145,42 @@ class Daemon:
 
     def deliver(self, broadcast: Broadcast) -> None:
         self.hub.broadcast(broadcast)
+
+    async def recover_join(self, handler, action) -> None:
+        """Answer a join with ``since``: reply, replay what was missed in order, then go live.
+
+        Broadcasts that arrive while the broker looks up the history are held for this join
+        and released after the replay, minus those the replay already covered.
+        """
+        topic, session = action.topic, handler.session
+        held: list = []
+        self.hub.hold(topic, held)
+        try:
+            try:
+                recovery = await self.broker.recover(topic, action.since)
+            except Exception as exc:  # e.g. the broker is down: the page must refetch
+                log.warning("history lookup failed for %.200s: %s", topic, exc)
+                recovery = None
+            if session is None or session.closed or not session.is_current(topic, action.join_ref):
+                return
+            if recovery is None:
+                response = {"recovered": False, "position": None}
+            else:
+                response = {"recovered": recovery.recovered, "position": recovery.position}
+            handler.execute([session.join_reply(action, response)])
+            serializer = session.serializer
+            last = parse_position(recovery.position)[1] if recovery and recovery.position else 0
+            if recovery is not None and recovery.recovered:
+                for entry in recovery.missed:
+                    ref = "%s:%d" % (recovery.epoch, entry.offset)
+                    text = serializer.encode_broadcast(topic, entry.event, entry.payload, ref)
+                    handler.send_frame(text_frame(text.encode("utf-8")))
+            for broadcast in pending_after(held, last):
+                text = serializer.encode_broadcast(topic, broadcast.event, broadcast.payload, broadcast.position)
+                handler.send_frame(text_frame(text.encode("utf-8")))
+            self.hub.subscribe(topic, handler)
+        finally:
+            self.hub.release(topic, held)
 
     # -- reload and drain -----------------------------------------------------------------
 

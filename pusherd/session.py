@@ -72,6 +72,22 @@ class Publish:
         return "Publish(%r, %r, %r)" % (self.topic, self.event, self.payload)
 
 
+class Recover:
+    """Join with ``since``: replay what the client missed, then go live (see history.py).
+
+    The adapter asks the broker what was missed after `since`, answers the join with
+    ``session.join_reply(self, {"recovered": ..., "position": ...})``, sends the missed
+    broadcasts in order, then subscribes: no gap, no duplicate.
+    """
+    __slots__ = ("topic", "join_ref", "ref", "since", "params")
+
+    def __init__(self, topic, join_ref, ref, since, params):
+        self.topic, self.join_ref, self.ref, self.since, self.params = topic, join_ref, ref, since, params
+
+    def __repr__(self):
+        return "Recover(%r, since=%r)" % (self.topic, self.since)
+
+
 class Close:
     """Close the WebSocket with `code` (never 1000: phoenix.js must come back)."""
     __slots__ = ("code", "reason")
@@ -201,6 +217,9 @@ class Session:
             return actions + [self._refuse(msg, join_ref, errors.FORBIDDEN, "listen claim does not match")]
         self.channels[topic] = Channel(topic, join_ref, claims)
         log.debug("%s: joined %s", self.peer, topic)
+        since = msg.payload.get("since")
+        if isinstance(since, str):
+            return actions + [Recover(topic, join_ref, msg.ref, since, msg.payload)]
         return actions + [self._reply(join_ref, msg.ref, topic, "ok", {}), Subscribe(topic, msg.payload)]
 
     def _refuse(self, msg: Message, join_ref: Any, reason: str, detail: str) -> Send:
@@ -244,6 +263,14 @@ class Session:
         return False
 
     # -- answers for the adapter ----------------------------------------------------------
+
+    def join_reply(self, recover: Recover, response: dict) -> Send:
+        return self._reply(recover.join_ref, recover.ref, recover.topic, "ok", response)
+
+    def is_current(self, topic: str, join_ref) -> bool:
+        """Still joined to `topic` by the join that started an async step (not left, not rejoined)."""
+        channel = self.channels.get(topic)
+        return channel is not None and channel.join_ref == join_ref
 
     def push_ok(self, push: Publish) -> Send:
         return self._reply(push.join_ref, push.ref, push.topic, "ok", {})
