@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import rails_token
+from pusherd_testing import rails_token
 
 pytestmark = pytest.mark.integration
 

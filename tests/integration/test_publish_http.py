@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import PUBLISH_SECRET
+from pusherd_testing import PUBLISH_SECRET
 
 pytestmark = pytest.mark.integration
 

@@ -254,6 +254,10 @@ function dropSocket() {
 // ---------------------------------------------------------------------------
 // Commands
 // ---------------------------------------------------------------------------
+function recoveryHelper() {
+  return require(path.join(__dirname, "..", "..", "pusherd", "static", "pusherd-recovery.js"));
+}
+
 const FUNCTION_OPTS = new Set(["reconnectAfterMs", "rejoinAfterMs"]);
 
 const commands = {
@@ -332,7 +336,14 @@ const commands = {
     if (old && !old.channel.isClosed()) throw new Error(`channel id ${cmd.id} is in use (state ${old.channel.state})`);
     const id = cmd.id;
     const topic = cmd.topic;
-    const channel = me.socket.channel(topic, cmd.params || {});
+    // With `recovery`, the channel is made by pusherd's own page helper (pusherd/static/
+    // pusherd-recovery.js), exactly as a page would use it.
+    const channel = cmd.recovery
+      ? recoveryHelper().channel(me.socket, topic, cmd.params || {}, {
+          since: cmd.recovery.since,
+          onGap: (response) => channels.get(id) === entry && emit({ type: "gap", id, topic, response }),
+        })
+      : me.socket.channel(topic, cmd.params || {});
     const entry = { channel, topic };
     channels.set(id, entry);
     const live = () => channels.get(id) === entry;
@@ -340,12 +351,13 @@ const commands = {
     // Catch-all for application events.  Channel#onMessage(event, payload, ref[, joinRef])
     // exists in every version (1.2 included) and runs for every frame the channel
     // accepted, before the bindings; it must return the payload.
+    const previousOnMessage = channel.onMessage;  // the library's, or a page helper's wrapper
     channel.onMessage = function (event, payload, ref, joinRef) {
       if (live() && !isInternalEvent(event)) {
         emit({ type: "event", id, topic, event, payload, ref: ref === undefined ? null : ref,
                join_ref: joinRef === undefined ? null : joinRef });
       }
-      return payload;
+      return previousOnMessage.apply(this, arguments);
     };
     channel.onClose((payload) => live() && emit({ type: "channel_close", id, topic, payload }));
     channel.onError((reason) => live() && emit({ type: "channel_error", id, topic, reason }));

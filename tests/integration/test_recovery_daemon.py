@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import rails_token
+from pusherd_testing import rails_token
 
 pytestmark = pytest.mark.integration
 
@@ -13,7 +13,7 @@ HISTORY = {"history": [{"topics": "deploys:*", "size": 5, "ttl": 3600}], "max_re
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    from conftest import Pusherd
+    from pusherd_testing import Pusherd
     d = Pusherd(tmp_path_factory.mktemp("history"), HISTORY).start()
     yield d
     d.stop()

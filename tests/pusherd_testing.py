@@ -1,0 +1,343 @@
+"""Test support: a real pusherd process on a free port, Rails-style tokens, a small V1/V2 client.
+
+Imported by tests/conftest.py (fixtures) and by tests anywhere as `from pusherd_testing import ...`
+(a module name of its own: `conftest` is ambiguous once subfolders have their own conftest.py).
+
+Tests talk to the daemon over real sockets. `PUSHERD_NO_SKIP=1` (set by .ci/run) turns every
+"outside program missing" skip into a failure.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pusherd.tokens import mint_token  # noqa: E402
+
+GUARDIAN_SECRET = "test-guardian-secret-0123456789abcdef"
+PUBLISH_SECRET = "test-publish-secret-0123456789"
+ISSUER = "od-web-test"
+
+BASE_CONFIG = {
+    "guardian_secret": GUARDIAN_SECRET,
+    "publish_secret": PUBLISH_SECRET,
+    "allowed_origins": ["http://localhost:3000", "https://*.example.com"],
+    "log_level": "debug",
+}
+
+
+def no_skip() -> bool:
+    return os.environ.get("PUSHERD_NO_SKIP") == "1"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with a clear reason on a laptop; fail in CI, where nothing may be skipped."""
+    if condition:
+        return
+    if no_skip():
+        pytest.fail("PUSHERD_NO_SKIP=1 but: " + reason)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rails_token(listen=(), publish=(), sub=None, csrf="csrf-token-from-the-page", ttl=30 * 86400,
+                secret=GUARDIAN_SECRET, issuer=ISSUER, now=None):
+    """A token exactly as the Rails helper mints it: sub an object, no iat, aud csrf, exp 30 days."""
+    token = mint_token(secret, sub={} if sub is None else sub, listen=list(listen), publish=list(publish),
+                       ttl=ttl, csrf_token=csrf, issuer=issuer, now=now)
+    return token, csrf
+
+
+class Pusherd:
+    """One real pusherd process, started with a YAML file written for the test."""
+
+    def __init__(self, tmp: Path, overrides=None, env="test", extra_env=None, port=None):
+        self.tmp = tmp
+        self.env = env
+        self.settings = dict(BASE_CONFIG, **(overrides or {}))
+        self.config_path = tmp / ("pusher-%d.yml" % id(self))
+        self.write_config(self.settings)
+        self.port = port or free_port()
+        self.extra_env = extra_env or {}
+        self.proc = None
+        self.lines = []
+        self._reader = None
+
+    def write_config(self, settings) -> None:
+        self.config_path.write_text(yaml.safe_dump({self.env: settings}))
+
+    @property
+    def http_url(self) -> str:
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def ws_url(self) -> str:
+        return "ws://127.0.0.1:%d%s" % (self.port, self.settings.get("path", "/events"))
+
+    def start(self, timeout=10.0):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.extra_env)
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pusherd", "--config", str(self.config_path), "--env", self.env,
+             "--listen", "127.0.0.1:%d" % self.port],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=str(self.tmp))
+        self.lines = []
+        ready = threading.Event()
+
+        def read(proc=self.proc, lines=self.lines):
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if "serving on" in line:
+                    ready.set()
+            ready.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError("pusherd did not start:\n" + self.log())
+        return self
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_log(self, text: str, timeout=5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            time.sleep(0.02)
+        raise AssertionError("log line %r not seen:\n%s" % (text, self.log()))
+
+    def send_signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(2)
+        return self.proc.returncode
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def request(self, method, path, body=None, headers=None, timeout=10.0):
+        """Returns (status, parsed JSON body or raw text, headers)."""
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        req = urllib.request.Request(self.http_url + path, data=data, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw, hdrs = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as err:
+            status, raw, hdrs = err.code, err.read(), err.headers
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = raw.decode("utf-8", "replace")
+        return status, parsed, hdrs
+
+    def publish(self, topic, event, payload=None, secret=PUBLISH_SECRET, bearer=True):
+        body = {"topic": topic, "event": event}
+        if payload is not None:
+            body["payload"] = payload
+        auth = ("Bearer " + secret) if bearer else secret
+        status, parsed, _ = self.request("POST", "/publish", body,
+                                         {"Authorization": auth, "Content-Type": "application/json"})
+        return status, parsed
+
+
+class PhxClient:
+    """A minimal Phoenix client over a real WebSocket, for protocol tests (V1 objects or V2 arrays)."""
+
+    def __init__(self, url, vsn="2.0.0", origin=None, path_suffix="/websocket", timeout=5.0):
+        from websockets.sync.client import connect
+        query = "" if vsn is None else "?vsn=" + vsn
+        self.vsn = vsn
+        self.v2 = vsn is not None and vsn.startswith("2.")
+        headers = {"Origin": origin} if origin else None
+        self.ws = connect(url + path_suffix + query, additional_headers=headers, open_timeout=timeout,
+                          max_size=None, compression=None).__enter__()
+        self.timeout = timeout
+        self._ref = 0
+        self.inbox = []
+
+    def next_ref(self) -> str:
+        self._ref += 1
+        return str(self._ref)
+
+    def send(self, join_ref, ref, topic, event, payload):
+        if self.v2:
+            self.ws.send(json.dumps([join_ref, ref, topic, event, payload]))
+        else:
+            msg = {"topic": topic, "event": event, "payload": payload, "ref": ref}
+            self.ws.send(json.dumps(msg))
+
+    def send_raw(self, data):
+        self.ws.send(data)
+
+    def recv(self, timeout=None):
+        """Next frame as a dict {join_ref, ref, topic, event, payload}."""
+        raw = self.ws.recv(timeout=timeout or self.timeout)
+        data = json.loads(raw)
+        if isinstance(data, list):
+            join_ref, ref, topic, event, payload = data
+            return {"join_ref": join_ref, "ref": ref, "topic": topic, "event": event, "payload": payload}
+        data.setdefault("join_ref", None)
+        return data
+
+    def expect(self, timeout=None, **fields):
+        """Read frames until one matches `fields` (earlier non-matching frames are kept in inbox)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        for i, msg in enumerate(self.inbox):
+            if all(msg.get(k) == v for k, v in fields.items()):
+                return self.inbox.pop(i)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no frame matching %r; unmatched: %r" % (fields, self.inbox))
+            try:
+                msg = self.recv(timeout=left)
+            except TimeoutError:
+                raise AssertionError("no frame matching %r; unmatched: %r" % (fields, self.inbox)) from None
+            if all(msg.get(k) == v for k, v in fields.items()):
+                return msg
+            self.inbox.append(msg)
+
+    def assert_silent(self, seconds=0.3):
+        try:
+            raw = self.ws.recv(timeout=seconds)
+        except TimeoutError:
+            return
+        raise AssertionError("expected no frame, got %r" % raw)
+
+    def join(self, topic, payload=None):
+        ref = self.next_ref()
+        self.send(ref, ref, topic, "phx_join", payload or {})
+        reply = self.expect(topic=topic, event="phx_reply", ref=ref)
+        return reply["payload"]["status"], reply["payload"]["response"], ref
+
+    def push(self, topic, event, payload, join_ref=None):
+        ref = self.next_ref()
+        self.send(join_ref, ref, topic, event, payload)
+        reply = self.expect(topic=topic, event="phx_reply", ref=ref)
+        return reply["payload"]["status"], reply["payload"]["response"]
+
+    def close_code(self, timeout=5.0):
+        """Wait for the server to close; return its close code."""
+        from websockets.exceptions import ConnectionClosed
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+        except TimeoutError:
+            pass
+        raise AssertionError("server did not close the socket")
+
+    def close(self):
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a daemon, to simulate network drops for one client.
+
+    `cut()` drops every open connection (as a dead network would, without a WebSocket close)
+    and, while `blocked`, new connections are accepted and dropped at once.
+    """
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.blocked = False
+        self._conns = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.blocked:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self._closed = True
+        self.cut()
+        self.listener.close()
