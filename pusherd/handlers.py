@@ -170,6 +170,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             log.info("refused WebSocket upgrade from origin %.200s", origin)
         return allowed
 
+    def select_subprotocol(self, subprotocols):
+        """phoenix.js 1.8 with `authToken` offers ["phoenix", "base64url.bearer.phx.…"] and
+        requires "phoenix" back; the bearer entry is never echoed (it carries a token)."""
+        return "phoenix" if "phoenix" in subprotocols else None
+
     def get_compression_options(self):
         return None  # frames are shared between sockets: no per-socket compression
 

@@ -290,3 +290,12 @@ def test_heartbeats_keep_a_socket_open(pusherd_factory, phx_connect):
     # 3.2 s of activity with a 1 s timeout and a 2 s sweep: still open.
     c.send(None, "200", "phoenix", "heartbeat", {})
     c.expect(event="phx_reply", ref="200")
+
+
+def test_phoenix_subprotocol_is_selected_and_the_bearer_entry_never_echoed(pusherd_server):
+    from websockets.sync.client import connect
+    url = pusherd_server.ws_url + "/websocket?vsn=2.0.0"
+    with connect(url, subprotocols=["phoenix", "base64url.bearer.phx.YWJj"]) as ws:
+        assert ws.subprotocol == "phoenix"
+        ws.send('[null,"1","phoenix","heartbeat",{}]')
+        assert '"ok"' in ws.recv(timeout=5)

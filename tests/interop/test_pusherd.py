@@ -370,3 +370,12 @@ def test_origin_check(phx, version, pusherd_server):
         pusherd_server.publish(topic, "hello", {"origin": origin})
         assert good.expect(type="event", event="hello")["payload"] == {"origin": origin}
         good.expect_none(lambda l: l.get("type") in ("error", "close"), within=0)
+
+
+def test_auth_token_option_of_phoenix_18_connects(pusherd_server, phx):
+    """phoenix.js 1.8's `authToken` socket option sends the token as a WebSocket subprotocol."""
+    c = phx("1.8")
+    c.connect(pusherd_server.ws_url, authToken="abc")
+    c.expect(type="open")
+    c.join("a", "public:authtoken")
+    c.expect(type="join", id="a", status="ok")
