@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from .origins import OriginPolicy
+
 __all__ = [
     "ConfigError",
     "HistoryRule",
@@ -597,6 +599,10 @@ def _origin(value: Any) -> str:
         elif _ORIGIN_RE.match(text) and text[_ORIGIN_RE.match(text).end():].startswith("/"):
             hint = " (an origin has no path: drop everything from the '/' after the host)"
         raise _Invalid(f"{expected}, got {_show(value)}{hint}")
+    try:
+        OriginPolicy([text.lower()])   # the runtime matcher must agree it is a pattern
+    except ValueError:
+        raise _Invalid(f"{expected}, got {_show(value)}") from None
     return text.lower()
 
 

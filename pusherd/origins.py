@@ -48,10 +48,14 @@ class OriginPolicy:
             if split is None:
                 raise ValueError("not an origin pattern: %r" % text)
             scheme, host, port = split
+            bare = host[2:] if host.startswith("*.") else host
+            if "*" in bare or not bare or (port and not port.isdigit()):
+                raise ValueError("not an origin pattern: %r" % text)
             self._rules.append((scheme, host, None if wildcard_port else port))
 
     def allows(self, origin: Optional[str]) -> bool:
-        """A request without an Origin header is not a browser page: the caller decides (allowed)."""
+        """Whether a browser page from `origin` may connect (an empty origin is refused here;
+        a request with no Origin header at all is not a browser, and Tornado never asks)."""
         if self.any:
             return True
         if not origin:

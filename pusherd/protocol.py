@@ -25,7 +25,52 @@ PHX_ERROR = "phx_error"
 HEARTBEAT = "heartbeat"
 PHOENIX_TOPIC = "phoenix"
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = 64   # nesting of arrays/objects in a client frame or a publish body
+
+
+def _dumps(obj) -> str:
+    """Compact JSON that is always valid UTF-8 on the wire.
+
+    A lone surrogate can only come from an escaped ``"\\ud800"`` inside a JSON string the client
+    sent; it is written back in the same escaped form instead of as an unencodable character.
+    """
+    text = _encode(obj)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _LONE_SURROGATE.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+    return text
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+def loads(text):
+    """json.loads without NaN/Infinity (not JSON, and not encodable back) and with a depth limit."""
+    value = json.loads(text, parse_constant=_reject_constant)
+    if too_deep(value, MAX_DEPTH):
+        raise ValueError("nested deeper than %d levels" % MAX_DEPTH)
+    return value
+
+
+def too_deep(value, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 class Message:
@@ -75,7 +120,7 @@ def _is_ref(value: Any) -> bool:
 
 def _parse_json(text) -> Any:
     try:
-        return json.loads(text)
+        return loads(text)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise UndecodableFrame("invalid JSON", str(exc)[:80]) from None
 
@@ -196,7 +241,7 @@ def serializer_for_vsn(vsn: Optional[str], legacy_path: bool = False) -> Optiona
     """
     if vsn is None:
         return LEGACY if legacy_path else V1
-    m = _SEMVER.match(vsn)
+    m = _SEMVER.fullmatch(vsn)
     if not m:
         return None
     major, minor = int(m.group(1)), int(m.group(2))

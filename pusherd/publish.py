@@ -8,12 +8,12 @@ Accepted bodies (all validated as a whole before anything is delivered):
 """
 
 import hmac
-import json
 from typing import List, Optional, Sequence
 from urllib.parse import parse_qs
 
 from .broker import Broadcast
 from .errors import PublishError
+from .protocol import loads
 from .topics import is_valid_topic
 
 MAX_BATCH = 1000
@@ -52,7 +52,7 @@ def parse_body(body: bytes, content_type: str, max_topic_length: int = 255) -> L
         items = [_from_form(body)]
     else:
         try:
-            doc = json.loads(body)
+            doc = loads(body)
         except (ValueError, RecursionError):
             raise PublishError(400, "body is not valid JSON") from None
         if isinstance(doc, list):
@@ -80,7 +80,7 @@ def _from_form(body: bytes) -> dict:
     item = {k: v[-1] for k, v in fields.items()}
     if "payload" in item:
         try:
-            item["payload"] = json.loads(item["payload"]) if item["payload"] != "" else {}
+            item["payload"] = loads(item["payload"]) if item["payload"] != "" else {}
         except (ValueError, RecursionError):
             raise PublishError(400, "payload is not valid JSON") from None
     return item

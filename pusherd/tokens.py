@@ -16,7 +16,7 @@ Rules (Guardian 0.1-0.3 semantics, minus its bugs):
 import base64
 import hashlib
 import hmac
-import json
+import math
 import time
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Tuple
@@ -106,11 +106,17 @@ class Verifier:
         aud = claims.get("aud")
         if aud == "csrf" or (isinstance(aud, list) and "csrf" in aud):
             self._check_csrf(claims, csrf_token, key_secret)
+        try:
+            exp = float(exp)
+        except (TypeError, ValueError, OverflowError):
+            raise AuthError(INVALID_TOKEN, "exp is not a number") from None
+        if not math.isfinite(exp):
+            raise AuthError(INVALID_TOKEN, "exp is not finite")
         return Claims(
             sub=claims.get("sub"),
             listen=_pattern_claim(claims, "listen"),
             publish=_pattern_claim(claims, "publish"),
-            exp=float(exp),
+            exp=exp,
             iss=claims.get("iss"),
             aud=aud,
             raw=claims,
@@ -157,7 +163,9 @@ class Verifier:
                     if isinstance(value, bool):
                         raise ValueError
                     times[name] = value if isinstance(value, (int, float)) else int(value)
-                except (TypeError, ValueError):
+                    if not math.isfinite(times[name]):
+                        raise ValueError
+                except (TypeError, ValueError, OverflowError):
                     raise AuthError(INVALID_TOKEN, "%s must be a number" % name) from None
         if "exp" in times and times["exp"] <= now - self._leeway:
             raise AuthError(TOKEN_EXPIRED, "token expired")

@@ -123,3 +123,9 @@ def test_subdomain_wildcard_property(host, under_example):
     origin = "https://" + host
     expected = host.endswith(".example.com") and len(host) > len(".example.com")
     assert policy.allows(origin) is expected
+
+
+@pytest.mark.parametrize("pattern", ["https://*example.com", "https://a.*.com", "https://a.com:abc", "https://*.", "https://*"])
+def test_typos_in_patterns_are_errors_not_silent_refusals(pattern):
+    with pytest.raises(ValueError):
+        OriginPolicy([pattern])

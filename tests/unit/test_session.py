@@ -592,9 +592,6 @@ def test_v1_session_accepts_optional_join_ref_but_never_writes_it():
 
 # --- known defect ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: a client-sent \\ud800 escape decodes to a lone surrogate that the "
-                                       "session echoes; handlers.py then raises UnicodeEncodeError on "
-                                       "action.text.encode('utf-8') and the socket is aborted")
 @pytest.mark.parametrize("text", [
     '[null,"\\ud800","phoenix","heartbeat",{}]',            # echoed ref
     '["1","1","public:\\ud800","phx_join",{}]',             # echoed topic (invalid_topic reply)
