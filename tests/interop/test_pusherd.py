@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import rails_token
+from pusherd_testing import rails_token
 
 pytestmark = pytest.mark.interop
 
