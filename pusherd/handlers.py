@@ -31,6 +31,9 @@ access_log = logging.getLogger("pusherd.access")
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without query strings (tokens may travel there)."""
+    daemon = getattr(handler, "daemon", None)
+    if daemon is not None and not daemon.settings.access_log:
+        return
     status = handler.get_status()
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if not access_log.isEnabledFor(level):
@@ -45,10 +48,21 @@ class JSONHandler(tornado.web.RequestHandler):
 
     def initialize(self, daemon: "Daemon"):
         self.daemon = daemon
+        daemon.requests.add(self)  # a shutdown lets these finish (Daemon.drain)
+        self.set_default_headers()  # Tornado sets the defaults before initialize()
 
     def set_default_headers(self):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
+        daemon = getattr(self, "daemon", None)
+        if daemon is not None and daemon.draining:  # shutting down: no further request here
+            self.set_header("Connection", "close")
+
+    def on_finish(self):
+        self.daemon.requests.discard(self)
+
+    def on_connection_close(self):
+        self.daemon.requests.discard(self)
 
     def send_json(self, status: int, body: dict) -> None:
         self.set_status(status)

@@ -2,11 +2,14 @@
 
 import asyncio
 import collections
+import dataclasses
 import logging
+import os
+import resource
 import signal
 import socket
 import time
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import tornado.httpserver
 import tornado.netutil
@@ -24,6 +27,16 @@ from .tokens import Verifier
 log = logging.getLogger("pusherd")
 
 SWEEP_SECONDS = 2.0
+#: After the 1001 closes: how long in-flight client pushes may take to finish.
+TASK_GRACE_SECONDS = 5.0
+#: After the 1001 closes: how long accepted HTTP requests (publishes) may take to finish before
+#: the remaining connections are closed. Without it, requests accepted just before the stop
+#: but not yet read fail during a restart (reference/systemd.md, section 6.1).
+HTTP_GRACE_SECONDS = 2.0
+#: How long close frames get to leave before the process exits.
+CLOSE_WAIT_SECONDS = 2.0
+#: Ceiling for the soft RLIMIT_NOFILE when the hard limit is "unlimited".
+NOFILE_CEILING = 1 << 20
 
 
 def build_verifier(settings) -> Verifier:
@@ -61,7 +74,11 @@ class Daemon:
         self._servers: List[tornado.httpserver.HTTPServer] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
+        self._boot_settings = settings
         self.bound: List[tuple] = []
+        self.requests = set()  # HTTP requests being handled (JSONHandler adds/removes itself)
+        self.metrics_sockets: List[socket.socket] = []
+        self.generation = 1  # config generation, +1 per successful reload
 
     # -- the application ------------------------------------------------------------------
 
@@ -85,9 +102,17 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self, sockets: Optional[Iterable[socket.socket]] = None) -> None:
-        """Start the broker, bind (or adopt inherited sockets) and begin serving."""
+    async def start(self, sockets: Optional[Iterable[socket.socket]] = None,
+                    metrics_sockets: Iterable[socket.socket] = ()) -> None:
+        """Start the broker, bind (or adopt inherited sockets) and begin serving.
+
+        ``sockets``: listening sockets for the main HTTP/WebSocket app (None: bind the
+        configured address). ``metrics_sockets``: inherited listeners named ``metrics``
+        (socket activation); kept in ``self.metrics_sockets`` for the metrics endpoint to
+        serve instead of binding ``metrics.listen`` itself, and closed by ``close()``.
+        """
         self._loop = asyncio.get_running_loop()
+        self.metrics_sockets = list(metrics_sockets)
         await self.broker.start(self.deliver)
         s = self.settings
         if sockets is None:
@@ -189,36 +214,52 @@ class Daemon:
         policy = Policy(build_verifier(settings), build_limits(settings))
         origins = OriginPolicy(settings.allowed_origins)
         restart = []
-        if hasattr(self.settings, "restart_required"):
-            restart = self.settings.restart_required(settings)
+        if hasattr(self._boot_settings, "restart_required"):
+            # against what was started: a listen change stays pending until a restart
+            restart = self._boot_settings.restart_required(settings)
         self.policy.verifier, self.policy.limits = policy.verifier, policy.limits
         self.origins = origins
         self.publish_secrets = (settings.publish_secret,)
         if self._app is not None:
             self._app.settings["websocket_max_message_size"] = settings.max_frame_bytes
         self.settings = settings
+        self.generation += 1
         return restart
 
+    def drain_budget(self, seconds: float) -> float:
+        """Upper bound of ``drain(seconds)``, for EXTEND_TIMEOUT_USEC."""
+        return seconds + TASK_GRACE_SECONDS + HTTP_GRACE_SECONDS + CLOSE_WAIT_SECONDS
+
     async def drain(self, seconds: float) -> None:
-        """Stop accepting; close every socket with 1001, in batches spread over `seconds`."""
+        """Stop accepting; close every socket with 1001, in batches spread over ``seconds``
+        (so that thousands of phoenix.js clients, which retry after 10 ms without jitter,
+        do not all reconnect in the same instant); let in-flight publishes finish."""
         self.draining = True
         for server in self._servers:
-            server.stop()
+            server.stop()  # an inherited listener stays open in systemd: new connections queue
         handlers = list(self.sockets)
         batches = max(1, min(len(handlers), int(seconds * 10)))
-        per_batch = -(-len(handlers) // batches) if handlers else 0
-        pause = seconds / batches if handlers else 0
-        for i in range(0, len(handlers), per_batch or 1):
+        per_batch = -(-len(handlers) // batches) if handlers else 1
+        pause = seconds / batches
+        for i in range(0, len(handlers), per_batch):
             for handler in handlers[i:i + per_batch]:
-                handler.close_with(1001, "server shutting down")
+                if handler in self.sockets:
+                    handler.close_with(1001, "server shutting down")
             if i + per_batch < len(handlers):
                 await asyncio.sleep(pause)
-        # In-flight publishes finish; then give close frames a moment to leave.
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        deadline = time.monotonic() + 2.0
+        if self._tasks:  # client pushes on their way to the broker
+            await asyncio.wait(list(self._tasks), timeout=TASK_GRACE_SECONDS)
+        # Accepted HTTP requests finish; every answer now says Connection: close.
+        deadline = time.monotonic() + HTTP_GRACE_SECONDS
+        while (self.requests or self._open_http_connections()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
         while self.sockets and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+
+    def _open_http_connections(self) -> int:
+        # Tornado keeps its HTTP connections (not the upgraded WebSockets) in this set.
+        return sum(len(getattr(server, "_connections", ())) for server in self._servers)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -227,70 +268,186 @@ class Daemon:
             server.stop()
             await server.close_all_connections()
         self._servers = []
+        for sock in self.metrics_sockets:
+            sock.close()
+        self.metrics_sockets = []
         await self.broker.close()
+
+
+def raise_nofile_limit() -> Tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (systemd leaves the soft one at 1024 for
+    select() users; pusherd uses epoll). Returns (old soft, new soft)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def split_inherited(inherited: Sequence[Tuple[str, socket.socket]]):
+    """Socket-activated listeners -> (http sockets, metrics sockets).
+
+    ``http`` is the main listener; without any ``http``, unnamed ones (``unknown``, or the
+    socket unit's name when it sets no FileDescriptorName=) are taken for it. Anything that
+    is not a listening stream socket, or has another name, is closed with a warning.
+    """
+    from . import systemd
+
+    http, metrics, other = [], [], []
+    for name, sock in inherited:
+        if not systemd.is_stream_listener(sock):
+            log.warning("socket activation: ignoring %r, not a listening stream socket", name)
+            sock.close()
+        elif name == "http":
+            http.append(sock)
+        elif name == "metrics":
+            metrics.append(sock)
+        else:
+            other.append((name, sock))
+    for name, sock in other:
+        if not http and (name in ("unknown", "") or name.endswith(".socket")):
+            http.append(sock)
+        else:
+            log.warning("socket activation: ignoring listener named %r (expected http or metrics)", name)
+            sock.close()
+    return http, metrics
+
+
+def changed_keys(old, new) -> List[str]:
+    """Names of the settings that differ (secrets by name only, never their values)."""
+    if not dataclasses.is_dataclass(old) or not dataclasses.is_dataclass(new):
+        return []
+    names = []
+    for f in dataclasses.fields(old):
+        if f.name != "source" and getattr(old, f.name, None) != getattr(new, f.name, None):
+            names.append("guardian_secret" if f.name == "guardian_secrets" else f.name)
+    return names
 
 
 async def serve(settings, reload_settings: Optional[Callable[[], object]] = None,
                 stop_event: Optional[asyncio.Event] = None) -> int:
-    """Run until SIGTERM/SIGINT; reload on SIGHUP. Returns the process exit code."""
-    from . import systemd
+    """Run until SIGTERM/SIGINT; reload on SIGHUP. Returns the process exit code.
+
+    systemd protocol: READY=1 once the listeners are served; WATCHDOG=1 from the event
+    loop every WATCHDOG_USEC/2; STATUS= every 10 s; RELOADING=1 + MONOTONIC_USEC ... READY=1
+    around a reload (also a refused one); STOPPING=1 and EXTEND_TIMEOUT_USEC during the drain.
+    """
+    from . import logs, systemd
 
     loop = asyncio.get_running_loop()
+    old_soft, new_soft = raise_nofile_limit()
     daemon = Daemon(settings)
-    inherited = systemd.listen_fds()
-    http_socks = [sock for name, sock in inherited if name in ("http", "unknown", "")] if inherited else None
-    await daemon.start(http_socks or None)
+    http_socks, metrics_socks = split_inherited(systemd.listen_fds())
+    if metrics_socks and not http_socks:
+        log.warning("socket activation passed no 'http' listener: binding %s:%s", settings.host, settings.port)
+    await daemon.start(http_socks or None, metrics_sockets=metrics_socks)
     where = ", ".join("%s:%s" % addr[:2] for addr in daemon.bound)
-    log.info("pusherd serving on %s (env %s, path %s%s)", where, settings.env, settings.path,
-             ", inherited sockets" if http_socks else "")
-    systemd.ready("serving on %s" % where)
+    log.info("pusherd serving on %s (env %s, path %s%s, open files limit %d)", where, settings.env,
+             settings.path, ", inherited sockets" if http_socks else "", new_soft)
+    if metrics_socks:
+        log.info("holding %d inherited metrics socket(s) for the metrics endpoint", len(metrics_socks))
+    systemd.ready(_status(daemon))
 
     stop = stop_event or asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
 
-    def on_hup():
-        systemd.reloading()
+    def on_stop(name: str) -> None:
+        log.info("%s received", name)
+        # a second SIGTERM/SIGINT takes the default action (exit at once)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+
+    def on_hup() -> None:
+        systemd.reloading("reloading configuration")
         try:
             if reload_settings is None:
                 raise RuntimeError("no configuration file to reload")
             new = reload_settings()
-            restart = daemon.reload(new)
-            log.info("configuration reloaded%s", "; restart needed for: " + ", ".join(restart) if restart else "")
+            logs.parse_level(new.log_level)
         except Exception as exc:  # a bad config is refused, the old one stays in force
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            problems = getattr(exc, "problems", None) or [str(exc)]
+            log.error("reload refused, keeping configuration gen %d: %s", daemon.generation, "; ".join(problems))
+            systemd.ready(_status(daemon, "reload refused, see the log"))
+            return
+        changed = changed_keys(daemon.settings, new)
+        restart = daemon.reload(new)
+        logs.set_level(new.log_level)
+        live = [k for k in changed if k not in restart]
+        log.info("configuration reloaded (gen %d); applied: %s", daemon.generation, ", ".join(live) or "no changes")
+        if restart:
+            log.warning("configuration keys changed that need a restart to take effect: %s", ", ".join(restart))
         systemd.ready(_status(daemon))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    _install_debug_hooks(loop)
 
+    background = []
     watchdog = systemd.watchdog_interval()
-    pinger = None
     if watchdog:
         async def ping():
+            # From the event loop itself: a blocked loop stops the pings and systemd
+            # restarts the service (WatchdogSec=).
             while True:
                 systemd.watchdog()
                 await asyncio.sleep(watchdog)
-        pinger = asyncio.ensure_future(ping())
+        background.append(asyncio.ensure_future(ping()))
 
     async def report():
         while True:
             await asyncio.sleep(10)
             systemd.status(_status(daemon))
-    reporter = asyncio.ensure_future(report())
+    background.append(asyncio.ensure_future(report()))
 
     await stop.wait()
-    log.info("shutting down: draining %d sockets over %.1fs", len(daemon.sockets), daemon.settings.drain_seconds)
-    systemd.stopping("draining %d sockets" % len(daemon.sockets))
-    await daemon.drain(daemon.settings.drain_seconds)
-    for task in (pinger, reporter):
-        if task is not None:
-            task.cancel()
+    seconds = daemon.settings.drain_seconds
+    budget = daemon.drain_budget(seconds)
+    log.info("shutting down: draining %d sockets over %.1fs", len(daemon.sockets), seconds)
+    systemd.stopping("draining %d sockets over %.1fs" % (len(daemon.sockets), seconds))
+
+    async def extend():
+        # Only counts once TimeoutStopSec has passed; then each message buys the time our own
+        # bounded drain may still take. A hung loop sends nothing and gets killed.
+        deadline = time.monotonic() + budget
+        while True:
+            systemd.extend_timeout(max(0.0, deadline - time.monotonic()) + 2.0)
+            await asyncio.sleep(1.0)
+    background.append(asyncio.ensure_future(extend()))
+    try:
+        await asyncio.wait_for(daemon.drain(seconds), timeout=budget)
+    except asyncio.TimeoutError:
+        log.warning("drain did not finish within %.1fs; closing what is left", budget)
+    for task in background:
+        task.cancel()
     await daemon.close()
     log.info("stopped")
     return 0
 
 
-def _status(daemon: Daemon) -> str:
-    return "%d sockets, %d topics, broker %s%s" % (
+def _install_debug_hooks(loop) -> None:
+    """Test-only: with PUSHERD_DEBUG_HANG_ON_SIGUSR2=1 in the environment, SIGUSR2 blocks
+    the event loop for two minutes, so a test can see WatchdogSec= restart a hung daemon.
+    Never set it in production; pusherd logs a warning when it is on."""
+    if os.environ.get("PUSHERD_DEBUG_HANG_ON_SIGUSR2") != "1":
+        return
+    log.warning("debug hook on: SIGUSR2 blocks the event loop (PUSHERD_DEBUG_HANG_ON_SIGUSR2=1)")
+
+    def hang() -> None:
+        log.warning("SIGUSR2: blocking the event loop on purpose")
+        time.sleep(120)
+
+    loop.add_signal_handler(signal.SIGUSR2, hang)
+
+
+def _status(daemon: Daemon, note: Optional[str] = None) -> str:
+    text = "%d sockets, %d topics, broker %s%s, config gen %d" % (
         len(daemon.sockets), len(daemon.hub.topics), daemon.broker.describe(),
-        "" if daemon.broker.healthy() else " (unavailable)")
+        "" if daemon.broker.healthy() else " (unavailable)", daemon.generation)
+    return text + ("; " + note if note else "")
