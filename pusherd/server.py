@@ -377,13 +377,16 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
             log.error("reload refused, keeping configuration gen %d: %s", daemon.generation, "; ".join(problems))
             systemd.ready(_status(daemon, "reload refused, see the log"))
             return
+        old_level = logs.parse_level(daemon.settings.log_level)
         changed = changed_keys(daemon.settings, new)
         restart = daemon.reload(new)
-        logs.set_level(new.log_level)
         live = [k for k in changed if k not in restart]
+        # the summary is logged at the more verbose of the old and the new level
+        logs.set_level(min(old_level, logs.parse_level(new.log_level)))
         log.info("configuration reloaded (gen %d); applied: %s", daemon.generation, ", ".join(live) or "no changes")
         if restart:
             log.warning("configuration keys changed that need a restart to take effect: %s", ", ".join(restart))
+        logs.set_level(new.log_level)
         systemd.ready(_status(daemon))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
