@@ -351,7 +351,6 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
              settings.path, ", inherited sockets" if http_socks else "", new_soft)
     if metrics_socks:
         log.info("holding %d inherited metrics socket(s) for the metrics endpoint", len(metrics_socks))
-    systemd.ready(_status(daemon))
 
     stop = stop_event or asyncio.Event()
 
@@ -391,6 +390,8 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     _install_debug_hooks(loop)
+    # Only now: `systemctl reload` right after start must find the SIGHUP handler in place.
+    systemd.ready(_status(daemon))
 
     background = []
     watchdog = systemd.watchdog_interval()
