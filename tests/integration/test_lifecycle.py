@@ -8,7 +8,6 @@ The same lifecycle under a real systemd as PID 1: tests/systemd/test_e2e_pid1.py
 """
 
 import http.client as httpclient
-import os
 import resource
 import shutil
 import signal
@@ -21,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, rails_token, require
+from pusherd_testing import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, rails_token, require
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from launcher import ManagedPusherd, NotifyListener, http, listening_socket  # noqa: E402
+from lifecycle_testing import ManagedPusherd, NotifyListener, http, listening_socket  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -251,7 +251,7 @@ def test_drain_longer_than_timeoutstopsec_is_extended(rig):
     for c in clients:
         c.wait(10)
     log = rig.journal("pusherd.service")
-    rig.run(["rm", f"/run/systemd/system/pusherd.service.d/short-stop.conf"])
+    rig.run(["rm", "/run/systemd/system/pusherd.service.d/short-stop.conf"])
     rig.write_file(f"{CONF_DIR}/pusher.yml", config_text())
     rig.daemon_reload()
 

@@ -7,7 +7,8 @@
   passed at fd 3, 4, ... by an exec shim that sets ``LISTEN_PID`` to its own pid and then execs
   Python, so the pid systemd would check is the daemon's (reference/systemd.md, section 5.5).
 
-Used by tests/integration/test_lifecycle.py and tests/interop/test_lifecycle_interop.py.
+Used by tests/integration/test_lifecycle.py and tests/interop/test_lifecycle_interop.py
+(a module of its own, like pusherd_testing: `conftest` is ambiguous across folders).
 """
 
 import json
