@@ -35,6 +35,8 @@ TASK_GRACE_SECONDS = 5.0
 HTTP_GRACE_SECONDS = 2.0
 #: How long close frames get to leave before the process exits.
 CLOSE_WAIT_SECONDS = 2.0
+#: Settings that config.RESTART_KEYS does not list but this daemon only reads at start.
+NOT_APPLIED_LIVE = ("history", "max_recovery")
 #: Ceiling for the soft RLIMIT_NOFILE when the hard limit is "unlimited".
 NOFILE_CEILING = 1 << 20
 
@@ -214,9 +216,12 @@ class Daemon:
         policy = Policy(build_verifier(settings), build_limits(settings))
         origins = OriginPolicy(settings.allowed_origins)
         restart = []
-        if hasattr(self._boot_settings, "restart_required"):
+        boot = self._boot_settings
+        if hasattr(boot, "restart_required"):
             # against what was started: a listen change stays pending until a restart
-            restart = self._boot_settings.restart_required(settings)
+            restart = boot.restart_required(settings)
+            # the broker's history store is built once, at start
+            restart += [k for k in NOT_APPLIED_LIVE if getattr(boot, k) != getattr(settings, k)]
         self.policy.verifier, self.policy.limits = policy.verifier, policy.limits
         self.origins = origins
         self.publish_secrets = (settings.publish_secret,)

@@ -313,12 +313,12 @@ def test_reload_applies_log_level_and_origins_live_and_names_restart_keys(tmp_pa
     d.wait_log("200 GET /healthz")
 
     write_config(config, log_level="warning", allowed_origins=["https://evil.test"],
-                 listen="127.0.0.1:1", path="/socket")
+                 listen="127.0.0.1:1", path="/socket", history=[{"topics": "deploys:*", "size": 5, "ttl": 60}])
     mark = d.mark()
     d.signal(signal.SIGHUP)
     line = d.wait_log("configuration reloaded", after=mark)
     assert "log_level" in line and "allowed_origins" in line
-    assert "need a restart to take effect: listen, path" in d.wait_log("need a restart", after=mark)
+    assert "need a restart to take effect: listen, path, history" in d.wait_log("need a restart", after=mark)
     # warning level: the access line of a 200 is gone, the one of a 404 (warning) is not
     mark = d.mark()
     http("GET", base + "/healthz")
