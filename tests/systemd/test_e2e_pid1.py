@@ -290,6 +290,35 @@ def test_watchdog_restarts_a_hung_event_loop(rig):
         rig.daemon_reload()
 
 
+def test_secret_file_rotates_on_reload_with_a_supplementary_group(rig):
+    """LoadCredential= copies are frozen at start; live rotation goes through a *_file that the
+    dynamic user reads via SupplementaryGroups= (docs/operations.md). Debian's group adm stands
+    in for the operator's pusherd-secrets group."""
+    old, new = "old-publish-secret-0123456789abcdef0123", "new-publish-secret-0123456789abcdef0123"
+    rig.run(["install", "-d", "-m", "750", "-g", "adm", "/run/pusherd-secrets"])
+    rig.write_file("/run/pusherd-secrets/publish_secret", old + "\n", mode=0o640)
+    rig.run(["chgrp", "adm", "/run/pusherd-secrets/publish_secret"])
+    rig.write_file(f"{CONF_DIR}/pusher.yml",
+                   config_text(publish_secret_file="/run/pusherd-secrets/publish_secret"))
+    rig.install_dropin("pusherd.service", "secrets-group", "[Service]\nSupplementaryGroups=adm\n")
+    rig.daemon_reload()
+    try:
+        rig.systemctl("restart", "pusherd.service")
+        ensure_active(rig)
+        body = {"topic": "public:rot", "event": "e"}
+        assert request(rig, "POST", "/publish", body, old)[0] == 200
+        assert request(rig, "POST", "/publish", body, PUBLISH_SECRET)[0] == 401  # the file wins
+        rig.write_file("/run/pusherd-secrets/publish_secret", new + "\n", mode=0o640)
+        rig.systemctl("reload", "pusherd.service")
+        wait_journal(rig, "applied: publish_secret")
+        assert request(rig, "POST", "/publish", body, new)[0] == 200
+        assert request(rig, "POST", "/publish", body, old)[0] == 401
+    finally:
+        rig.run(["rm", "-f", "/run/systemd/system/pusherd.service.d/secrets-group.conf"])
+        rig.write_file(f"{CONF_DIR}/pusher.yml", config_text())
+        rig.daemon_reload()
+
+
 def test_journal_has_priorities_and_no_secrets(rig):
     entries = [e for e in rig.journal_entries("pusherd.service") if e.get("SYSLOG_IDENTIFIER") == "pusherd"]
     by_priority = {}
