@@ -243,15 +243,14 @@ class Daemon:
         for server in self._servers:
             server.stop()  # an inherited listener stays open in systemd: new connections queue
         handlers = list(self.sockets)
+        # up to 10 batches a second, sizes differing by at most one, the first one at once
         batches = max(1, min(len(handlers), int(seconds * 10)))
-        per_batch = -(-len(handlers) // batches) if handlers else 1
-        pause = seconds / batches
-        for i in range(0, len(handlers), per_batch):
-            for handler in handlers[i:i + per_batch]:
+        for b in range(batches):
+            if b:
+                await asyncio.sleep(seconds / batches)
+            for handler in handlers[b * len(handlers) // batches:(b + 1) * len(handlers) // batches]:
                 if handler in self.sockets:
                     handler.close_with(1001, "server shutting down")
-            if i + per_batch < len(handlers):
-                await asyncio.sleep(pause)
         if self._tasks:  # client pushes on their way to the broker
             await asyncio.wait(list(self._tasks), timeout=TASK_GRACE_SECONDS)
         # Accepted HTTP requests finish; every answer now says Connection: close.

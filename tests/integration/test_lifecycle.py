@@ -230,6 +230,20 @@ def test_sigterm_closes_every_socket_with_1001_in_batches(tmp_path, managed):
     conn.close()
 
 
+def test_a_second_sigterm_ends_the_drain_at_once(tmp_path, managed):
+    d = managed(write_config(tmp_path / "p.yml", drain_seconds=10), listen="127.0.0.1:0").start()
+    port = int(d.wait_log("serving on").split("serving on ")[1].split(" ")[0].rsplit(":", 1)[1])
+    clients = [PhxClient("ws://127.0.0.1:%d/events" % port) for _ in range(3)]
+    d.signal(signal.SIGTERM)
+    d.wait_log("draining 3 sockets over 10.0s")
+    began = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(5) == -signal.SIGTERM
+    assert time.monotonic() - began < 2
+    for c in clients:
+        c.close()
+
+
 # --------------------------------------------------------------------------- SIGHUP reload
 
 
