@@ -1,4 +1,7 @@
-"""Command line: ``pusherd`` serves; ``pusherd --check-config`` validates; exit 2 on a config error."""
+"""Command line: ``pusherd`` serves; ``pusherd --check-config`` validates; exit 2 on a config error.
+
+``pusherd publish ...`` and ``pusherd token ...`` are handled by :mod:`pusherd.cli`.
+"""
 
 import argparse
 import asyncio
@@ -13,7 +16,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pusherd",
         description="Real-time push daemon speaking the Phoenix Channels protocol. "
-                    "With no arguments: development settings on 127.0.0.1:4000.")
+                    "With no arguments: development settings on 127.0.0.1:4000.",
+        epilog="Other commands: 'pusherd publish TOPIC EVENT [PAYLOAD_JSON]' (see pusherd publish --help) and "
+               "'pusherd token [--listen P] [--csrf]' (see pusherd token --help).")
     p.add_argument("--config", metavar="FILE", help="pusher.yml (default: $PUSHERD_CONFIG, else the embedded default)")
     p.add_argument("--env", metavar="NAME", help="environment section (default: $PUSHERD_ENV, $RAILS_ENV, development)")
     p.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
@@ -34,13 +39,22 @@ def load_settings(args, environ=None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("publish", "token"):
+        from . import cli
+        return cli.main(argv)
     from . import config
+    from .metrics import MetricsUnavailable, require_client
 
     args = _serve_parser().parse_args(argv)
     try:
         settings = load_settings(args)
+        if settings.metrics is not None:
+            require_client()
     except config.ConfigError as exc:
         print("pusherd: configuration error:\n" + "\n".join("  " + p for p in exc.problems), file=sys.stderr)
+        return 2
+    except MetricsUnavailable as exc:
+        print("pusherd: %s" % exc, file=sys.stderr)
         return 2
     if args.check_config:
         print(json.dumps(settings.masked(), indent=2, sort_keys=True))

@@ -128,6 +128,7 @@ class Settings:
     reuse_port: bool = False
     metrics: Optional[MetricsSettings] = None
     demo: bool = False
+    demo_assets: Optional[str] = None
     history: Tuple[HistoryRule, ...] = ()
     max_recovery: int = 300
     log_level: str = "info"
@@ -176,6 +177,11 @@ class Settings:
                 notes.append("publish_secret: shorter than 32 bytes")
             if "*" in self.allowed_origins:
                 notes.append("allowed_origins: '*' lets any web page open a socket with a visitor's cookies")
+            if self.demo:
+                notes.append("demo: the live demo page is served at /demo (meant for development)")
+        if self.metrics is not None and not self.metrics.token and not _is_loopback(self.metrics.host):
+            notes.append("metrics.token: unset while metrics listen on %s: anyone who reaches it may scrape"
+                         % self.metrics.host)
         return notes
 
     def restart_required(self, other: "Settings") -> List[str]:
@@ -185,6 +191,13 @@ class Settings:
             changed.append("listen")
         changed.extend(k for k in RESTART_KEYS[1:] if getattr(self, k) != getattr(other, k))
         return changed
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 _SECRET_FIELDS = ("publish_secret", "guardian_public_key")
@@ -330,7 +343,7 @@ _KNOWN_KEYS = (
     "allowed_origins", "heartbeat_timeout", "max_frame_bytes", "max_publish_bytes",
     "max_connections", "max_channels_per_socket", "max_topic_length", "client_push_rate",
     "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
-    "broker", "broker_prefix", "reuse_port", "metrics", "demo", "history", "max_recovery",
+    "broker", "broker_prefix", "reuse_port", "metrics", "demo", "demo_assets", "history", "max_recovery",
     "log_level", "access_log",
 )
 _METRICS_KEYS = ("listen", "token")
@@ -906,6 +919,8 @@ def from_mapping(
     v["broker_prefix"] = s.get("broker_prefix", _string)
     v["reuse_port"] = s.get("reuse_port", _bool)
     v["demo"] = s.get("demo", _bool, default=env == "development")
+    demo_assets = s.get("demo_assets", _string, default=None)
+    v["demo_assets"] = s.resolve_path(demo_assets) if isinstance(demo_assets, str) else demo_assets
     v["max_recovery"] = s.get("max_recovery", _count(0))
     v["log_level"] = s.get("log_level", _choice(LOG_LEVELS, aliases={"warn": "warning"}))
     v["access_log"] = s.get("access_log", _bool)

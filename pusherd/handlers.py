@@ -196,7 +196,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         daemon = self.daemon
         stream = self.ws_connection.stream
         self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
-        self.outbox = Outbox(stream, daemon.call_soon, daemon.settings.max_outbox_bytes, self._slow_consumer)
+        self.outbox = Outbox(stream, daemon.call_soon, daemon.settings.max_outbox_bytes, self._slow_consumer,
+                             on_drop=daemon.counters.dropped)
         self.set_nodelay(True)
         daemon.sockets.add(self)
 
@@ -204,6 +205,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         session = self.session
         if session is None:
             return
+        self.daemon.counters.frames_received += 1
         self.execute(session.receive(message, time.time()))
 
     def execute(self, actions) -> None:

@@ -14,9 +14,10 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 
 class Outbox:
     __slots__ = ("_stream", "_chunks", "_pending", "_scheduled", "_call_soon", "_max", "_on_overflow",
-                 "stalled_since")
+                 "stalled_since", "_on_drop")
 
-    def __init__(self, stream, call_soon: Callable, max_bytes: int, on_overflow: Callable[[], None]):
+    def __init__(self, stream, call_soon: Callable, max_bytes: int, on_overflow: Callable[[], None],
+                 on_drop: Optional[Callable[[int], None]] = None):
         self._stream = stream
         self._chunks: List[bytes] = []
         self._pending = 0
@@ -25,13 +26,16 @@ class Outbox:
         self._max = max_bytes
         self._on_overflow = on_overflow
         self.stalled_since: Optional[float] = None
+        self._on_drop = on_drop  # told how many frames were discarded unsent (metrics)
         stream.max_write_buffer_size = max_bytes
 
     def send(self, frame: bytes) -> None:
         if self._stream is None:
+            self._dropped(1)
             return
         self._pending += len(frame)
         if self._pending > self._max:
+            self._dropped(1)
             self._overflow()
             return
         self._chunks.append(frame)
@@ -51,9 +55,11 @@ class Outbox:
         try:
             stream.write(data)
         except StreamBufferFullError:
+            self._dropped(len(chunks))
             self._overflow()
             return
         except StreamClosedError:
+            self._dropped(len(chunks))
             self.detach()
             return
         if stream.writing():
@@ -72,7 +78,12 @@ class Outbox:
             return 0.0
         return now - self.stalled_since
 
+    def _dropped(self, frames: int) -> None:
+        if self._on_drop is not None and frames:
+            self._on_drop(frames)
+
     def _overflow(self) -> None:
+        self._dropped(len(self._chunks))
         self._chunks = []
         self._pending = 0
         stream = self._stream
@@ -84,6 +95,7 @@ class Outbox:
         self._on_overflow()
 
     def detach(self) -> None:
+        self._dropped(len(self._chunks))
         self._stream = None
         self._chunks = []
         self._pending = 0

@@ -16,10 +16,12 @@ import tornado.netutil
 import tornado.web
 
 from .broker import Broadcast, Broker, MemoryBroker
+from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler
 from .framing import text_frame
 from .history import Rules, parse_position, pending_after
 from .handlers import HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, log_request
 from .hub import Hub
+from .metrics import Counters
 from .origins import OriginPolicy
 from .session import Limits, Policy
 from .tokens import Verifier
@@ -63,7 +65,8 @@ class Daemon:
 
     def __init__(self, settings, broker: Optional[Broker] = None):
         self.settings = settings
-        self.policy = Policy(build_verifier(settings), build_limits(settings))
+        self.counters = Counters()
+        self.policy = Policy(build_verifier(settings), build_limits(settings), joins=self.counters.joins)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.publish_secrets = (settings.publish_secret,)
         self.broker = broker if broker is not None else build_broker(settings)
@@ -77,6 +80,7 @@ class Daemon:
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._boot_settings = settings
+        self.metrics = None  # metrics.MetricsServer when `metrics:` is configured
         self.bound: List[tuple] = []
         self.requests = set()  # HTTP requests being handled (JSONHandler adds/removes itself)
         self.metrics_sockets: List[socket.socket] = []
@@ -93,16 +97,24 @@ class Daemon:
             (path or "/", SocketHandler, dict(deps, legacy_path=True)),
             ("/publish", PublishHandler, deps),
             ("/healthz", HealthHandler, deps),
+            ("/", DemoRootHandler, deps),
+            ("/demo", DemoPageHandler, deps),
+            ("/demo/phoenix.js", DemoAssetHandler, deps),
         ]
         return tornado.web.Application(
             routes,
             default_handler_class=NotFoundHandler, default_handler_args=deps,
-            log_function=log_request,
+            log_function=self._log_request,
             websocket_max_message_size=s.max_frame_bytes,
             compress_response=False,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
+
+    def _log_request(self, handler: tornado.web.RequestHandler) -> None:
+        if isinstance(handler, PublishHandler):
+            self.counters.publish_requests[handler.get_status()] += 1
+        log_request(handler)
 
     async def start(self, sockets: Optional[Iterable[socket.socket]] = None,
                     metrics_sockets: Iterable[socket.socket] = ()) -> None:
@@ -114,7 +126,10 @@ class Daemon:
         serve instead of binding ``metrics.listen`` itself, and closed by ``close()``.
         """
         self._loop = asyncio.get_running_loop()
-        self.metrics_sockets = list(metrics_sockets)
+        self.metrics_sockets = list(metrics_sockets or ())
+        if self.settings.metrics is not None:
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self, self.settings.metrics)  # MetricsUnavailable without the client
         await self.broker.start(self.deliver)
         s = self.settings
         if sockets is None:
@@ -127,6 +142,8 @@ class Daemon:
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]
+        if self.metrics is not None:
+            self.metrics.start(self.metrics_sockets)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
 
     @property
@@ -171,7 +188,10 @@ class Daemon:
         return await self.broker.publish(broadcast)
 
     def deliver(self, broadcast: Broadcast) -> None:
-        self.hub.broadcast(broadcast)
+        counters = self.counters
+        counters.messages_received += 1
+        if self.hub.broadcast(broadcast):
+            counters.latency.observe(time.time() - broadcast.published_at)
 
     async def recover_join(self, handler, action) -> None:
         """Answer a join with ``since``: reply, replay what was missed in order, then go live.
@@ -272,6 +292,8 @@ class Daemon:
             server.stop()
             await server.close_all_connections()
         self._servers = []
+        if self.metrics is not None:
+            await self.metrics.close()
         for sock in self.metrics_sockets:
             sock.close()
         self.metrics_sockets = []

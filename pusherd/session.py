@@ -9,7 +9,7 @@ be tested by feeding frames to a session and looking at the actions.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Counter, Dict, List, Optional
 
 from . import errors
 from .access import may_listen, may_publish
@@ -112,13 +112,18 @@ class Limits:
 
 
 class Policy:
-    """What a session consults on every join/push; the server swaps its fields on reload."""
+    """What a session consults on every join/push; the server swaps its fields on reload.
 
-    __slots__ = ("verifier", "limits")
+    ``joins``, when given, is a Counter the sessions tally join outcomes in ("ok" or the
+    refusal reason), for metrics.
+    """
 
-    def __init__(self, verifier: Verifier, limits: Limits = Limits()):
+    __slots__ = ("verifier", "limits", "joins")
+
+    def __init__(self, verifier: Verifier, limits: Limits = Limits(), joins: Optional[Counter] = None):
         self.verifier = verifier
         self.limits = limits
+        self.joins = joins
 
 
 class Channel:
@@ -217,6 +222,8 @@ class Session:
             return actions + [self._refuse(msg, join_ref, errors.FORBIDDEN, "listen claim does not match")]
         self.channels[topic] = Channel(topic, join_ref, claims)
         log.debug("%s: joined %s", self.peer, topic)
+        if self.policy.joins is not None:
+            self.policy.joins["ok"] += 1
         since = msg.payload.get("since")
         if isinstance(since, str):
             return actions + [Recover(topic, join_ref, msg.ref, since, msg.payload)]
@@ -224,6 +231,8 @@ class Session:
 
     def _refuse(self, msg: Message, join_ref: Any, reason: str, detail: str) -> Send:
         log.info("%s: join refused topic=%.200s reason=%s (%s)", self.peer, msg.topic, reason, detail)
+        if self.policy.joins is not None:
+            self.policy.joins[reason] += 1
         return self._reply(join_ref, msg.ref, msg.topic, "error", {"reason": reason})
 
     def _leave(self, msg: Message) -> List[object]:

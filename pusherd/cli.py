@@ -1,0 +1,175 @@
+"""``pusherd publish`` and ``pusherd token``: the deploy hook and the token minter.
+
+Both find the configuration as the daemon does (``--config``/``--env``, ``PUSHERD_CONFIG``,
+``PUSHERD_ENV``, ``RAILS_ENV``) but read it only for what the command line did not give.
+Exit status: 0 done, 1 pusherd refused or could not be reached (its reason on stderr),
+2 bad usage or configuration.
+"""
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from typing import List, Mapping, Optional, TextIO
+
+from . import client, config, tokens
+
+COMMANDS = ("publish", "token")
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration: exit 2 with this message."""
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="pusher.yml (default: $PUSHERD_CONFIG, else the embedded default)")
+    p.add_argument("--env", metavar="NAME", help="environment section (default: $PUSHERD_ENV, $RAILS_ENV, development)")
+
+
+def publish_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pusherd publish",
+        description="Publish one event to a running pusherd, e.g. the deploy hook: "
+                    "pusherd publish deploys:web new_version '{\"version\": \"abc123\"}'",
+        epilog="The URL is --url, else $PUSHERD_URL, else the config's listen address (a wildcard address "
+               "means 127.0.0.1). The secret is --secret, else $PUSHERD_PUBLISH_SECRET, else the config's "
+               "publish_secret. Exit 0 when published; 1 with pusherd's reason when refused or unreachable; "
+               "2 for bad arguments or configuration.")
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("event", metavar="EVENT")
+    p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?",
+                   help="a JSON object (default {}); '-' reads it from standard input")
+    p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
+    p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
+    _config_options(p)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per attempt (default 5)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries on 503 or connection errors, with backoff (default 3)")
+    return p
+
+
+def token_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pusherd token",
+        description="Mint a join token exactly as the Rails helper does, signed with the first guardian "
+                    "secret of the configuration. Prints the JWT; with --csrf also the csrf token, "
+                    "on a second line (join with {guardian_token: line 1, csrf_token: line 2}).")
+    p.add_argument("--sub", metavar="JSON", help='the sub claim as JSON (default {}), e.g. \'{"id": 1}\'')
+    p.add_argument("--listen", metavar="PATTERN", action="append", default=[],
+                   help="topic pattern the token may join, e.g. 'deploys:web' or 'private:*' (repeatable)")
+    p.add_argument("--publish", metavar="PATTERN", action="append", default=[],
+                   help="topic pattern the token may push to (repeatable)")
+    p.add_argument("--ttl", default="30d", help="lifetime: seconds or 30d, 12h, 15m, 45s (default 30d)")
+    p.add_argument("--csrf", metavar="TOKEN", nargs="?", const="",
+                   help="bind the token to this csrf token (aud csrf, s_csrf); without a value a random one")
+    p.add_argument("--issuer", help="iss claim (default: the config's first issuer, if any)")
+    p.add_argument("--secret", help="sign with this secret instead of the config's guardian secret")
+    _config_options(p)
+    return p
+
+
+def _load(args, environ: Mapping[str, str]) -> config.Settings:
+    env = config.resolve_env(args.env, environ)
+    path = config.resolve_path(args.config, environ)
+    try:
+        return config.load(path, env, environ)
+    except config.ConfigError as exc:
+        raise UsageError("configuration error:\n" + "\n".join("  " + p for p in exc.problems)) from None
+
+
+def base_url(settings: config.Settings) -> str:
+    """Where a client on this host reaches the daemon configured by `settings`."""
+    host = settings.host
+    if host in WILDCARDS:
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = "[%s]" % host
+    return "http://%s:%d" % (host, settings.port)
+
+
+def _payload(text: Optional[str], stdin: Optional[TextIO]):
+    """The parsed payload (``{}`` when absent or empty); UsageError when it is not JSON.
+
+    Standard input is read only for ``-``: a deploy hook run where stdin stays open (SSH
+    sessions of deploy tools) must not hang waiting for it.
+    """
+    if text is None:
+        return {}
+    if text == "-":
+        if stdin is None:
+            raise UsageError("PAYLOAD_JSON is '-' but there is no standard input")
+        text = stdin.read()
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise UsageError("PAYLOAD_JSON is not valid JSON: %s" % exc) from None
+
+
+def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
+    args = publish_parser().parse_args(argv)
+    payload = _payload(args.payload, stdin)
+    url = args.url or environ.get("PUSHERD_URL")
+    secret = args.secret or environ.get("PUSHERD_PUBLISH_SECRET")
+    if not url or not secret:
+        settings = _load(args, environ)
+        url = url or base_url(settings)
+        secret = secret or settings.publish_secret
+    # Only JSON syntax is checked here: anything else is the server's to refuse, with its reason.
+    body = json.dumps({"topic": args.topic, "event": args.event, "payload": payload})
+    answer = client.post(client.publish_url(url), body.encode("utf-8"), secret,
+                         timeout=args.timeout, retries=max(0, args.retries))
+    stdout.write(json.dumps(answer) + "\n")
+    return 0
+
+
+def run_token(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
+    args = token_parser().parse_args(argv)
+    try:
+        sub = json.loads(args.sub) if args.sub is not None else {}
+    except ValueError as exc:
+        raise UsageError("--sub is not valid JSON: %s" % exc) from None
+    try:
+        ttl = tokens.parse_ttl(args.ttl)
+    except ValueError:
+        raise UsageError("--ttl: expected seconds or a duration like 30d, 12h, 15m, 45s, got %r" % args.ttl) from None
+    if ttl <= 0:
+        raise UsageError("--ttl must be positive")
+    secret, issuer = args.secret, args.issuer
+    if secret is None:
+        settings = _load(args, environ)
+        if settings.guardian_algorithm != "HS256" or not settings.guardian_secrets:
+            raise UsageError("guardian_algorithm is %s: pusherd token mints HS256 tokens only "
+                             "(the private key stays with the Rails app)" % settings.guardian_algorithm)
+        secret = settings.guardian_secrets[0]
+        if issuer is None and settings.issuer:
+            issuer = settings.issuer[0]
+    csrf = args.csrf
+    if csrf == "":
+        csrf = secrets.token_urlsafe(32)
+    token = client.mint_token(secret, sub=sub, listen=args.listen, publish=args.publish, ttl=ttl,
+                              csrf_token=csrf, issuer=issuer)
+    stdout.write(token + "\n")
+    if csrf is not None:
+        stdout.write(csrf + "\n")
+    return 0
+
+
+def main(argv: List[str], environ: Optional[Mapping[str, str]] = None, stdin: Optional[TextIO] = None,
+         stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> int:
+    """``argv[0]`` is the command (``publish`` or ``token``)."""
+    environ = os.environ if environ is None else environ
+    stdin = stdin if stdin is not None else sys.stdin
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "publish":
+            return run_publish(rest, environ, stdin, stdout)
+        return run_token(rest, environ, stdout)
+    except UsageError as exc:
+        stderr.write("pusherd %s: %s\n" % (command, exc))
+        return 2
+    except client.PublishFailed as exc:
+        stderr.write("pusherd publish: %s\n" % exc)
+        return 1

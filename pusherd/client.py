@@ -1,0 +1,147 @@
+"""Publish to pusherd and mint join tokens from Python (Django, workers, scripts): standard library only.
+
+    from pusherd.client import publish, mint_token, PublishFailed
+
+    publish("deploys:web", "new_version", {"version": "abc123"},
+            url="https://push.example.com", secret=os.environ["PUSHERD_PUBLISH_SECRET"])
+
+    token = mint_token(GUARDIAN_SECRET, sub={"id": user.id}, listen=["deploys:web"],
+                       csrf_token=csrf, ttl="30d")
+
+``publish`` is synchronous (urllib), with a timeout per attempt, and retries with exponential
+backoff when pusherd answers 503 (broker unavailable, draining) or cannot be reached. A timeout
+is not retried: the event may have been delivered. Any other failure raises
+``PublishFailed(status, reason)`` at once (``status`` is None when pusherd was not reached).
+``url`` and ``secret`` default to ``$PUSHERD_URL`` and ``$PUSHERD_PUBLISH_SECRET``.
+"""
+
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Dict, Iterable, Optional, Union
+
+from . import tokens
+
+DEFAULT_URL = "http://127.0.0.1:4000"
+RETRY_STATUSES = (503,)
+MAX_RETRY_AFTER = 10.0
+
+
+class PublishFailed(Exception):
+    """pusherd did not take the event. ``status``: HTTP status, or None when it was not reached."""
+
+    def __init__(self, status: Optional[int], reason: str):
+        super().__init__("%s %s" % (status, reason) if status is not None else reason)
+        self.status = status
+        self.reason = reason
+
+
+def publish_url(url: str) -> str:
+    """The publish endpoint of a pusherd base URL (``http://host:4000`` -> ``.../publish``)."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    base = url.rstrip("/")
+    return base if base.endswith("/publish") else base + "/publish"
+
+
+def publish(topic: Union[str, Iterable[str]], event: str, payload: Optional[Dict[str, Any]] = None, *,
+            url: Optional[str] = None, secret: Optional[str] = None, timeout: float = 5.0,
+            retries: int = 3, backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """POST one event (to one topic, or to several when ``topic`` is a list); return pusherd's answer.
+
+    Raises ``PublishFailed`` with pusherd's reason (400 bad event, 401 wrong secret, 413 too
+    large, 503 after the retries) or with the connection error, and ``ValueError`` when no
+    secret is given or the payload cannot be encoded as JSON.
+    """
+    url = url or os.environ.get("PUSHERD_URL") or DEFAULT_URL
+    secret = secret if secret is not None else os.environ.get("PUSHERD_PUBLISH_SECRET")
+    if not secret:
+        raise ValueError("no publish secret: pass secret= or set PUSHERD_PUBLISH_SECRET")
+    body: Dict[str, Any] = {"event": event, "payload": {} if payload is None else payload}
+    if isinstance(topic, str):
+        body["topic"] = topic
+    else:
+        body["topics"] = list(topic)
+    data = json.dumps(body, allow_nan=False).encode("utf-8")
+    return post(publish_url(url), data, secret, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
+
+
+def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retries: int = 3,
+         backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """POST a ready JSON body to ``endpoint`` with the retry policy of :func:`publish`."""
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + secret,
+               "User-Agent": "pusherd-client"}
+    attempt = 0
+    while True:
+        request = urllib.request.Request(endpoint, data=data, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return _json_body(resp.read())
+        except urllib.error.HTTPError as err:
+            with err:
+                failure = PublishFailed(err.code, _reason(err.read(), err.reason))
+                retry_after = _retry_after(err.headers.get("Retry-After"))
+            if err.code not in RETRY_STATUSES:
+                raise failure from None
+        except urllib.error.URLError as err:
+            reason = err.reason
+            if isinstance(reason, socket.timeout) or isinstance(reason, TimeoutError):
+                raise PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout)) from None
+            failure = PublishFailed(None, "cannot reach %s: %s" % (endpoint, _describe(reason)))
+            retry_after = None
+        except (socket.timeout, TimeoutError):
+            raise PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout)) from None
+        except (ConnectionError, OSError) as err:  # e.g. reset while reading the answer
+            failure = PublishFailed(None, "connection to %s failed: %s" % (endpoint, _describe(err)))
+            retry_after = None
+        if attempt >= retries:
+            raise failure
+        delay = backoff * (2 ** attempt)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        attempt += 1
+        sleep(delay)
+
+
+def _json_body(raw: bytes) -> dict:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return {"status": "ok"}
+    return doc if isinstance(doc, dict) else {"status": "ok"}
+
+
+def _reason(raw: bytes, fallback: str) -> str:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return doc["error"]
+    text = raw.decode("utf-8", "replace").strip()[:200]
+    return text or str(fallback)
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if value and value.strip().isdigit():
+        return min(float(value.strip()), MAX_RETRY_AFTER)
+    return None
+
+
+def _describe(reason: Any) -> str:
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def mint_token(secret: str, sub: Any = None, listen: Iterable[str] = (), publish: Iterable[str] = (),
+               ttl: Union[str, float] = "30d", csrf_token: Optional[str] = None,
+               issuer: Optional[str] = None) -> str:
+    """A join token exactly as the Rails helper mints it (HS256; ``aud: "csrf"`` and ``s_csrf``
+    when ``csrf_token`` is given; ``ttl`` in seconds or ``"30d"``, ``"12h"``, ``"15m"``)."""
+    return tokens.mint_token(secret, sub=sub, listen=list(listen), publish=list(publish),
+                             ttl=tokens.parse_ttl(ttl), csrf_token=csrf_token, issuer=issuer)

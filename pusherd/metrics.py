@@ -1,0 +1,262 @@
+"""Prometheus metrics: plain ints on the daemon's paths, turned into metric families at scrape time.
+
+The hot paths never call prometheus_client: they bump ints in `Counters` (or numbers the daemon
+keeps anyway: `Hub.delivered`, `len(daemon.sockets)`), and `DaemonCollector` reads them when
+Prometheus scrapes. ``prometheus_client`` is imported only when ``metrics:`` is configured;
+each daemon has its own ``CollectorRegistry``, so two daemons in one process never clash.
+The endpoint has its own listener and wants ``Authorization: Bearer <token>`` when a token is set.
+"""
+
+import bisect
+import collections
+import hmac
+import logging
+import re
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+
+from . import errors
+from .errors import PusherdError
+from .publish import bearer_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Daemon
+
+log = logging.getLogger("pusherd")
+
+#: Seconds from publish (``Broadcast.published_at``) to the frames being handed to local sockets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Join refusals exported even before they happen, so that rate() works from the first scrape.
+REFUSAL_REASONS = (errors.AUTHENTICATION_REQUIRED, errors.INVALID_TOKEN, errors.TOKEN_EXPIRED,
+                   errors.CSRF_MISMATCH, errors.FORBIDDEN, errors.INVALID_TOPIC, errors.TOO_MANY_CHANNELS)
+JOIN_OK = "ok"
+
+MAX_PREFIXES = 20
+OTHER_PREFIX = "other"
+_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+
+INSTALL_HINT = "pip install 'pusherd[metrics]'"
+
+
+class MetricsUnavailable(PusherdError):
+    """``metrics:`` is configured but prometheus_client cannot be imported."""
+
+
+def require_client():
+    """Import prometheus_client or raise MetricsUnavailable with what to do about it."""
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise MetricsUnavailable("metrics: is configured but prometheus_client is not installed (%s): %s, "
+                                 "or remove metrics: from the configuration" % (exc, INSTALL_HINT)) from None
+    return prometheus_client
+
+
+class Histogram:
+    """A fixed-bucket histogram in plain numbers: ``observe`` is one bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Iterable[float] = LATENCY_BUCKETS):
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        if value < 0.0:
+            value = 0.0  # clocks of two hosts (a Redis broker) may disagree a little
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> List[Tuple[str, int]]:
+        """Cumulative ``(le, count)`` pairs, ending with ``("+Inf", count)``."""
+        out, running = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+class Counters:
+    """What the daemon counts for metrics, as plain ints (always kept; costs next to nothing)."""
+
+    __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
+                 "latency")
+
+    def __init__(self):
+        self.frames_received = 0                      # frames from clients
+        self.frames_dropped = 0                       # frames for a socket that never left its outbox
+        self.messages_received = 0                    # broadcasts the broker handed us to deliver
+        self.joins = collections.Counter()            # JOIN_OK or a refusal reason -> count
+        self.publish_requests = collections.Counter()  # HTTP status of POST /publish -> count
+        self.latency = Histogram()
+
+    def dropped(self, frames: int) -> None:
+        self.frames_dropped += frames
+
+
+class PrefixLabels:
+    """Bounded label values for topics: the text before the first ``:``.
+
+    A prefix becomes a label value only if it looks like a word and is among the first
+    ``limit`` distinct prefixes seen; everything else is ``"other"``. Never a label per topic.
+    """
+
+    def __init__(self, limit: int = MAX_PREFIXES):
+        self.limit = limit
+        self.known: Dict[str, None] = {}
+
+    def label(self, topic: str) -> str:
+        prefix = topic.split(":", 1)[0] if ":" in topic else ""
+        if prefix in self.known:
+            return prefix
+        if not _PREFIX_RE.match(prefix) or len(self.known) >= self.limit:
+            return OTHER_PREFIX
+        self.known[prefix] = None
+        return prefix
+
+    def channels(self, topics: Dict[str, Iterable]) -> Dict[str, int]:
+        """Joined channels (socket x topic) per label."""
+        out: Dict[str, int] = collections.defaultdict(int)
+        for topic, members in topics.items():
+            out[self.label(topic)] += len(members)
+        return out
+
+
+class DaemonCollector:
+    """A custom collector: reads the daemon's numbers when Prometheus scrapes."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.prefixes = PrefixLabels()
+        self._families = require_client().core
+
+    def collect(self):
+        core, daemon = self._families, self.daemon
+        counters: Counters = daemon.counters
+        hub = daemon.hub
+
+        yield core.GaugeMetricFamily("pusherd_sockets", "Open WebSocket connections.", value=len(daemon.sockets))
+        yield core.GaugeMetricFamily("pusherd_topics", "Topics with at least one local member.",
+                                     value=len(hub.topics))
+        channels = core.GaugeMetricFamily(
+            "pusherd_channels", "Joined channels (socket x topic) by topic prefix (the text before the "
+            "first ':'; at most %d prefixes, the rest are 'other')." % self.prefixes.limit, labels=["prefix"])
+        for prefix, n in sorted(self.prefixes.channels(hub.topics).items()):
+            channels.add_metric([prefix], n)
+        yield channels
+
+        joins = dict(counters.joins)
+        yield core.CounterMetricFamily("pusherd_joins_accepted", "Channel joins accepted.",
+                                       value=joins.pop(JOIN_OK, 0))
+        refused = core.CounterMetricFamily("pusherd_joins_refused", "Channel joins refused, by reason.",
+                                           labels=["reason"])
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], joins.pop(reason, 0))
+        for reason, n in sorted(joins.items()):  # reasons added after this list was written
+            refused.add_metric([reason], n)
+        yield refused
+
+        yield core.CounterMetricFamily("pusherd_client_frames_received", "WebSocket frames received from clients.",
+                                       value=counters.frames_received)
+        yield core.CounterMetricFamily("pusherd_messages_received",
+                                       "Broadcasts handed to this process for local delivery.",
+                                       value=counters.messages_received)
+        yield core.CounterMetricFamily("pusherd_messages_delivered", "Broadcast frames handed to sockets.",
+                                       value=hub.delivered)
+        yield core.CounterMetricFamily("pusherd_messages_dropped",
+                                       "Frames handed to a socket that were discarded unsent "
+                                       "(slow consumer or socket closing).", value=counters.frames_dropped)
+        yield core.CounterMetricFamily("pusherd_frames_encoded",
+                                       "Broadcast frames encoded (once per protocol version per broadcast).",
+                                       value=hub.encodes)
+        publish = core.CounterMetricFamily("pusherd_publish_requests", "POST /publish requests by HTTP status.",
+                                           labels=["status"])
+        for status, n in sorted(counters.publish_requests.items()):
+            publish.add_metric([str(status)], n)
+        yield publish
+
+        latency = counters.latency
+        yield core.HistogramMetricFamily(
+            "pusherd_delivery_latency_seconds",
+            "Seconds from publish to the frames being handed to local sockets (per broadcast).",
+            buckets=latency.buckets(), sum_value=latency.total)
+
+        yield core.CounterMetricFamily("pusherd_slow_consumer_closes", "Sockets closed as slow consumers.",
+                                       value=daemon.stats["slow_consumer_closes"])
+        broker = core.GaugeMetricFamily("pusherd_broker_up", "1 when the broker takes publishes, else 0.",
+                                        labels=["broker"])
+        broker.add_metric([daemon.broker.name], 1 if daemon.broker.healthy() else 0)
+        yield broker
+        yield core.GaugeMetricFamily("pusherd_draining", "1 while the daemon drains its sockets to stop.",
+                                     value=1 if daemon.draining else 0)
+
+
+def build_registry(daemon: "Daemon"):
+    """A registry of this daemon's own (no global registry), with the process collector."""
+    client = require_client()
+    registry = client.CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    client.ProcessCollector(registry=registry)
+    return registry
+
+
+def token_matches(authorization: Optional[str], token: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time."""
+    given = bearer_value(authorization)
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, registry, token: Optional[str]):
+        self.registry = registry
+        self.token = token
+
+    def get(self):
+        if self.token and not token_matches(self.request.headers.get("Authorization"), self.token):
+            self.set_status(401)
+            self.set_header("WWW-Authenticate", 'Bearer realm="pusherd metrics"')
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            return self.finish("missing or wrong metrics token\n")
+        client = require_client()
+        self.set_header("Content-Type", client.CONTENT_TYPE_LATEST)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(client.generate_latest(self.registry))
+
+
+class MetricsServer:
+    """The metrics listener: only ``GET /metrics``, on its own address."""
+
+    def __init__(self, daemon: "Daemon", settings):
+        self.settings = settings
+        self.registry = build_registry(daemon)
+        self._server: Optional[tornado.httpserver.HTTPServer] = None
+        self.bound: List[tuple] = []
+
+    def start(self, sockets=None) -> None:
+        s = self.settings
+        if not sockets:
+            sockets = tornado.netutil.bind_sockets(s.port, s.host)
+        app = tornado.web.Application([("/metrics", MetricsHandler, {"registry": self.registry, "token": s.token})],
+                                      log_function=lambda handler: None)
+        self._server = tornado.httpserver.HTTPServer(app, idle_connection_timeout=60, max_body_size=1024)
+        self._server.add_sockets(list(sockets))
+        self.bound = [sock.getsockname() for sock in sockets]
+        log.info("metrics on %s/metrics%s", ", ".join("%s:%s" % addr[:2] for addr in self.bound),
+                 "" if s.token else " (no token: anyone who reaches the address may scrape)")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+            self._server = None
