@@ -137,7 +137,9 @@ class DaemonCollector:
     def __init__(self, daemon: "Daemon"):
         self.daemon = daemon
         self.prefixes = PrefixLabels()
-        self._families = require_client().core
+        require_client()
+        import prometheus_client.core
+        self._families = prometheus_client.core
 
     def collect(self):
         core, daemon = self._families, self.daemon
