@@ -107,7 +107,7 @@ def _payload(text: Optional[str], stdin: Optional[TextIO]):
         raise UsageError("PAYLOAD_JSON is not valid JSON: %s" % exc) from None
 
 
-def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdout: TextIO) -> int:
+def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     args = publish_parser().parse_args(argv)
     payload = _payload(args.payload, stdin)
     url = args.url or environ.get("PUSHERD_URL")
@@ -118,8 +118,13 @@ def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdo
         secret = secret or settings.publish_secret
     # Only JSON syntax is checked here: anything else is the server's to refuse, with its reason.
     body = json.dumps({"topic": args.topic, "event": args.event, "payload": payload})
+
+    def note_retry(failure: client.PublishFailed, delay: float) -> None:
+        stderr.write("pusherd publish: %s; retrying in %gs\n" % (failure, delay))
+        stderr.flush()
+
     answer = client.post(client.publish_url(url), body.encode("utf-8"), secret,
-                         timeout=args.timeout, retries=max(0, args.retries))
+                         timeout=args.timeout, retries=max(0, args.retries), on_retry=note_retry)
     stdout.write(json.dumps(answer) + "\n")
     return 0
 
@@ -165,7 +170,7 @@ def main(argv: List[str], environ: Optional[Mapping[str, str]] = None, stdin: Op
     command, rest = argv[0], argv[1:]
     try:
         if command == "publish":
-            return run_publish(rest, environ, stdin, stdout)
+            return run_publish(rest, environ, stdin, stdout, stderr)
         return run_token(rest, environ, stdout)
     except UsageError as exc:
         stderr.write("pusherd %s: %s\n" % (command, exc))

@@ -71,8 +71,12 @@ def publish(topic: Union[str, Iterable[str]], event: str, payload: Optional[Dict
 
 
 def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retries: int = 3,
-         backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep) -> dict:
-    """POST a ready JSON body to ``endpoint`` with the retry policy of :func:`publish`."""
+         backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep,
+         on_retry: Optional[Callable[[PublishFailed, float], None]] = None) -> dict:
+    """POST a ready JSON body to ``endpoint`` with the retry policy of :func:`publish`.
+
+    ``on_retry(failure, delay)`` is called before each retry (e.g. to log it).
+    """
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + secret,
                "User-Agent": "pusherd-client"}
     attempt = 0
@@ -104,6 +108,8 @@ def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retri
         if retry_after is not None:
             delay = max(delay, retry_after)
         attempt += 1
+        if on_retry is not None:
+            on_retry(failure, delay)
         sleep(delay)
 
 
