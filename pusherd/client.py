@@ -8,20 +8,20 @@
     token = mint_token(GUARDIAN_SECRET, sub={"id": user.id}, listen=["deploys:web"],
                        csrf_token=csrf, ttl="30d")
 
-``publish`` is synchronous (urllib), with a timeout per attempt, and retries with exponential
+``publish`` is synchronous (``http.client``; proxies from the environment are not used), with a timeout per attempt, and retries with exponential
 backoff when pusherd answers 503 (broker unavailable, draining) or cannot be reached. A timeout
 is not retried: the event may have been delivered. Any other failure raises
 ``PublishFailed(status, reason)`` at once (``status`` is None when pusherd was not reached).
 ``url`` and ``secret`` default to ``$PUSHERD_URL`` and ``$PUSHERD_PUBLISH_SECRET``.
 """
 
+import http.client
 import json
 import os
 import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Dict, Iterable, Optional, Union
+from urllib.parse import urlsplit
 
 from . import tokens
 
@@ -81,27 +81,22 @@ def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retri
                "User-Agent": "pusherd-client"}
     attempt = 0
     while True:
-        request = urllib.request.Request(endpoint, data=data, method="POST", headers=headers)
+        retry_after = None
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                return _json_body(resp.read())
-        except urllib.error.HTTPError as err:
-            with err:
-                failure = PublishFailed(err.code, _reason(err.read(), err.reason))
-                retry_after = _retry_after(err.headers.get("Retry-After"))
-            if err.code not in RETRY_STATUSES:
-                raise failure from None
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, socket.timeout) or isinstance(reason, TimeoutError):
-                raise PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout)) from None
-            failure = PublishFailed(None, "cannot reach %s: %s" % (endpoint, _describe(reason)))
-            retry_after = None
+            status, raw, answer_headers = _attempt(endpoint, data, headers, timeout)
         except (socket.timeout, TimeoutError):
             raise PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout)) from None
-        except (ConnectionError, OSError) as err:  # e.g. reset while reading the answer
-            failure = PublishFailed(None, "connection to %s failed: %s" % (endpoint, _describe(err)))
-            retry_after = None
+        except http.client.HTTPException as exc:
+            raise PublishFailed(None, "bad answer from %s: %s" % (endpoint, type(exc).__name__)) from None
+        except OSError as exc:  # refused, reset, unknown host: nothing was taken
+            failure = PublishFailed(None, "cannot reach %s: %s" % (endpoint, _describe(exc)))
+        else:
+            if 200 <= status < 300:
+                return _json_body(raw)
+            failure = PublishFailed(status, _reason(raw, http.client.responses.get(status, "error")))
+            if status not in RETRY_STATUSES:
+                raise failure
+            retry_after = _retry_after(answer_headers.get("Retry-After"))
         if attempt >= retries:
             raise failure
         delay = backoff * (2 ** attempt)
@@ -111,6 +106,35 @@ def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retri
         if on_retry is not None:
             on_retry(failure, delay)
         sleep(delay)
+
+
+def _attempt(endpoint: str, data: bytes, headers: Dict[str, str], timeout: float):
+    """One POST: ``(status, body, headers)``.
+
+    A server that refuses a body before reading all of it (413) may reset the connection while
+    the body is still being sent: its answer is read all the same, as curl does.
+    """
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PublishFailed(None, "not an http(s) URL: %s" % endpoint)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection_class(parts.hostname, parts.port, timeout=timeout)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    try:
+        send_error = None
+        try:
+            conn.request("POST", target, body=data, headers=headers)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            send_error = exc
+        try:
+            response = conn.getresponse()
+            return response.status, response.read(), response.headers
+        except (OSError, http.client.HTTPException):
+            if send_error is not None:
+                raise send_error from None
+            raise
+    finally:
+        conn.close()
 
 
 def _json_body(raw: bytes) -> dict:
