@@ -11,9 +11,12 @@ import json
 import os
 import secrets
 import sys
-from typing import List, Mapping, Optional, TextIO
+from typing import TYPE_CHECKING, List, Mapping, Optional, TextIO
 
-from . import client, config, tokens
+from . import client
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Settings
 
 COMMANDS = ("publish", "token")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
@@ -70,7 +73,8 @@ def token_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args, environ: Mapping[str, str]) -> config.Settings:
+def _load(args, environ: Mapping[str, str]) -> "Settings":
+    from . import config  # only when the command line left something to the configuration
     env = config.resolve_env(args.env, environ)
     path = config.resolve_path(args.config, environ)
     try:
@@ -79,7 +83,7 @@ def _load(args, environ: Mapping[str, str]) -> config.Settings:
         raise UsageError("configuration error:\n" + "\n".join("  " + p for p in exc.problems)) from None
 
 
-def base_url(settings: config.Settings) -> str:
+def base_url(settings: "Settings") -> str:
     """Where a client on this host reaches the daemon configured by `settings`."""
     host = settings.host
     if host in WILDCARDS:
@@ -130,6 +134,7 @@ def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdo
 
 
 def run_token(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
+    from . import tokens
     args = token_parser().parse_args(argv)
     try:
         sub = json.loads(args.sub) if args.sub is not None else {}

@@ -23,8 +23,6 @@ import time
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 from urllib.parse import urlsplit
 
-from . import tokens
-
 DEFAULT_URL = "http://127.0.0.1:4000"
 RETRY_STATUSES = (503,)
 MAX_RETRY_AFTER = 10.0
@@ -173,5 +171,6 @@ def mint_token(secret: str, sub: Any = None, listen: Iterable[str] = (), publish
                issuer: Optional[str] = None) -> str:
     """A join token exactly as the Rails helper mints it (HS256; ``aud: "csrf"`` and ``s_csrf``
     when ``csrf_token`` is given; ``ttl`` in seconds or ``"30d"``, ``"12h"``, ``"15m"``)."""
+    from . import tokens  # PyJWT (and cryptography) only when tokens are minted
     return tokens.mint_token(secret, sub=sub, listen=list(listen), publish=list(publish),
                              ttl=tokens.parse_ttl(ttl), csrf_token=csrf_token, issuer=issuer)
