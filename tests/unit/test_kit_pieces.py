@@ -164,3 +164,14 @@ def test_demo_assets_is_relative_to_the_config_file():
     settings = from_mapping({"test": {"demo_assets": "../node_modules/phoenix"}}, "test", "/srv/app/config/pusher.yml",
                             {}, lambda p: "")
     assert settings.demo_assets == "/srv/app/config/../node_modules/phoenix"
+
+
+@pytest.mark.parametrize("metrics, warned", [
+    ({"listen": "0.0.0.0:9100"}, True),
+    ({"listen": "0.0.0.0:9100", "token": "t"}, False),
+    ({"listen": "127.0.0.1:9100"}, False),
+    ({"listen": "[::1]:9100"}, False),
+])
+def test_metrics_without_a_token_off_loopback_are_warned_about(metrics, warned):
+    settings = from_mapping({"test": {"metrics": metrics}}, "test", "<t>", {}, lambda p: "")
+    assert any(w.startswith("metrics.token") for w in settings.warnings()) == warned
