@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -198,7 +199,13 @@ def test_two_daemons_in_one_process_have_their_own_registries(tmp_path):
     async def main():
         a, b = Daemon(settings()), Daemon(settings())
         await a.start()
-        await b.start()
+        # b gets its metrics socket from outside, as systemd passes one named "metrics"
+        inherited = socket.socket()
+        inherited.bind(("127.0.0.1", 0))
+        inherited.listen(16)
+        inherited.setblocking(False)
+        await b.start(metrics_sockets=[inherited])
+        assert b.metrics.bound == [inherited.getsockname()]
         try:
             for _ in range(3):
                 from pusherd.broker import Broadcast
