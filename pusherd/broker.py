@@ -60,6 +60,10 @@ class Broker:
         """What a client that last saw position `since` missed on `topic` (see history.py)."""
         return Recovery(False, None, ())
 
+    def history_stats(self) -> Optional[dict]:
+        """{"streams", "messages", "bytes"} held in this process, or None (no local history)."""
+        return None
+
     def healthy(self) -> bool:
         return True
 
@@ -102,6 +106,11 @@ class MemoryBroker(Broker):
 
     def sweep(self, now: float) -> None:
         self.history.sweep(now)
+
+    def history_stats(self) -> Optional[dict]:
+        streams = self.history.streams.values()
+        return {"streams": len(self.history.streams), "messages": sum(len(s.entries) for s in streams),
+                "bytes": self.history.approx_bytes()}
 
     async def close(self) -> None:
         self._deliver = None

@@ -100,3 +100,15 @@ class DemoAssetHandler(_DemoHandler):
             self.finish(client.read_bytes())
         except OSError as exc:
             raise tornado.web.HTTPError(500, "cannot read %s: %s" % (client, exc.strerror)) from None
+
+
+RECOVERY_HELPER = Path(__file__).resolve().parent / "static" / "pusherd-recovery.js"
+
+
+class RecoveryHelperHandler(_DemoHandler):
+    """The page helper that keeps `since` up to date (shipped with pusherd, not with phoenix.js)."""
+
+    def get(self):
+        self.set_header("Content-Type", "application/javascript; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(RECOVERY_HELPER.read_bytes())

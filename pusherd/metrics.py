@@ -89,7 +89,7 @@ class Counters:
     """What the daemon counts for metrics, as plain ints (always kept; costs next to nothing)."""
 
     __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
-                 "latency")
+                 "latency", "replayed", "recoveries")
 
     def __init__(self):
         self.frames_received = 0                      # frames from clients
@@ -98,6 +98,8 @@ class Counters:
         self.joins = collections.Counter()            # JOIN_OK or a refusal reason -> count
         self.publish_requests = collections.Counter()  # HTTP status of POST /publish -> count
         self.latency = Histogram()
+        self.replayed = 0                             # missed broadcasts replayed on joins with `since`
+        self.recoveries = collections.Counter()       # "recovered" / "not_recovered" -> count
 
     def dropped(self, frames: int) -> None:
         self.frames_dropped += frames
@@ -198,6 +200,22 @@ class DaemonCollector:
                                         labels=["broker"])
         broker.add_metric([daemon.broker.name], 1 if daemon.broker.healthy() else 0)
         yield broker
+        yield core.CounterMetricFamily("pusherd_messages_replayed",
+                                       "Missed broadcasts replayed to joins that carried `since`.",
+                                       value=counters.replayed)
+        recoveries = core.CounterMetricFamily("pusherd_recoveries", "Joins with `since`, by outcome.",
+                                              labels=["outcome"])
+        for outcome in ("recovered", "not_recovered"):
+            recoveries.add_metric([outcome], counters.recoveries[outcome])
+        yield recoveries
+        stats = daemon.broker.history_stats()
+        if stats is not None:
+            yield core.GaugeMetricFamily("pusherd_history_streams", "Topics keeping history in this process.",
+                                         value=stats["streams"])
+            yield core.GaugeMetricFamily("pusherd_history_messages", "Broadcasts kept in history.",
+                                         value=stats["messages"])
+            yield core.GaugeMetricFamily("pusherd_history_bytes", "Approximate memory held by history.",
+                                         value=stats["bytes"])
         yield core.GaugeMetricFamily("pusherd_draining", "1 while the daemon drains its sockets to stop.",
                                      value=1 if daemon.draining else 0)
 

@@ -16,7 +16,7 @@ import tornado.netutil
 import tornado.web
 
 from .broker import Broadcast, Broker, MemoryBroker
-from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler
+from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .framing import text_frame
 from .history import Rules, parse_position, pending_after
 from .handlers import HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, log_request
@@ -100,6 +100,7 @@ class Daemon:
             ("/", DemoRootHandler, deps),
             ("/demo", DemoPageHandler, deps),
             ("/demo/phoenix.js", DemoAssetHandler, deps),
+            ("/demo/pusherd-recovery.js", RecoveryHelperHandler, deps),
         ]
         return tornado.web.Application(
             routes,
@@ -217,7 +218,9 @@ class Daemon:
             handler.execute([session.join_reply(action, response)])
             serializer = session.serializer
             last = parse_position(recovery.position)[1] if recovery and recovery.position else 0
+            self.counters.recoveries["recovered" if recovery and recovery.recovered else "not_recovered"] += 1
             if recovery is not None and recovery.recovered:
+                self.counters.replayed += len(recovery.missed)
                 for entry in recovery.missed:
                     ref = "%s:%d" % (recovery.epoch, entry.offset)
                     text = serializer.encode_broadcast(topic, entry.event, entry.payload, ref)

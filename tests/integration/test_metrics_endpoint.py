@@ -227,3 +227,28 @@ def test_two_daemons_in_one_process_have_their_own_registries(tmp_path):
             if family.name == "pusherd_messages_received":
                 received.append(family.samples[0].value)
     assert received == [3.0, 0.0]
+
+
+def test_history_and_recovery_are_counted(tmp_path, phx_connect):
+    d = Pusherd(tmp_path, {"metrics": {"listen": "127.0.0.1:%d" % free_port(), "token": TOKEN},
+                           "history": [{"topics": "public:*", "size": 10, "ttl": 3600}]}).start()
+    d.metrics_url = "http://%s/metrics" % d.settings["metrics"]["listen"]
+    try:
+        before = scrape(d)
+        assert value(before, "pusherd_history_streams") == 0
+        _, first = d.publish("public:hist", "e", {"n": 1})
+        d.publish("public:hist", "e", {"n": 2})
+        d.publish("public:hist", "e", {"n": 3})
+        c = phx_connect(d.ws_url)
+        status, response, _ = c.join("public:hist", {"since": first["position"]})
+        assert response["recovered"] is True
+        c2 = phx_connect(d.ws_url)
+        assert c2.join("public:hist", {"since": "nope:1"})[1]["recovered"] is False
+        samples = wait_for(d, lambda s: value(s, "pusherd_messages_replayed_total") == 2)
+        assert value(samples, "pusherd_history_streams") == 1
+        assert value(samples, "pusherd_history_messages") == 3
+        assert value(samples, "pusherd_history_bytes") > 0
+        assert value(samples, "pusherd_recoveries_total", outcome="recovered") == 1
+        assert value(samples, "pusherd_recoveries_total", outcome="not_recovered") == 1
+    finally:
+        d.stop()
