@@ -61,6 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from .logs import setup_logging
+    from .errors import StartupError
     from .server import serve
     setup_logging(settings.log_level)
     import logging
@@ -77,6 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # e.g. address in use
         print("pusherd: %s" % exc, file=sys.stderr)
         return 1
+    except StartupError as exc:  # e.g. broker: redis://... without redis-py
+        print("pusherd: %s" % exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

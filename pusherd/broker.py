@@ -7,6 +7,7 @@ delivers it to its own sockets through the hub. The broker never sees sockets.
 import time
 from typing import Any, Callable, Optional
 
+from .errors import BrokerUnavailable
 from .history import Recovery, Rules, Store
 
 
@@ -78,7 +79,8 @@ class MemoryBroker(Broker):
     """One process, no backplane. Delivery is synchronous and exactly-once within this process.
 
     History lives in this process's memory: a restart starts every topic on a new epoch, so a
-    client that rejoins with an old position is told ``recovered: false``.
+    client that rejoins with an old position is told ``recovered: false``. After close()
+    publishes raise BrokerUnavailable (never a silent drop).
     """
 
     name = "memory"
@@ -86,16 +88,19 @@ class MemoryBroker(Broker):
     def __init__(self, history_rules: Rules = Rules(), max_recovery: int = 300):
         self._deliver: Optional[Deliver] = None
         self.history = Store(history_rules, max_recovery)
+        self._closed = False
 
     async def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
+        self._closed = False
 
     async def publish(self, broadcast: Broadcast) -> Optional[str]:
+        if self._deliver is None:
+            raise BrokerUnavailable("memory broker is %s" % ("closed" if self._closed else "not started"))
         if self.history.rules:
             broadcast.position = self.history.append(broadcast.topic, broadcast.event, broadcast.payload,
                                                      time.time())
-        if self._deliver is not None:
-            self._deliver(broadcast)
+        self._deliver(broadcast)
         return broadcast.position
 
     def has_history(self, topic: str) -> bool:
@@ -112,5 +117,9 @@ class MemoryBroker(Broker):
         return {"streams": len(self.history.streams), "messages": sum(len(s.entries) for s in streams),
                 "bytes": self.history.approx_bytes()}
 
+    def healthy(self) -> bool:
+        return not self._closed
+
     async def close(self) -> None:
         self._deliver = None
+        self._closed = True

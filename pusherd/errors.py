@@ -64,3 +64,7 @@ class PublishError(PusherdError):
 
 class BrokerUnavailable(PusherdError):
     """The broker could not take a publish (e.g. Redis is down): the publisher should retry."""
+
+
+class StartupError(PusherdError):
+    """pusherd cannot start as configured (e.g. the Redis broker without redis-py installed)."""

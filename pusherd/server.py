@@ -17,6 +17,7 @@ import tornado.web
 
 from .broker import Broadcast, Broker, MemoryBroker
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
+from .errors import StartupError
 from .framing import text_frame
 from .history import Rules, parse_position, pending_after
 from .handlers import HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, log_request
@@ -55,9 +56,18 @@ def build_limits(settings) -> Limits:
 
 
 def build_broker(settings) -> Broker:
+    """`memory`, or a redis://, rediss:// or unix:// URL (redis-py is imported only then)."""
     if settings.broker == "memory":
         return MemoryBroker(Rules(settings.history), settings.max_recovery)
-    raise RuntimeError("broker %r is not supported by this build" % settings.broker.split("://", 1)[0])
+    try:
+        from .redis_broker import RedisBroker
+    except ImportError as exc:
+        raise StartupError("broker %s needs redis-py >= 5: pip install 'pusherd[redis]' (%s)"
+                           % (settings.broker.split("://", 1)[0] + "://", exc)) from None
+    if settings.history:
+        log.warning("history is configured but the redis broker keeps none yet: "
+                    "joins with `since` are answered recovered: false")
+    return RedisBroker(settings.broker, prefix=settings.broker_prefix)
 
 
 class Daemon:

@@ -1,0 +1,429 @@
+"""RedisBroker: several pusherd processes (and hosts) share one Redis pub/sub backplane.
+
+Delivery guarantee
+------------------
+* ``publish()`` returns only after Redis acknowledged the ``PUBLISH``; otherwise it raises
+  `BrokerUnavailable` (Redis down, this process reconnecting, backlog full, timeout). pusherd never
+  accepts an event and then drops it. A publish that fails after its bytes left (the connection
+  died before the reply) may still have reached Redis: a publisher that retries on 503 can then
+  cause a duplicate, never a loss.
+* The publishing process delivers to its own sockets itself, once, right after Redis acknowledged
+  (its own copy coming back from Redis is skipped), so its members never depend on its subscriber
+  connection.
+* Every other process receives the event **at most once**: Redis pub/sub keeps nothing. A process
+  whose subscriber connection is down or reconnecting (Redis restart, network loss,
+  ``CLIENT KILL``) misses what is published meanwhile, and it is not replayed (per-topic history
+  and recovery will close that window). A member that just joined is subscribed cluster-wide one
+  Redis round trip after its join.
+* Order: per topic, the events of one process reach every process in the order it published them
+  (publishes go out in order, pipelined, on one connection; Redis delivers in order).
+
+Design
+------
+One channel per topic, ``<prefix>:t:<topic>``, subscribed while the topic has local members (the
+hub calls `subscribe`/`unsubscribe` on the first/last member), so a process only receives what its
+sockets need; the wanted set is the source of truth for resubscribing after a reconnect (we never
+rely on redis-py to resubscribe). Messages are a versioned JSON envelope, see `encode_envelope`.
+
+The subscriber connection is owned by one supervisor task: connect, resubscribe, wait for a
+``PING`` barrier (then ``healthy()`` is true), read; on any failure reconnect with capped,
+jittered exponential backoff. An outage is logged once when it starts and once when it ends.
+``healthy()`` gates publishes: while it is false they are refused at once (503), so a down Redis
+costs the publisher no timeout.
+"""
+
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+from typing import Iterable, List, Optional, Set
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from .broker import Broadcast, Broker, Deliver
+from .errors import BrokerUnavailable
+
+log = logging.getLogger("pusherd.broker")
+
+ENVELOPE_VERSION = 1
+CONNECT_TIMEOUT = 2.0       # seconds for TCP connect + handshake
+COMMAND_TIMEOUT = 2.0       # a PUBLISH not acknowledged within this is refused (503)
+PING_INTERVAL = 5.0         # subscriber silent this long gets a PING; twice as long = dead
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 5.0
+MAX_PENDING = 10000         # publishes queued for the writer before refusing (bounded memory)
+SUBSCRIBE_BATCH = 500       # channels per SUBSCRIBE command when resubscribing
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def encode_envelope(origin: str, broadcast: Broadcast) -> bytes:
+    """``{"v":1,"o":origin,"t":topic,"e":event,"p":payload,"ts":published_at[,"pos":position]}``.
+
+    ``v`` and ``o`` come first, always in this order, so a process can recognise its own
+    messages by a byte prefix without parsing them (see `RedisBroker._own_prefix`).
+    """
+    doc = {"v": ENVELOPE_VERSION, "o": origin, "t": broadcast.topic, "e": broadcast.event,
+           "p": broadcast.payload, "ts": broadcast.published_at}
+    if broadcast.position is not None:
+        doc["pos"] = broadcast.position
+    return _dumps(doc).encode("utf-8")
+
+
+def decode_envelope(data: bytes):
+    """Return ``(origin, Broadcast)``; raise ValueError for anything that is not a v1 envelope."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict):
+        raise ValueError("envelope is not a JSON object")
+    if doc.get("v") != ENVELOPE_VERSION:
+        raise ValueError("unsupported envelope version %r" % (doc.get("v"),))
+    origin, topic, event, payload = doc.get("o"), doc.get("t"), doc.get("e"), doc.get("p")
+    ts, pos = doc.get("ts"), doc.get("pos")
+    if not (isinstance(origin, str) and isinstance(topic, str) and topic and isinstance(event, str) and event
+            and isinstance(payload, dict)):
+        raise ValueError("envelope lacks origin, topic, event or payload")
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        ts = None
+    return origin, Broadcast(topic, event, payload, ts, pos if isinstance(pos, str) else None)
+
+
+def masked_url(url: str) -> str:
+    """The broker URL for logs and /healthz: any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc="%s:***@%s" % (user, netloc)))
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
+                  rand=random.random) -> float:
+    """Capped exponential backoff with jitter in [50%, 100%] of the step (no thundering herd)."""
+    step = min(cap, base * (2 ** min(attempt, 30)))
+    return step * (0.5 + 0.5 * rand())
+
+
+def _batches(items: List, size: int) -> Iterable[List]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _is_pong(resp) -> bool:
+    # In subscribed mode PING answers [b"pong", b""]; with no subscription, +PONG.
+    if isinstance(resp, (bytes, str)):
+        return resp in (b"PONG", "PONG", True)
+    return isinstance(resp, list) and len(resp) >= 1 and resp[0] in (b"pong", "pong")
+
+
+class _Pending:
+    __slots__ = ("channel", "data", "broadcast", "future")
+
+    def __init__(self, channel: bytes, data: bytes, broadcast: Broadcast, future: asyncio.Future):
+        self.channel, self.data, self.broadcast, self.future = channel, data, broadcast, future
+
+
+class RedisBroker(Broker):
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str = "pusherd", *, connect_timeout: float = CONNECT_TIMEOUT,
+                 command_timeout: float = COMMAND_TIMEOUT, ping_interval: float = PING_INTERVAL,
+                 backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
+                 max_pending: int = MAX_PENDING):
+        self.url = url
+        self.prefix = prefix
+        self.origin = secrets.token_hex(8)
+        self._own_prefix = ('{"v":%d,"o":"%s"' % (ENVELOPE_VERSION, self.origin)).encode()
+        self._channel_prefix = (prefix + ":t:").encode("utf-8")
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._ping_interval = ping_interval
+        self._backoff = (backoff_base, backoff_cap)
+        self._max_pending = max_pending
+        # redis-py parses the URL (redis://, rediss://, unix://, db, password); its own retries
+        # are off: reconnecting is this class's job.
+        self._pool = redis.asyncio.ConnectionPool.from_url(
+            url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
+            retry=Retry(NoBackoff(), 0), client_name="pusherd-" + self.origin,
+            protocol=2)  # RESP2: messages are plain replies (RESP3 would route them to a push handler)
+        self._deliver: Optional[Deliver] = None
+        self._wanted: Set[str] = set()
+        self._active: Set[str] = set()      # subscribed on the current connection
+        self._sub = None                    # the subscriber connection, while healthy
+        self._healthy = False
+        self._closing = False
+        self._tasks: List[asyncio.Task] = []
+        self._first_attempt: Optional[asyncio.Event] = None
+        self._sync_wake: Optional[asyncio.Event] = None
+        self._pub = None
+        self._queue: List[_Pending] = []
+        self._inflight: List[_Pending] = []
+        self._pub_wake: Optional[asyncio.Event] = None
+        self._down_since: Optional[float] = None
+        self._attempts = 0
+        self.last_error = ""
+        self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
+                      "outages": 0, "reconnects": 0}
+
+    # -- Broker interface -----------------------------------------------------------------
+
+    async def start(self, deliver: Deliver) -> None:
+        """Start the supervisor and the writer; wait for the first connection attempt only.
+
+        If Redis is unreachable, start() still returns (after at most the connect timeout):
+        pusherd serves its sockets and refuses publishes until the backplane is back.
+        """
+        self._deliver = deliver
+        self._first_attempt = asyncio.Event()
+        self._sync_wake = asyncio.Event()
+        self._pub_wake = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._supervise()), asyncio.ensure_future(self._sync_forever()),
+                       asyncio.ensure_future(self._write_forever())]
+        try:
+            await asyncio.wait_for(self._first_attempt.wait(), self._connect_timeout + self._command_timeout + 1)
+        except asyncio.TimeoutError:
+            pass
+
+    async def publish(self, broadcast: Broadcast) -> Optional[str]:
+        if not self._healthy:
+            raise BrokerUnavailable("redis %s is unavailable" % self.describe())
+        if len(self._queue) >= self._max_pending:
+            raise BrokerUnavailable("redis publish backlog full (%d)" % self._max_pending)
+        future = asyncio.get_running_loop().create_future()
+        data = encode_envelope(self.origin, broadcast)
+        self._queue.append(_Pending(self.channel(broadcast.topic), data, broadcast, future))
+        self._pub_wake.set()
+        await future
+        return broadcast.position
+
+    def subscribe(self, topic: str) -> None:
+        self._wanted.add(topic)
+        if self._sync_wake is not None:
+            self._sync_wake.set()
+
+    def unsubscribe(self, topic: str) -> None:
+        self._wanted.discard(topic)
+        if self._sync_wake is not None:
+            self._sync_wake.set()
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def describe(self) -> str:
+        return masked_url(self.url)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._healthy = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        self._fail(self._inflight + self._queue, "broker closed")
+        self._queue = self._inflight = []
+        for conn in (self._sub, self._pub):
+            if conn is not None:
+                await self._drop(conn)
+        self._sub = self._pub = None
+        await self._pool.disconnect()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def channel(self, topic: str) -> bytes:
+        return self._channel_prefix + topic.encode("utf-8")
+
+    def _connection(self):
+        return self._pool.connection_class(**self._pool.connection_kwargs)
+
+    @staticmethod
+    async def _drop(conn) -> None:
+        try:
+            await conn.disconnect(nowait=True)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
+
+    @staticmethod
+    def _fail(items: Iterable[_Pending], reason: str) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(BrokerUnavailable(reason))
+
+    def _safe_deliver(self, broadcast: Broadcast) -> None:
+        try:
+            self._deliver(broadcast)
+        except Exception:  # one failing delivery must not kill the listener or the writer
+            log.exception("local delivery failed for topic %.200s", broadcast.topic)
+
+    # -- subscriber side ------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Connect, resubscribe, listen; on failure back off and start over. Runs until close()."""
+        while not self._closing:
+            conn = self._connection()
+            try:
+                await conn.connect()
+                await self._resubscribe(conn)
+                self._up(conn)
+                await self._listen(conn)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                self._down(exc)
+            finally:
+                self._healthy = False
+                self._sub = None
+                await self._drop(conn)
+            self._first_attempt.set()
+            await asyncio.sleep(backoff_delay(self._attempts - 1, *self._backoff))
+
+    async def _resubscribe(self, conn) -> None:
+        """Subscribe every wanted topic, then wait for a PING answer: after it, all are active."""
+        topics = sorted(self._wanted)
+        self._active = set(topics)
+        for batch in _batches(topics, SUBSCRIBE_BATCH):
+            await conn.send_command("SUBSCRIBE", *[self.channel(t) for t in batch], check_health=False)
+        await conn.send_command("PING", check_health=False)
+        deadline = time.monotonic() + self._command_timeout + 0.001 * len(topics)
+        while True:
+            left = deadline - time.monotonic()
+            resp = await conn.read_response(timeout=max(left, 0.001)) if left > 0 else None
+            if resp is None:
+                raise asyncio.TimeoutError("no PING answer after resubscribing")
+            if _is_pong(resp):
+                return
+            self._dispatch(resp)
+
+    def _up(self, conn) -> None:
+        self._sub = conn
+        self._healthy = True
+        if self._down_since is not None:
+            self.stats["reconnects"] += 1
+            log.warning("broker %s: connected again after %.1fs (%d attempts); resubscribed %d topics; "
+                        "publishes accepted", self.describe(), time.monotonic() - self._down_since,
+                        self._attempts, len(self._active))
+        else:
+            log.info("broker %s: connected, %d topics subscribed", self.describe(), len(self._active))
+        self._down_since = None
+        self._attempts = 0
+        self._first_attempt.set()
+        self._sync_wake.set()   # topics joined or left while resubscribing
+
+    def _down(self, exc: BaseException) -> None:
+        self.last_error = "%s: %s" % (type(exc).__name__, exc)
+        self._attempts += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.stats["outages"] += 1
+            log.warning("broker %s unavailable (%s); serving sockets, refusing publishes with 503, "
+                        "reconnecting with backoff up to %.0fs", self.describe(), self.last_error, self._backoff[1])
+        else:
+            log.debug("broker %s: reconnect attempt %d failed (%s)", self.describe(), self._attempts,
+                      self.last_error)
+
+    async def _listen(self, conn) -> None:
+        """Read until the connection fails (raises). Silence gets a PING; silence after it is death."""
+        pinged = False
+        while True:
+            resp = await conn.read_response(timeout=self._ping_interval)
+            if resp is None:
+                if pinged:
+                    raise asyncio.TimeoutError("no answer to PING within %.0fs" % self._ping_interval)
+                await conn.send_command("PING", check_health=False)
+                pinged = True
+                continue
+            pinged = False
+            self._dispatch(resp)
+
+    def _dispatch(self, resp) -> None:
+        if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
+            return  # subscribe/unsubscribe confirmations, pongs
+        data = resp[2]
+        if data.startswith(self._own_prefix):
+            self.stats["own_skipped"] += 1   # already delivered locally when Redis acknowledged it
+            return
+        try:
+            _origin, broadcast = decode_envelope(data)
+        except ValueError as exc:
+            self.stats["bad_envelopes"] += 1
+            if self.stats["bad_envelopes"] == 1 or self.stats["bad_envelopes"] % 1000 == 0:
+                log.warning("broker: dropped %d unreadable message(s) on %.200r: %s",
+                            self.stats["bad_envelopes"], resp[1], exc)
+            return
+        if broadcast.topic not in self._wanted:
+            return  # arrived between the last local leave and the UNSUBSCRIBE
+        self.stats["received"] += 1
+        self._safe_deliver(broadcast)
+
+    async def _sync_forever(self) -> None:
+        """Bring the Redis subscriptions of the live connection in line with the wanted topics."""
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake.clear()
+            conn, active = self._sub, self._active
+            if conn is None or not self._healthy or not conn.is_connected:
+                continue  # the supervisor resubscribes everything when it reconnects
+            add = sorted(self._wanted - active)
+            drop = sorted(active - self._wanted)
+            try:
+                for batch in _batches(add, SUBSCRIBE_BATCH):
+                    active.update(batch)
+                    await conn.send_command("SUBSCRIBE", *[self.channel(t) for t in batch], check_health=False)
+                for batch in _batches(drop, SUBSCRIBE_BATCH):
+                    active.difference_update(batch)
+                    await conn.send_command("UNSUBSCRIBE", *[self.channel(t) for t in batch], check_health=False)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                # The supervisor's read fails too and it reconnects and resubscribes.
+                log.debug("broker: subscription update failed (%s)", exc)
+
+    # -- publisher side -------------------------------------------------------------------
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._pub_wake.wait()
+            self._pub_wake.clear()
+            while self._queue:
+                self._inflight, self._queue = self._queue, []
+                await self._flush(self._inflight)
+                self._inflight = []
+
+    async def _flush(self, batch: List[_Pending]) -> None:
+        """PUBLISH a batch in one pipelined write on one connection (order kept), then read replies."""
+        if not self._healthy:
+            self._fail(batch, "redis %s is unavailable" % self.describe())
+            return
+        if self._pub is None:
+            self._pub = self._connection()
+        conn = self._pub
+        done = 0
+        try:
+            await conn.connect()
+            await conn.send_packed_command(conn.pack_commands([(b"PUBLISH", p.channel, p.data) for p in batch]),
+                                           check_health=False)
+            for item in batch:
+                try:
+                    await conn.read_response()
+                except ResponseError as exc:  # this one command refused (e.g. ACL): the rest stand
+                    done += 1
+                    if not item.future.done():
+                        item.future.set_exception(BrokerUnavailable("redis refused the publish: %s" % exc))
+                    continue
+                done += 1
+                self.stats["published"] += 1
+                self._safe_deliver(item.broadcast)
+                if not item.future.done():
+                    item.future.set_result(None)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            await self._drop(conn)
+            self._pub = None
+            log.info("broker %s: publish failed (%s); %d event(s) refused", self.describe(), exc, len(batch) - done)
+            self._fail(batch[done:], "redis %s is unavailable" % self.describe())
