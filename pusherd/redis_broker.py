@@ -162,6 +162,8 @@ class RedisBroker(Broker):
         self._first_attempt: Optional[asyncio.Event] = None
         self._sync_wake: Optional[asyncio.Event] = None
         self._pub = None
+        self._generation = 0                # +1 per subscriber (re)connect
+        self._pub_generation = -1           # the generation the publish connection belongs to
         self._queue: List[_Pending] = []
         self._inflight: List[_Pending] = []
         self._pub_wake: Optional[asyncio.Event] = None
@@ -305,6 +307,7 @@ class RedisBroker(Broker):
 
     def _up(self, conn) -> None:
         self._sub = conn
+        self._generation += 1   # a publish connection from before an outage is not trusted
         self._healthy = True
         if self._down_since is not None:
             self.stats["reconnects"] += 1
@@ -325,7 +328,7 @@ class RedisBroker(Broker):
             self._down_since = time.monotonic()
             self.stats["outages"] += 1
             log.warning("broker %s unavailable (%s); serving sockets, refusing publishes with 503, "
-                        "reconnecting with backoff up to %.0fs", self.describe(), self.last_error, self._backoff[1])
+                        "reconnecting with backoff up to %gs", self.describe(), self.last_error, self._backoff[1])
         else:
             log.debug("broker %s: reconnect attempt %d failed (%s)", self.describe(), self._attempts,
                       self.last_error)
@@ -401,8 +404,12 @@ class RedisBroker(Broker):
         if not self._healthy:
             self._fail(batch, "redis %s is unavailable" % self.describe())
             return
+        if self._pub is not None and self._pub_generation != self._generation:
+            await self._drop(self._pub)   # may be half-dead from before the outage: do not test it on an event
+            self._pub = None
         if self._pub is None:
             self._pub = self._connection()
+            self._pub_generation = self._generation
         conn = self._pub
         done = 0
         try:

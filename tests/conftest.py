@@ -3,7 +3,9 @@
 import pytest
 
 from pusherd_testing import *  # noqa: F401,F403  (re-exported: older tests import them from conftest)
-from pusherd_testing import Pusherd, PhxClient
+import shutil
+
+from pusherd_testing import Pusherd, PhxClient, RedisServer, require
 
 
 @pytest.fixture
@@ -41,3 +43,16 @@ def phx_connect():
     yield connect
     for c in clients:
         c.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A fresh redis-server for one test (start, kill and restart it at will); stopped at teardown."""
+    require(shutil.which("redis-server") is not None, "redis-server not installed (apt-get install redis-server)")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        require(False, "redis-py not installed (pip install 'pusherd[redis]')")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

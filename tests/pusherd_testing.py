@@ -9,6 +9,7 @@ Tests talk to the daemon over real sockets. `PUSHERD_NO_SKIP=1` (set by .ci/run)
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,3 +342,48 @@ class TcpProxy:
         self._closed = True
         self.cut()
         self.listener.close()
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, no persistence; stop/start keep the port."""
+
+    def __init__(self, tmp: Path, port=None):
+        self.tmp = tmp
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return "redis://127.0.0.1:%d/0" % self.port
+
+    def start(self, timeout=10.0):
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.tmp), "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("redis-server exited with %s" % self.proc.returncode)
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise AssertionError("redis-server did not answer on port %d" % self.port)
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=1)
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        """Stop it abruptly (connections reset); start() again brings it back on the same port."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)

@@ -1,0 +1,239 @@
+"""RedisBroker beyond the shared contract: several processes, subscriptions in Redis, outages.
+
+Every test runs against its own real redis-server (the `redis_server` fixture); nodes are
+RedisBrokers in this process, each standing for one pusherd process.
+"""
+
+import asyncio
+import json
+import logging
+import random
+
+import pytest
+
+from brokerkit import Node, redis_py, run, wait_until
+from pusherd_testing import RedisServer, free_port, require
+from pusherd.broker import Broadcast
+from pusherd.errors import BrokerUnavailable
+
+redis_py()
+from pusherd import redis_broker  # noqa: E402
+from pusherd.redis_broker import RedisBroker, backoff_delay, decode_envelope, encode_envelope, masked_url  # noqa: E402
+
+FAST = dict(backoff_base=0.02, backoff_cap=0.2, connect_timeout=0.5, command_timeout=1.0)
+
+
+def node(url, prefix="t", **kw):
+    return Node(RedisBroker(url, prefix=prefix, **dict(FAST, **kw)))
+
+
+def numsub(server, channel):
+    return dict(server.client().pubsub_numsub(channel)).get(channel.encode(), 0)
+
+
+# -- pure parts -----------------------------------------------------------------------------
+
+def test_envelope_roundtrip_and_version():
+    b = Broadcast("private:a:b", "new_version", {"v": "é", "n": 1}, published_at=12.5, position="e:3")
+    data = encode_envelope("abc", b)
+    assert data.startswith(b'{"v":1,"o":"abc"')
+    origin, back = decode_envelope(data)
+    assert origin == "abc" and (back.topic, back.event, back.payload, back.published_at, back.position) == \
+        ("private:a:b", "new_version", {"v": "é", "n": 1}, 12.5, "e:3")
+    for bad in (b"[]", b'{"v":2,"o":"x","t":"a","e":"b","p":{}}', b'{"v":1,"o":"x","t":"a","e":"b","p":[]}',
+                b'{"v":1,"t":"a","e":"b","p":{}}', b"not json"):
+        with pytest.raises(ValueError):
+            decode_envelope(bad)
+
+
+def test_masked_url_hides_the_password():
+    assert masked_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert masked_url("rediss://user:s3cret@h/1") == "rediss://user:***@h/1"
+    assert masked_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert "s3cret" not in RedisBroker("redis://u:s3cret@127.0.0.1:1/0").describe()
+
+
+def test_backoff_is_capped_and_jittered():
+    rng = random.Random(7).random
+    delays = [backoff_delay(a, 0.1, 5.0, rng) for a in range(40)]
+    assert all(0.05 <= d <= 5.0 for d in delays)
+    assert max(delays[-10:]) <= 5.0 and min(delays[-10:]) >= 2.5     # capped, never below half the cap
+    assert len(set(round(d, 6) for d in delays[-10:])) > 1            # jittered, not lock-step
+
+
+# -- several processes ----------------------------------------------------------------------
+
+def test_other_process_receives_once_and_only_what_it_subscribed(redis_server):
+    async def scenario():
+        a = await node(redis_server.url).start()
+        b = await node(redis_server.url).start()
+        try:
+            b.broker.subscribe("public:shared")
+            a.broker.subscribe("public:shared")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:shared") == 2, what="both subscribed")
+            await a.broker.publish(Broadcast("public:shared", "m", {"i": 1}))
+            await a.broker.publish(Broadcast("public:only-a", "m", {"i": 2}))   # b has no member there
+            await b.wait_for(1)
+            await a.wait_for(2)
+            await b.settle()
+            assert [(d.topic, d.payload) for d in b.delivered] == [("public:shared", {"i": 1})]
+            assert len(a.delivered) == 2                          # own copy from Redis skipped
+            assert a.broker.stats["own_skipped"] == 1
+            # Redis holds a subscription only for topics with local members.
+            assert numsub(redis_server, "t:t:public:only-a") == 0
+            b.broker.unsubscribe("public:shared")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:shared") == 1, what="b unsubscribed")
+            await a.broker.publish(Broadcast("public:shared", "m", {"i": 3}))
+            await b.settle()
+            assert len(b.delivered) == 1
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
+
+
+def test_prefix_separates_deployments(redis_server):
+    async def scenario():
+        a = await node(redis_server.url, prefix="prod").start()
+        b = await node(redis_server.url, prefix="staging").start()
+        try:
+            b.broker.subscribe("public:x")
+            await wait_until(lambda: numsub(redis_server, "staging:t:public:x") == 1, what="subscribed")
+            await a.broker.publish(Broadcast("public:x", "m", {}))
+            await b.settle()
+            assert b.delivered == []
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
+
+
+def test_foreign_or_future_messages_are_dropped_not_fatal(redis_server, caplog):
+    async def scenario():
+        b = await node(redis_server.url).start()
+        try:
+            b.broker.subscribe("public:x")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:x") == 1, what="subscribed")
+            client = redis_server.client()
+            client.publish("t:t:public:x", b"\xff garbage")
+            client.publish("t:t:public:x", json.dumps({"v": 2, "o": "z", "t": "public:x", "e": "m", "p": {}}))
+            client.publish("t:t:public:x", json.dumps({"v": 1, "o": "z", "t": "public:x", "e": "ok", "p": {}}))
+            (got,) = await b.wait_for(1)
+            assert got.event == "ok" and b.broker.stats["bad_envelopes"] == 2 and b.broker.healthy()
+        finally:
+            await b.broker.close()
+    with caplog.at_level(logging.WARNING, "pusherd.broker"):
+        run(scenario())
+    assert sum("unreadable message" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- outages ----------------------------------------------------------------------------------
+
+def _outage_logs(caplog):
+    msgs = [r.getMessage() for r in caplog.records if r.name == "pusherd.broker"]
+    return ([m for m in msgs if "unavailable (" in m], [m for m in msgs if "connected again" in m],
+            [m for m in msgs if "reconnect attempt" in m])
+
+
+def test_unreachable_at_start_then_recovers(tmp_path, caplog):
+    require(__import__("shutil").which("redis-server") is not None, "redis-server not installed")
+    server = RedisServer(tmp_path, port=free_port())
+
+    async def scenario():
+        b = node(server.url)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await b.start()
+        assert loop.time() - started < 3.0 and not b.broker.healthy()
+        b.broker.subscribe("public:late")                      # a member joins while Redis is down
+        with pytest.raises(BrokerUnavailable):
+            await b.broker.publish(Broadcast("public:late", "m", {}))
+        await asyncio.sleep(0.5)                               # several failed attempts
+        await loop.run_in_executor(None, server.start)
+        try:
+            await wait_until(b.broker.healthy, what="healthy after redis started")
+            a = await node(server.url).start()
+            await a.broker.publish(Broadcast("public:late", "m", {"ok": 1}))
+            (got,) = await b.wait_for(1)
+            assert got.payload == {"ok": 1}
+            await a.broker.close()
+        finally:
+            await b.broker.close()
+            server.stop()
+
+    with caplog.at_level(logging.DEBUG, "pusherd.broker"):
+        run(scenario())
+    down, up, attempts = _outage_logs(caplog)
+    assert len(down) == 1 and len(up) == 1 and len(attempts) >= 2, (down, up, attempts)
+
+
+@pytest.mark.parametrize("how", ["kill-server", "client-kill-pubsub"])
+def test_outage_refuses_then_resumes_without_duplicates(redis_server, caplog, how):
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        a = await node(redis_server.url).start()
+        b = await node(redis_server.url).start()
+        try:
+            for n in (a, b):
+                n.broker.subscribe("public:o")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:o") == 2, what="subscribed")
+            await a.broker.publish(Broadcast("public:o", "m", {"i": 0}))
+            await b.wait_for(1)
+            if how == "kill-server":
+                redis_server.kill()
+                await wait_until(lambda: not a.broker.healthy() and not b.broker.healthy(), what="both down")
+                for n in (a, b):
+                    with pytest.raises(BrokerUnavailable):
+                        await n.broker.publish(Broadcast("public:o", "m", {"lost": True}))
+                await asyncio.sleep(0.5)                       # several failed reconnects
+                await loop.run_in_executor(None, redis_server.start)
+            else:
+                killed = redis_server.client().client_kill_filter(_type="pubsub")
+                assert killed == 2
+            await wait_until(lambda: a.broker.stats["reconnects"] == 1 and b.broker.stats["reconnects"] == 1,
+                             what="both reconnected")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:o") == 2, what="resubscribed")
+            for i in range(1, 21):
+                await a.broker.publish(Broadcast("public:o", "m", {"i": i}))
+            await b.broker.publish(Broadcast("public:o", "m", {"i": 21}))
+            await b.wait_for(22)
+            await a.wait_for(22)
+            await b.settle(0.3)
+            for n in (a, b):
+                assert [d.payload["i"] for d in n.delivered] == list(range(22))   # no loss after, no duplicate
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+
+    with caplog.at_level(logging.DEBUG, "pusherd.broker"):
+        run(scenario())
+    down, up, attempts = _outage_logs(caplog)
+    assert len(down) == 2 and len(up) == 2, (down, up)       # once per outage per process
+    if how == "kill-server":
+        assert len(attempts) >= 2
+
+
+def test_publishes_in_flight_when_closing_are_refused(redis_server):
+    async def scenario():
+        a = await node(redis_server.url).start()
+        pending = [asyncio.ensure_future(a.broker.publish(Broadcast("public:p", "m", {"i": i}))) for i in range(50)]
+        await asyncio.sleep(0)
+        await a.broker.close()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(r is None or isinstance(r, BrokerUnavailable) for r in results)
+        assert len(a.delivered) == sum(r is None for r in results)   # accepted <=> handed on and delivered
+    run(scenario())
+
+
+def test_backlog_is_bounded(redis_server):
+    async def scenario():
+        a = await node(redis_server.url, max_pending=10).start()
+        try:
+            results = await asyncio.gather(*[a.broker.publish(Broadcast("public:q", "m", {"i": i}))
+                                             for i in range(100)], return_exceptions=True)
+            refused = [r for r in results if isinstance(r, BrokerUnavailable)]
+            assert refused and len(refused) < 100
+            assert len(a.delivered) == 100 - len(refused)
+        finally:
+            await a.broker.close()
+    run(scenario())
