@@ -138,6 +138,7 @@ class PublishHandler(JSONHandler):
         try:
             positions = [await daemon.publish(b) for b in broadcasts]
         except BrokerUnavailable as exc:
+            self.set_header("Retry-After", "1")
             return self.send_json(503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())})
         body = {"status": "ok", "published": len(broadcasts)}
         if len(broadcasts) == 1 and positions[0] is not None:

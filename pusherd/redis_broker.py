@@ -194,7 +194,7 @@ class RedisBroker(Broker):
 
     async def publish(self, broadcast: Broadcast) -> Optional[str]:
         if not self._healthy:
-            raise BrokerUnavailable("redis %s is unavailable" % self.describe())
+            raise BrokerUnavailable(self._unavailable())
         if len(self._queue) >= self._max_pending:
             raise BrokerUnavailable("redis publish backlog full (%d)" % self._max_pending)
         future = asyncio.get_running_loop().create_future()
@@ -219,6 +219,11 @@ class RedisBroker(Broker):
 
     def describe(self) -> str:
         return masked_url(self.url)
+
+    def _unavailable(self) -> str:
+        if self._closing:
+            return "%s (broker closed)" % self.describe()
+        return "%s (%s)" % (self.describe(), self.last_error or "connecting")
 
     async def close(self) -> None:
         self._closing = True
@@ -402,7 +407,7 @@ class RedisBroker(Broker):
     async def _flush(self, batch: List[_Pending]) -> None:
         """PUBLISH a batch in one pipelined write on one connection (order kept), then read replies."""
         if not self._healthy:
-            self._fail(batch, "redis %s is unavailable" % self.describe())
+            self._fail(batch, self._unavailable())
             return
         if self._pub is not None and self._pub_generation != self._generation:
             await self._drop(self._pub)   # may be half-dead from before the outage: do not test it on an event
@@ -433,4 +438,4 @@ class RedisBroker(Broker):
             await self._drop(conn)
             self._pub = None
             log.info("broker %s: publish failed (%s); %d event(s) refused", self.describe(), exc, len(batch) - done)
-            self._fail(batch[done:], "redis %s is unavailable" % self.describe())
+            self._fail(batch[done:], "%s (%s: %s)" % (self.describe(), type(exc).__name__, exc))

@@ -42,6 +42,10 @@ CLOSE_WAIT_SECONDS = 2.0
 NOT_APPLIED_LIVE = ("history", "max_recovery")
 #: Ceiling for the soft RLIMIT_NOFILE when the hard limit is "unlimited".
 NOFILE_CEILING = 1 << 20
+#: STATUS= goes out every STATUS_EVERY_SECONDS, and within STATUS_POLL_SECONDS of the broker
+#: going down or coming back.
+STATUS_POLL_SECONDS = 1.0
+STATUS_EVERY_SECONDS = 10.0
 
 
 def build_verifier(settings) -> Verifier:
@@ -390,6 +394,10 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
              settings.path, ", inherited sockets" if http_socks else "", new_soft)
     if metrics_socks:
         log.info("holding %d inherited metrics socket(s) for the metrics endpoint", len(metrics_socks))
+    if not daemon.broker.healthy():
+        # Sockets are served all the same; publishes get 503 until the broker is back.
+        log.warning("broker %s unavailable at start: serving sockets, refusing publishes until it is back",
+                    daemon.broker.describe())
 
     stop = stop_event or asyncio.Event()
 
@@ -444,9 +452,14 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
         background.append(asyncio.ensure_future(ping()))
 
     async def report():
+        # STATUS= every 10 s, and within a second of the broker going down or coming back.
+        last, since = daemon.broker.healthy(), time.monotonic()
         while True:
-            await asyncio.sleep(10)
-            systemd.status(_status(daemon))
+            await asyncio.sleep(STATUS_POLL_SECONDS)
+            healthy = daemon.broker.healthy()
+            if healthy != last or time.monotonic() - since >= STATUS_EVERY_SECONDS:
+                systemd.status(_status(daemon))
+                last, since = healthy, time.monotonic()
     background.append(asyncio.ensure_future(report()))
 
     await stop.wait()
@@ -492,5 +505,5 @@ def _install_debug_hooks(loop) -> None:
 def _status(daemon: Daemon, note: Optional[str] = None) -> str:
     text = "%d sockets, %d topics, broker %s%s, config gen %d" % (
         len(daemon.sockets), len(daemon.hub.topics), daemon.broker.describe(),
-        "" if daemon.broker.healthy() else " (unavailable)", daemon.generation)
+        "" if daemon.broker.healthy() else " UNAVAILABLE (publishes refused)", daemon.generation)
     return text + ("; " + note if note else "")

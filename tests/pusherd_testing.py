@@ -102,17 +102,20 @@ class Pusherd:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, cwd=str(self.tmp))
         self.lines = []
         ready = threading.Event()
+        serving = []
 
         def read(proc=self.proc, lines=self.lines):
             for line in proc.stdout:
                 lines.append(line.rstrip("\n"))
                 if "serving on" in line:
+                    serving.append(True)
                     ready.set()
             ready.set()
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
+        # EOF also sets `ready`, possibly before the exiting process can be polled: ask for the line.
+        if not ready.wait(timeout) or not serving or self.proc.poll() is not None:
             self.stop()
             raise AssertionError("pusherd did not start:\n" + self.log())
         return self
