@@ -249,6 +249,10 @@ class RedisBroker(Broker):
     def channel(self, topic: str) -> bytes:
         return self._channel_prefix + topic.encode("utf-8")
 
+    def _wants(self, topic: str) -> bool:
+        """Has this process members on `topic`? (bench/redis_scaleout.py overrides the channel layout.)"""
+        return topic in self._wanted
+
     def _connection(self):
         return self._pool.connection_class(**self._pool.connection_kwargs)
 
@@ -367,7 +371,7 @@ class RedisBroker(Broker):
                 log.warning("broker: dropped %d unreadable message(s) on %.200r: %s",
                             self.stats["bad_envelopes"], resp[1], exc)
             return
-        if broadcast.topic not in self._wanted:
+        if not self._wants(broadcast.topic):
             return  # arrived between the last local leave and the UNSUBSCRIBE
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
