@@ -237,3 +237,53 @@ def test_backlog_is_bounded(redis_server):
         finally:
             await a.broker.close()
     run(scenario())
+
+
+def test_unix_socket_url(tmp_path):
+    require(__import__("shutil").which("redis-server") is not None, "redis-server not installed")
+    import shutil
+    import subprocess
+    import time as _time
+
+    import redis
+    path = tmp_path / "redis.sock"
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", "0", "--unixsocket", str(path), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = _time.monotonic() + 10
+        while not path.exists():
+            assert _time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
+            _time.sleep(0.02)
+        url = "unix://%s?db=0" % path
+
+        async def scenario():
+            a = await node(url).start()
+            b = await node(url).start()
+            try:
+                assert a.broker.healthy() and b.broker.healthy()
+                b.broker.subscribe("public:u")
+                admin = redis.Redis(unix_socket_path=str(path))
+                await wait_until(lambda: dict(admin.pubsub_numsub("t:t:public:u")).get(b"t:t:public:u") == 1,
+                                 what="subscribed over the unix socket")
+                await a.broker.publish(Broadcast("public:u", "m", {"via": "unix"}))
+                (got,) = await b.wait_for(1)
+                assert got.payload == {"via": "unix"}
+            finally:
+                await a.broker.close()
+                await b.broker.close()
+        run(scenario())
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+    from pusherd import server
+    from pusherd.errors import StartupError
+    monkeypatch.setitem(sys.modules, "pusherd.redis_broker", None)   # as if redis-py were missing
+    with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
+        server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
+    assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p"))).__name__ == "MemoryBroker"
