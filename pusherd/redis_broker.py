@@ -171,7 +171,8 @@ class RedisBroker(Broker):
         self._attempts = 0
         self.last_error = ""
         self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
-                      "outages": 0, "reconnects": 0}
+                      "outages": 0, "reconnects": 0,
+                      "failed_attempts": 0}
 
     # -- Broker interface -----------------------------------------------------------------
 
@@ -333,6 +334,7 @@ class RedisBroker(Broker):
     def _down(self, exc: BaseException) -> None:
         self.last_error = "%s: %s" % (type(exc).__name__, exc)
         self._attempts += 1
+        self.stats["failed_attempts"] += 1
         if self._down_since is None:
             self._down_since = time.monotonic()
             self.stats["outages"] += 1

@@ -29,10 +29,11 @@ def test_publisher_process_receives_its_own_publish(make_broker):
         try:
             assert node.broker.healthy()
             node.broker.subscribe("public:lobby")
-            sent = Broadcast("public:lobby", "msg", {"body": "hé ☃", "n": [1, {"x": None}]})
+            payload = {"body": "hé ☃", "n": [1, {"x": None}]}
+            sent = Broadcast("public:lobby", "msg", dict(payload))
             await node.broker.publish(sent)
             (got,) = await node.wait_for(1)
-            assert (got.topic, got.event, got.payload) == ("public:lobby", "msg", {"body": "hé ☃", "n": [1, {"x": None}]})
+            assert (got.topic, got.event, got.payload) == ("public:lobby", "msg", payload)
             assert got.published_at == pytest.approx(sent.published_at)
             await node.settle()
             assert len(node.delivered) == 1, "delivered more than once"

@@ -148,7 +148,8 @@ def test_unreachable_at_start_then_recovers(tmp_path, caplog):
         b.broker.subscribe("public:late")                      # a member joins while Redis is down
         with pytest.raises(BrokerUnavailable):
             await b.broker.publish(Broadcast("public:late", "m", {}))
-        await asyncio.sleep(0.5)                               # several failed attempts
+        await wait_until(lambda: b.broker.stats["outages"] == 1 and b.broker.stats["failed_attempts"] >= 3,
+                         what="failed attempts")
         await loop.run_in_executor(None, server.start)
         try:
             await wait_until(b.broker.healthy, what="healthy after redis started")
@@ -185,7 +186,8 @@ def test_outage_refuses_then_resumes_without_duplicates(redis_server, caplog, ho
                 for n in (a, b):
                     with pytest.raises(BrokerUnavailable):
                         await n.broker.publish(Broadcast("public:o", "m", {"lost": True}))
-                await asyncio.sleep(0.5)                       # several failed reconnects
+                await wait_until(lambda: min(n.broker.stats["failed_attempts"] for n in (a, b)) >= 3,
+                                 what="failed attempts")
                 await loop.run_in_executor(None, redis_server.start)
             else:
                 killed = redis_server.client().client_kill_filter(_type="pubsub")
