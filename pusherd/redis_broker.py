@@ -130,6 +130,12 @@ class _Pending:
 
 
 class RedisBroker(Broker):
+    """The Redis pub/sub broker. Guarantee (details in the module docstring): a publish is either
+    acknowledged by Redis or refused with BrokerUnavailable; the publishing process delivers
+    locally exactly once; other processes receive at most once (nothing is replayed to a process
+    while it reconnects); per-topic order is kept for each publishing process.
+    """
+
     name = "redis"
 
     def __init__(self, url: str, prefix: str = "pusherd", *, connect_timeout: float = CONNECT_TIMEOUT,
@@ -171,8 +177,7 @@ class RedisBroker(Broker):
         self._attempts = 0
         self.last_error = ""
         self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
-                      "outages": 0, "reconnects": 0,
-                      "failed_attempts": 0}
+                      "outages": 0, "reconnects": 0, "failed_attempts": 0}
 
     # -- Broker interface -----------------------------------------------------------------
 
@@ -238,7 +243,7 @@ class RedisBroker(Broker):
                 pass
         self._tasks = []
         self._fail(self._inflight + self._queue, "broker closed")
-        self._queue = self._inflight = []
+        self._queue, self._inflight = [], []
         for conn in (self._sub, self._pub):
             if conn is not None:
                 await self._drop(conn)
