@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import BASE_CONFIG, RedisServer, free_port, require
+from pusherd_testing import BASE_CONFIG, RedisServer, free_port, require
 
 pytestmark = pytest.mark.integration
 
