@@ -288,4 +288,4 @@ def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pusherd.redis_broker", None)   # as if redis-py were missing
     with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
         server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
-    assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p"))).__name__ == "MemoryBroker"
+    assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p", history=[], max_recovery=300))).__name__ == "MemoryBroker"
