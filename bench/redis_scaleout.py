@@ -451,6 +451,8 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.subscribers, args.messages, args.seconds, args.repeat = 40, 500, 2.0, 1
+    # A SIGTERM still runs the finally blocks that stop redis-server and the pusherd processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server not installed (apt-get install redis-server)")
     with tempfile.TemporaryDirectory() as tmp:
