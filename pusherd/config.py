@@ -123,6 +123,8 @@ class Settings:
     max_outbox_bytes: int = 1048576
     slow_consumer_seconds: float = 30.0
     drain_seconds: float = 5.0
+    http_header_timeout: float = 60.0
+    http_body_timeout: float = 30.0
     broker: str = "memory"
     broker_prefix: str = "pusherd"
     reuse_port: bool = False
@@ -343,6 +345,7 @@ _KNOWN_KEYS = (
     "allowed_origins", "heartbeat_timeout", "max_frame_bytes", "max_publish_bytes",
     "max_connections", "max_channels_per_socket", "max_topic_length", "client_push_rate",
     "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
+    "http_header_timeout", "http_body_timeout",
     "broker", "broker_prefix", "reuse_port", "metrics", "demo", "demo_assets", "history", "max_recovery",
     "log_level", "access_log",
 )
@@ -915,6 +918,8 @@ def from_mapping(
     v["client_push_rate"] = s.get("client_push_rate", _positive_number)
     v["slow_consumer_seconds"] = s.get("slow_consumer_seconds", _duration())
     v["drain_seconds"] = s.get("drain_seconds", _duration(allow_zero=True))
+    v["http_header_timeout"] = s.get("http_header_timeout", _duration())
+    v["http_body_timeout"] = s.get("http_body_timeout", _duration())
     v["broker"] = s.get("broker", _broker)
     v["broker_prefix"] = s.get("broker_prefix", _string)
     v["reuse_port"] = s.get("reuse_port", _bool)

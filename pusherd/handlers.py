@@ -7,6 +7,7 @@ test process.
 
 import json
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -19,7 +20,7 @@ from .errors import BrokerUnavailable, PublishError
 from .framing import text_frame
 from .outbox import Outbox
 from .protocol import serializer_for_vsn
-from .publish import parse_body, secret_matches
+from .publish import authorize, parse_body
 from .session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +28,37 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pusherd")
 access_log = logging.getLogger("pusherd.access")
+
+
+class RedactTornadoLog(logging.Filter):
+    """Tornado's own log lines can quote request bytes: a malformed header's value (a publish
+    secret with a stray control character) or a URL's query string (join tokens travel there).
+    Keep the line, cut those parts."""
+
+    _QUERY = re.compile(r"\?[^\s'\"]*")
+    _QUOTED = re.compile(r"""\s*:?\s*b?['"].*$""", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        redacted = self._QUOTED.sub(" (value withheld)", message) if "Malformed HTTP" in message else message
+        redacted = self._QUERY.sub("?...", redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+TORNADO_LOGGERS = ("tornado.general", "tornado.application", "tornado.access")
+
+
+def install_log_redaction() -> None:
+    """Idempotent: one filter per Tornado logger, however many daemons run in the process."""
+    for name in TORNADO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTornadoLog) for f in logger.filters):
+            logger.addFilter(RedactTornadoLog())
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
@@ -117,9 +149,10 @@ class PublishHandler(JSONHandler):
         if self._refused:
             return
         self._size += len(chunk)
-        if self._size > self.daemon.settings.max_publish_bytes:
+        limit = self.daemon.settings.max_publish_bytes
+        if self._size > limit:
             self._chunks = []
-            self._refuse(413, "body larger than max_publish_bytes (%d)" % self.daemon.settings.max_publish_bytes)
+            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
             return
         self._chunks.append(chunk)
 
@@ -127,12 +160,16 @@ class PublishHandler(JSONHandler):
         if self._refused:
             return
         daemon = self.daemon
-        if not secret_matches(self.request.headers.get("Authorization"), daemon.publish_secrets):
-            self.set_header("WWW-Authenticate", 'Bearer realm="pusherd"')
-            return self.send_json(401, {"error": "missing or wrong publish secret"})
+        try:
+            grant = authorize(self.request.headers.get_list("Authorization"), daemon.publish_secrets)
+        except PublishError as exc:
+            log.info("publish refused (401): %s", exc.reason)
+            self.set_header("WWW-Authenticate", 'Bearer realm="pusherd", error="invalid_token"')
+            return self.send_json(exc.status, {"error": exc.reason})
         try:
             broadcasts = parse_body(b"".join(self._chunks), self.request.headers.get("Content-Type", ""),
                                     daemon.settings.max_topic_length)
+            grant.check(broadcasts)
         except PublishError as exc:
             return self.send_json(exc.status, {"error": exc.reason})
         try:

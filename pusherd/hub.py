@@ -75,9 +75,15 @@ class Hub:
             serializer = sub.serializer
             frame = frames.get(serializer)
             if frame is None:
-                text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
-                                                   broadcast.position)
-                frame = frames[serializer] = text_frame(text.encode("utf-8"))
+                try:
+                    text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
+                                                       broadcast.position).encode("utf-8")
+                except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+                    # Inputs are validated where they enter; this only keeps a slip there from
+                    # breaking the caller (a broker's listener loop, a publish handler).
+                    log.error("broadcast on %.200s could not be encoded; dropped", broadcast.topic)
+                    return sent
+                frame = frames[serializer] = text_frame(text)
                 self.encodes += 1
             try:
                 sub.send_frame(frame)

@@ -28,6 +28,7 @@ PHOENIX_TOPIC = "phoenix"
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 64   # nesting of arrays/objects in a client frame or a publish body
+MAX_EVENT_LENGTH = 255
 
 
 def _dumps(obj) -> str:
@@ -49,10 +50,26 @@ def _reject_constant(name):
     raise ValueError("%s is not JSON" % name)
 
 
+def _finite_float(text: str) -> float:
+    """``1e999`` parses to infinity, which no encoder (and no browser) can write back."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def loads(text):
-    """json.loads without NaN/Infinity (not JSON, and not encodable back) and with a depth limit."""
-    value = json.loads(text, parse_constant=_reject_constant)
-    if too_deep(value, MAX_DEPTH):
+    """json.loads without NaN/Infinity or overflowing floats (not JSON, and not encodable back),
+    UTF-8 only, and with a depth limit. Raises ValueError (UnicodeDecodeError included) or
+    RecursionError."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8")
+    value = _decoder.decode(text)
+    # The walk is only needed when the text holds that many brackets (most frames do not).
+    if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(value, MAX_DEPTH):
         raise ValueError("nested deeper than %d levels" % MAX_DEPTH)
     return value
 
@@ -71,6 +88,11 @@ def too_deep(value, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return False
+
+
+def is_valid_event(event: Any) -> bool:
+    """A non-empty printable string of at most MAX_EVENT_LENGTH characters."""
+    return isinstance(event, str) and 0 < len(event) <= MAX_EVENT_LENGTH and event.isprintable()
 
 
 class Message:

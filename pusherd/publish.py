@@ -8,26 +8,32 @@ Accepted bodies (all validated as a whole before anything is delivered):
 """
 
 import hmac
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs
 
 from .broker import Broadcast
-from .errors import PublishError
-from .protocol import loads
-from .topics import is_valid_topic
+from .errors import TOKEN_EXPIRED, AuthError, PublishError
+from .protocol import MAX_EVENT_LENGTH, is_valid_event, loads
+from .tokens import looks_like_jwt, verify_publish_token
+from .topics import TopicPattern, any_match, is_valid_topic
 
 MAX_BATCH = 1000
-MAX_EVENT_LENGTH = 255
+MAX_AUTHORIZATION_LENGTH = 16384
+
+
+def _credential(authorization: Optional[str]) -> str:
+    """The value of ``Authorization: <value>`` or ``Authorization: Bearer <value>``, stripped."""
+    value = (authorization or "").strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    return value
 
 
 def secret_matches(authorization: Optional[str], secrets: Sequence[str]) -> bool:
     """``Authorization: <secret>`` or ``Authorization: Bearer <secret>``, compared in constant time."""
     if not authorization:
         return False
-    value = authorization.strip()
-    if value[:7].lower() == "bearer ":
-        value = value[7:].strip()
-    given = value.encode("utf-8", "replace")
+    given = _credential(authorization).encode("utf-8", "replace")
     ok = False
     for secret in secrets:
         if secret and hmac.compare_digest(given, secret.encode("utf-8")):
@@ -36,12 +42,58 @@ def secret_matches(authorization: Optional[str], secrets: Sequence[str]) -> bool
 
 
 def bearer_value(authorization: Optional[str]) -> Optional[str]:
+    """The value after ``Bearer `` (None when the header is absent or has no Bearer scheme)."""
     if not authorization:
         return None
     value = authorization.strip()
     if value[:7].lower() == "bearer ":
         return value[7:].strip()
     return None
+
+
+class Grant:
+    """What an authorized publish request may do: every topic (the shared secret) or some patterns."""
+
+    __slots__ = ("patterns",)
+
+    def __init__(self, patterns: Optional[Tuple[TopicPattern, ...]] = None):
+        self.patterns = patterns  # None: any topic
+
+    def check(self, broadcasts: Sequence[Broadcast]) -> None:
+        """Raise PublishError(403) naming the first topic the grant does not cover (all or nothing)."""
+        if self.patterns is None:
+            return
+        for b in broadcasts:
+            if not any_match(self.patterns, b.topic):
+                raise PublishError(403, "token does not allow publishing to %r" % b.topic)
+
+
+def authorize(authorization: Sequence[str], secrets: Sequence[str], now: Optional[float] = None) -> Grant:
+    """Decide who is publishing, from every ``Authorization`` header sent; raise PublishError(401).
+
+    Exactly one header is accepted (two could disagree; proxies join them with commas).
+
+    The shared ``publish_secret`` grants every topic. A value shaped like a JWT (three base64url
+    parts) is verified as a publisher token signed with ``publish_secret`` (HS256 pinned, ``exp``
+    required) and grants the topics of its ``publish`` claim. Anything else is refused.
+    """
+    if isinstance(authorization, str):
+        authorization = [authorization]
+    if len(authorization) > 1:
+        raise PublishError(401, "more than one Authorization header")
+    authorization = authorization[0] if authorization else None
+    if not authorization or len(authorization) > MAX_AUTHORIZATION_LENGTH:
+        raise PublishError(401, "missing or wrong publish secret")
+    if secret_matches(authorization, secrets):
+        return Grant()
+    value = _credential(authorization)
+    if not looks_like_jwt(value):
+        raise PublishError(401, "missing or wrong publish secret")
+    try:
+        return Grant(verify_publish_token(value, secrets, now))
+    except AuthError as exc:
+        raise PublishError(401, "publish token expired" if exc.reason == TOKEN_EXPIRED
+                           else "invalid publish token") from None
 
 
 def parse_body(body: bytes, content_type: str, max_topic_length: int = 255) -> List[Broadcast]:
@@ -74,7 +126,8 @@ def parse_body(body: bytes, content_type: str, max_topic_length: int = 255) -> L
 
 def _from_form(body: bytes) -> dict:
     try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=100)
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=100,
+                          errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise PublishError(400, "form body could not be decoded") from None
     item = {k: v[-1] for k, v in fields.items()}
@@ -108,8 +161,9 @@ def _validate(item, where: str, max_topic_length: int) -> List[Broadcast]:
     event = item.get("event")
     if not isinstance(event, str) or not event:
         raise PublishError(400, where + "missing or invalid event")
-    if len(event) > MAX_EVENT_LENGTH or not event.isprintable() or event.startswith("phx_"):
-        raise PublishError(400, where + "invalid event")
+    if not is_valid_event(event) or event.startswith("phx_"):
+        raise PublishError(400, where + "invalid event (printable, at most %d characters, not phx_*)"
+                           % MAX_EVENT_LENGTH)
     payload = item.get("payload", {})
     if payload is None:
         payload = {}

@@ -20,7 +20,8 @@ from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHe
 from .errors import StartupError
 from .framing import text_frame
 from .history import Rules, parse_position, pending_after
-from .handlers import HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, log_request
+from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, install_log_redaction,
+                       log_request)
 from .hub import Hub
 from .metrics import Counters
 from .origins import OriginPolicy
@@ -142,6 +143,7 @@ class Daemon:
         """
         self._loop = asyncio.get_running_loop()
         self.metrics_sockets = list(metrics_sockets or ())
+        install_log_redaction()
         if self.settings.metrics is not None:
             from .metrics import MetricsServer
             self.metrics = MetricsServer(self, self.settings.metrics)  # MetricsUnavailable without the client
@@ -152,7 +154,7 @@ class Daemon:
         sockets = list(sockets)
         self._app = self.make_app()
         server = tornado.httpserver.HTTPServer(
-            self._app, idle_connection_timeout=60, body_timeout=30,
+            self._app, idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
             max_body_size=s.max_publish_bytes + 1, max_header_size=16384)
         server.add_sockets(sockets)
         self._servers.append(server)
@@ -264,6 +266,9 @@ class Daemon:
         self.publish_secrets = (settings.publish_secret,)
         if self._app is not None:
             self._app.settings["websocket_max_message_size"] = settings.max_frame_bytes
+        for server in self._servers:  # new connections get the new HTTP timeouts
+            server.conn_params.header_timeout = settings.http_header_timeout
+            server.conn_params.body_timeout = settings.http_body_timeout
         self.settings = settings
         self.generation += 1
         return restart

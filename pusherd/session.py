@@ -15,7 +15,7 @@ from . import errors
 from .access import may_listen, may_publish
 from .errors import AuthError
 from .protocol import (HEARTBEAT, PHOENIX_TOPIC, PHX_CLOSE, PHX_JOIN, PHX_LEAVE, MalformedFrame,
-                       Message, Serializer, UndecodableFrame)
+                       Message, Serializer, UndecodableFrame, is_valid_event)
 from .tokens import Claims, Verifier
 from .topics import is_public, is_valid_topic
 
@@ -190,7 +190,7 @@ class Session:
             return self._join(msg, now)
         if msg.event == PHX_LEAVE:
             return self._leave(msg)
-        if msg.event.startswith("phx_"):
+        if msg.event.startswith("phx_") or not is_valid_event(msg.event):
             return [self._error_reply(msg.join_ref, msg.ref, msg.topic, errors.INVALID_EVENT)]
         return self._push(msg, now)
 

@@ -87,8 +87,9 @@ class Verifier:
             raise ValueError("unsupported algorithm %r" % algorithm)
         self.algorithm = algorithm
         self._secrets = tuple(s for s in secrets if s)
-        if not self._secrets:
+        if not self._secrets and algorithm not in ASYMMETRIC:
             raise ValueError("at least one non-empty secret is required (it also keys the csrf HMAC)")
+        # With RS256/ES256 the shared secret (if any) only keys the csrf HMAC.
         self._keys = (public_key,) if algorithm in ASYMMETRIC else self._secrets
         self._issuers = tuple(issuers) if issuers else None
         self._leeway = leeway
@@ -150,7 +151,8 @@ class Verifier:
                 raise AuthError(INVALID_TOKEN, "claims are not an object")
             if now is not None:
                 self._check_times(claims, now)
-            return claims, (key if self.algorithm == "HS256" else self._secrets[0])
+            csrf_key = key if self.algorithm == "HS256" else (self._secrets[0] if self._secrets else None)
+            return claims, csrf_key
         raise AuthError(INVALID_TOKEN, "signature does not verify (%s)" % type(last_error).__name__)
 
     def _check_times(self, claims: dict, now: float) -> None:
@@ -174,7 +176,9 @@ class Verifier:
                 raise AuthError(INVALID_TOKEN, "%s is in the future" % name)
 
     @staticmethod
-    def _check_csrf(claims: dict, csrf_token: Any, secret: str) -> None:
+    def _check_csrf(claims: dict, csrf_token: Any, secret: Optional[str]) -> None:
+        if not secret:
+            raise AuthError(CSRF_MISMATCH, "aud csrf, but no guardian_secret is configured to key the csrf HMAC")
         expected = claims.get("s_csrf")
         if not isinstance(expected, str):
             raise AuthError(CSRF_MISMATCH, "token has aud csrf but no s_csrf claim")
@@ -182,6 +186,61 @@ class Verifier:
             raise AuthError(CSRF_MISMATCH, "csrf_token missing from join payload")
         if not hmac.compare_digest(s_csrf(secret, csrf_token).encode(), expected.encode("utf-8", "replace")):
             raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def verify_publish_token(token: str, secrets: Sequence[str], now: Optional[float] = None) -> Tuple[TopicPattern, ...]:
+    """Verify a publisher token (``POST /publish``); return the patterns of its ``publish`` claim.
+
+    HS256 only, keyed by ``publish_secret``; ``exp`` required. A join token (``aud: "csrf"``) is
+    refused: it is bound to one page's csrf token, which /publish cannot check. Raises AuthError.
+    """
+    now = time.time() if now is None else now
+    if not isinstance(token, str) or not token or len(token) > 16384:
+        raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
+    options = {"verify_aud": False, "verify_sub": False, "verify_jti": False, "verify_iss": False,
+               "verify_exp": False, "verify_iat": False, "verify_nbf": False, "require": ["exp"]}
+    bad: Optional[Exception] = None
+    for secret in secrets:
+        if not secret:
+            continue
+        try:
+            claims = jwt.decode(token, secret, algorithms=["HS256"], options=options)
+        except jwt.InvalidSignatureError as exc:
+            bad = exc
+            continue
+        except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+            raise AuthError(INVALID_TOKEN, "%s: %s" % (type(exc).__name__, exc)) from None
+        break
+    else:
+        raise AuthError(INVALID_TOKEN, "signature does not verify (%s)" % type(bad).__name__)
+    if not isinstance(claims, dict):
+        raise AuthError(INVALID_TOKEN, "claims are not an object")
+    aud = claims.get("aud")
+    if aud == "csrf" or (isinstance(aud, list) and "csrf" in aud):
+        raise AuthError(INVALID_TOKEN, "a join token (aud csrf) is not a publisher token")
+    for name in ("exp", "iat", "nbf"):
+        if name in claims and not _is_finite_number(claims[name]):
+            raise AuthError(INVALID_TOKEN, "%s must be a number" % name)
+    if claims["exp"] <= now:
+        raise AuthError(TOKEN_EXPIRED, "publisher token expired")
+    for name in ("iat", "nbf"):
+        if name in claims and claims[name] > now:
+            raise AuthError(INVALID_TOKEN, "%s is in the future" % name)
+    patterns = _pattern_claim(claims, "publish")
+    if not patterns:
+        raise AuthError(INVALID_TOKEN, "publish claim missing or empty")
+    return patterns
+
+
+def mint_publish_token(secret: str, publish: Sequence[str], ttl: float = 300, now: Optional[float] = None,
+                       **extra) -> str:
+    """A publisher token as the Rails app would mint it for /publish (short-lived, topic-limited)."""
+    now = time.time() if now is None else now
+    return jwt.encode(dict(extra, exp=int(now + ttl), publish=list(publish)), secret, algorithm="HS256")
 
 
 def parse_ttl(text) -> float:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Mutation check for the security tests (not in CI): disable one protection at a time, run the
+# tests meant to catch it, report, restore the file with git checkout. Every line must say "failed".
+# Run from a worktree whose pusherd/ has no uncommitted changes.
+set -u
+cd "$(dirname "$0")/.."
+if ! git diff --quiet -- pusherd; then
+  echo "pusherd/ has uncommitted changes; commit or stash them first" >&2
+  exit 2
+fi
+run() {
+  local name="$1" file="$2" old="$3" new="$4" tests="$5"
+  python - "$file" "$old" "$new" <<'PY'
+import sys
+f, old, new = sys.argv[1:4]
+s = open(f).read()
+assert old in s, (f, old)
+open(f, "w").write(s.replace(old, new))
+PY
+  out=$(timeout 600 python -m pytest $tests -q -p no:warnings -x 2>&1 | tail -1)
+  git checkout -q -- "$file"
+  echo "$name :: $out"
+}
+run origin pusherd/handlers.py "allowed = self.daemon.origins.allows(origin)" "allowed = True" "tests/security/test_origins_limits.py"
+run max_connections pusherd/handlers.py "if len(daemon.sockets) >= daemon.settings.max_connections or daemon.draining:" "if daemon.draining:" "tests/security/test_origins_limits.py -k connections"
+run too_many_channels pusherd/session.py "if len(self.channels) >= limits.max_channels:" "if False:" "tests/security/test_hostile_frames.py -k join_flood"
+run rate_limit pusherd/session.py "if not self._take_token(now):" "if False:" "tests/security/test_hostile_frames.py -k push_flood"
+run max_frame pusherd/server.py "websocket_max_message_size=s.max_frame_bytes," "websocket_max_message_size=10**9," "tests/security/test_hostile_frames.py -k max_frame"
+run invalid_topic pusherd/session.py "if not is_valid_topic(topic, limits.max_topic_length):" "if not topic:" "tests/security/test_hostile_frames.py -k topic"
+run token_expiry pusherd/session.py "for channel in [c for c in self.channels.values() if c.expires_at is not None and c.expires_at <= now]:" "for channel in []:" "tests/security/test_hostile_tokens.py -k expired_token_ends"
+run nan pusherd/protocol.py "parse_constant=_no_constant, " "" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k nan"
+run depth pusherd/protocol.py "        if depth > max_depth:" "        if False:" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k depth"
+run event pusherd/session.py 'if msg.event.startswith("phx_") or not is_valid_event(msg.event):' 'if msg.event.startswith("phx_"):' "tests/security/test_hostile_frames.py -k events_are_validated"
+run grant_check pusherd/handlers.py "            grant.check(broadcasts)" "            pass" "tests/security/test_hostile_publish.py -k publisher_token"
+run publish_exp pusherd/tokens.py '    if claims["exp"] <= now:' '    if False:' "tests/security/test_hostile_publish.py -k bad_publisher_tokens"
+run join_token_as_publisher pusherd/tokens.py '        raise AuthError(INVALID_TOKEN, "a join token (aud csrf) is not a publisher token")' '        pass' "tests/security/test_hostile_publish.py -k browser_join_token"
+run slowloris pusherd/server.py "idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout," "idle_connection_timeout=60, body_timeout=30," "tests/security/test_hostile_publish.py -k slowloris"
+run redaction pusherd/server.py "        install_log_redaction()" "        pass" "tests/security/test_hostile_publish.py -k header_tricks"
+run outbox_bound pusherd/outbox.py "        stream.max_write_buffer_size = max_bytes" "        pass" "tests/security/test_slow_consumer.py -k stalled_reader"
+run stall_drop pusherd/handlers.py "if outbox is not None and outbox.stalled_for(time.monotonic()) > self.daemon.settings.slow_consumer_seconds:" "if False:" "tests/security/test_slow_consumer.py -k stalled_too_long"
+run key_confusion pusherd/tokens.py 'claims = jwt.decode(token, key, algorithms=[self.algorithm], options=options, leeway=self._leeway)' 'claims = jwt.decode(token, key, algorithms=[self.algorithm, "HS256"], options=options, leeway=self._leeway)' "tests/security/test_hostile_tokens.py -k asymmetric"
+run exp_finite pusherd/tokens.py '                if not _is_finite_number(value):  # NaN would make a token that never expires' '                if isinstance(value, str):' "tests/security/test_hostile_tokens.py -k mutations"
+run rotation pusherd/tokens.py '                continue  # maybe the next (rotated) secret' '                break' "tests/security/test_hostile_tokens.py -k rotation"
+run surrogate pusherd/protocol.py "    if _SURROGATE_ESCAPE.search(text):" "    if False:" "tests/fuzz/test_fuzz.py"
+run pattern pusherd/topics.py "        return len(topic) > len(self._prefix) and topic.startswith(self._prefix)" "        return topic.startswith(self._prefix)" "tests/fuzz/test_properties.py"
+run body_413 pusherd/handlers.py 'limit = self.daemon.settings.max_publish_bytes' 'limit = 10**12' "tests/security/test_hostile_publish.py -k oversized"
+run heartbeat pusherd/session.py "if now - self.last_seen > self.policy.limits.heartbeat_timeout:" "if False:" "tests/security/test_hostile_frames.py -k silent_socket"
+run binary pusherd/protocol.py "            return MalformedFrame(\"undecodable binary frame\")" "            raise ValueError" "tests/security/test_hostile_frames.py -k binary"
