@@ -10,13 +10,18 @@ if ! git diff --quiet -- pusherd; then
 fi
 run() {
   local name="$1" file="$2" old="$3" new="$4" tests="$5"
-  python - "$file" "$old" "$new" <<'PY'
+  if ! python - "$file" "$old" "$new" <<'PY'
 import sys
 f, old, new = sys.argv[1:4]
 s = open(f).read()
-assert old in s, (f, old)
+if old not in s:
+    sys.exit(1)
 open(f, "w").write(s.replace(old, new))
 PY
+  then
+    echo "$name :: NOT APPLIED (text not found in $file)"
+    return
+  fi
   out=$(eval "timeout 600 python -m pytest $tests -q -p no:warnings -x" 2>&1 | tail -1)
   git checkout -q -- "$file"
   echo "$name :: $out"
@@ -28,7 +33,7 @@ run rate_limit pusherd/session.py "if not self._take_token(now):" "if False:" "t
 run max_frame pusherd/server.py "websocket_max_message_size=s.max_frame_bytes," "websocket_max_message_size=10**9," "tests/security/test_hostile_frames.py -k max_frame"
 run invalid_topic pusherd/session.py "if not is_valid_topic(topic, limits.max_topic_length):" "if not topic:" "tests/security/test_hostile_frames.py -k topic"
 run token_expiry pusherd/session.py "for channel in [c for c in self.channels.values() if c.expires_at is not None and c.expires_at <= now]:" "for channel in []:" "tests/security/test_hostile_tokens.py -k expired_token_ends"
-run nan pusherd/protocol.py "parse_constant=_no_constant, " "" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k nan"
+run nan pusherd/protocol.py "json.JSONDecoder(parse_constant=_reject_constant, " "json.JSONDecoder(" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k nan"
 run depth pusherd/protocol.py "        if depth > limit:" "        if False:" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k depth"
 run event pusherd/session.py 'if msg.event.startswith("phx_") or not is_valid_event(msg.event):' 'if msg.event.startswith("phx_"):' "tests/security/test_hostile_frames.py -k events_are_validated"
 run grant_check pusherd/handlers.py "            grant.check(broadcasts)" "            pass" "tests/security/test_hostile_publish.py -k publisher_token"

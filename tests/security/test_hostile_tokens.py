@@ -203,8 +203,9 @@ def test_asymmetric_keys_end_to_end(pusherd_factory, phx_connect, alg, tmp_path)
     other_private, _ = _keypair(alg)
     key_file = tmp_path / "public.pem"
     key_file.write_text(public)
+    # production: no development fallback secret, so there is really no guardian_secret at all
     d = pusherd_factory({"guardian_algorithm": alg, "guardian_public_key_file": str(key_file),
-                         "guardian_secret": None})
+                         "guardian_secret": None}, env="production")
     c = phx_connect(d.ws_url)
 
     def join(token, csrf=None):
