@@ -38,15 +38,20 @@ def test_prefix_labels_are_bounded_and_never_a_topic():
 
 
 class FakeStream:
-    def __init__(self, fail=None):
+    def __init__(self, fail=None, stalled=False):
         self.max_write_buffer_size = None
         self.written = []
         self.fail = fail
+        self.stalled = stalled  # a peer that never reads: Tornado's bound is reached, nothing drains
 
     def write(self, data):
         if self.fail:
             raise self.fail
-        self.written.append(data)
+        if self.stalled and self.max_write_buffer_size is not None and \
+                sum(map(len, self.written)) + len(data) > self.max_write_buffer_size:
+            from tornado.iostream import StreamBufferFullError
+            raise StreamBufferFullError("Reached maximum write buffer size")
+        self.written.append(bytes(data))
 
     def writing(self):
         return False
@@ -54,10 +59,10 @@ class FakeStream:
 
 def test_outbox_counts_frames_it_discards():
     dropped, overflows, soon = [], [], []
-    outbox = Outbox(FakeStream(), soon.append, 10, lambda: overflows.append(1), on_drop=dropped.append)
+    outbox = Outbox(FakeStream(stalled=True), soon.append, 10, lambda: overflows.append(1), on_drop=dropped.append)
     outbox.send(b"aaaa")
     outbox.send(b"bbbb")
-    outbox.send(b"cccc")          # 12 bytes > 10: this frame and the two queued are dropped
+    outbox.send(b"cccc")          # 12 bytes > 10 unsent to a stalled peer: the three frames are dropped
     assert sum(dropped) == 3 and overflows == [1]
     outbox.send(b"late")          # after the overflow the socket is gone
     assert sum(dropped) == 4
