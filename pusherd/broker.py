@@ -53,6 +53,14 @@ class Broker:
     def unsubscribe(self, topic: str) -> None:
         """Last local member left `topic`."""
 
+    def active(self, topic: str) -> bool:
+        """True when broadcasts on `topic` from every process already reach this one."""
+        return True
+
+    async def activate(self, topic: str) -> None:
+        """Return once `active(topic)`, after `subscribe(topic)`; raises BrokerUnavailable (or a
+        timeout) when the broker cannot confirm it. The Redis broker needs a round trip."""
+
     def has_history(self, topic: str) -> bool:
         """True when `topic` keeps history (its broadcasts carry positions)."""
         return False

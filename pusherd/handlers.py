@@ -248,12 +248,22 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     def execute(self, actions) -> None:
         daemon = self.daemon
-        for action in actions:
+        deferred = None
+        for i, action in enumerate(actions):
             kind = type(action)
             if kind is Send:
+                follower = actions[i + 1] if i + 1 < len(actions) else None
+                if type(follower) is Subscribe and not daemon.broker.active(follower.topic):
+                    # A join reply (the session puts it right before its Subscribe): it waits
+                    # until the broker delivers the topic from every process (Daemon.confirm_join).
+                    deferred = follower
+                    channel = self.session.channels.get(follower.topic)
+                    daemon.spawn(daemon.confirm_join(self, action, follower, channel and channel.join_ref))
+                    continue
                 self.send_frame(text_frame(action.text.encode("utf-8")))
             elif kind is Subscribe:
-                daemon.subscribe(action.topic, self, action.params)
+                if action is not deferred:
+                    daemon.subscribe(action.topic, self, action.params)
             elif kind is Unsubscribe:
                 daemon.hub.unsubscribe(action.topic, self)
             elif kind is Publish:

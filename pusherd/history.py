@@ -13,7 +13,7 @@ and nothing is replayed, so the page knows to reload or refetch.
 import collections
 import secrets
 import time
-from typing import Deque, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Deque, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .topics import TopicPattern
 
@@ -48,6 +48,28 @@ def parse_position(text) -> Optional[Tuple[str, int]]:
     if not sep or not epoch or not offset.isdigit() or len(offset) > 18:
         return None
     return epoch, int(offset)
+
+
+def decide(epoch: str, last: int, entries: Sequence[Entry], since, max_recovery: int) -> Recovery:
+    """The recovery answer for a client at `since`, given a stream at ``epoch:last``.
+
+    `entries` are the broadcasts still recoverable (expired and overflowed ones already
+    removed), in offset order, contiguous up to `last`. Shared by the memory Stream and the
+    Redis broker, so both decide alike.
+    """
+    position = format_position(epoch, last)
+    parsed = parse_position(since)
+    if parsed is None or parsed[0] != epoch:
+        return Recovery(False, position, (), epoch)
+    offset = parsed[1]
+    if offset > last:
+        return Recovery(False, position, (), epoch)  # from the future: not ours
+    if offset == last:
+        return Recovery(True, position, (), epoch)
+    oldest = entries[0].offset if entries else last + 1
+    if oldest > offset + 1 or last - offset > max_recovery:
+        return Recovery(False, position, (), epoch)  # a gap: never a partial replay
+    return Recovery(True, position, tuple(e for e in entries if e.offset > offset), epoch)
 
 
 class Rules:
@@ -96,20 +118,7 @@ class Stream:
 
     def recover(self, since, now: float, max_recovery: int) -> Recovery:
         self.expire(now)
-        parsed = parse_position(since)
-        if parsed is None or parsed[0] != self.epoch:
-            return Recovery(False, self.position, (), self.epoch)
-        offset = parsed[1]
-        if offset > self.offset:
-            return Recovery(False, self.position, (), self.epoch)  # from the future: not ours
-        if offset == self.offset:
-            return Recovery(True, self.position, (), self.epoch)
-        missed_count = self.offset - offset
-        oldest = self.entries[0].offset if self.entries else self.offset + 1
-        if oldest > offset + 1 or missed_count > max_recovery:
-            return Recovery(False, self.position, (), self.epoch)  # a gap: never a partial replay
-        missed = tuple(e for e in self.entries if e.offset > offset)
-        return Recovery(True, self.position, missed, self.epoch)
+        return decide(self.epoch, self.offset, self.entries, since, max_recovery)
 
     def approx_bytes(self) -> int:
         return 200 + sum(120 + len(e.event) + len(repr(e.payload)) for e in self.entries)

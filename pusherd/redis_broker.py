@@ -33,12 +33,13 @@ costs the publisher no timeout.
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
 import secrets
 import time
-from typing import Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
@@ -48,6 +49,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .broker import Broadcast, Broker, Deliver
 from .errors import BrokerUnavailable
+from .history import Entry, Recovery, Rules, decide, new_epoch, parse_position
 
 log = logging.getLogger("pusherd.broker")
 
@@ -61,6 +63,54 @@ MAX_PENDING = 10000         # publishes queued for the writer before refusing (b
 SUBSCRIBE_BATCH = 500       # channels per SUBSCRIBE command when resubscribing
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+#: One publish on a history topic, atomically: the epoch (a new one when the history is missing:
+#: never published, expired, flushed), the next offset, the stream entry with the ID
+#: ``<offset>-0``, the PUBLISH of the envelope carrying "pos", and the keys' time to live.
+#: Offset order is therefore the order of the pub/sub messages.
+#: KEYS: meta hash, stream. ARGV: channel, envelope (a JSON object without "pos"), size, ttl ms,
+#: a fresh epoch. Returns the position.
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local t = redis.call('TIME')
+local at = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+local pos = epoch .. ':' .. offset
+local data = string.sub(ARGV[2], 1, -2) .. ',"pos":"' .. pos .. '"}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'at', at, 'd', data)
+redis.call('PUBLISH', ARGV[1], data)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return pos
+"""
+
+#: What a client at ``since`` missed: the epoch (created when missing, as a publish would), the
+#: last offset, Redis's clock, and the entries after ``since`` when they may be recoverable.
+#: KEYS: meta hash, stream. ARGV: since epoch, since offset, limit, ttl ms, a fresh epoch.
+RECOVER_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local last = 0
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+else
+  last = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+end
+local t = redis.call('TIME')
+local since = tonumber(ARGV[2])
+local entries = {}
+if epoch == ARGV[1] and since < last and last - since <= tonumber(ARGV[3]) then
+  entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', last - since)
+end
+return {epoch, last, t[1], t[2], entries}
+"""
 
 
 def encode_envelope(origin: str, broadcast: Broadcast) -> bytes:
@@ -115,6 +165,16 @@ def _batches(items: List, size: int) -> Iterable[List]:
         yield items[i:i + size]
 
 
+def _ttl_ms(ttl: float) -> int:
+    return max(1, int(ttl * 1000))
+
+
+def _fail_futures(futures: Iterable[asyncio.Future], reason: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(BrokerUnavailable(reason))
+
+
 def _is_pong(resp) -> bool:
     # In subscribed mode PING answers [b"pong", b""]; with no subscription, +PONG.
     if isinstance(resp, (bytes, str)):
@@ -123,10 +183,18 @@ def _is_pong(resp) -> bool:
 
 
 class _Pending:
-    __slots__ = ("channel", "data", "broadcast", "future")
+    __slots__ = ("channel", "data", "broadcast", "future", "history")
 
-    def __init__(self, channel: bytes, data: bytes, broadcast: Broadcast, future: asyncio.Future):
+    def __init__(self, channel: bytes, data: bytes, broadcast: Broadcast, future: asyncio.Future,
+                 history: Optional[tuple] = None):
         self.channel, self.data, self.broadcast, self.future = channel, data, broadcast, future
+        self.history = history   # (meta key, stream key, size, ttl ms) on a history topic
+
+    def command(self, sha: bytes) -> tuple:
+        if self.history is None:
+            return (b"PUBLISH", self.channel, self.data)
+        meta, stream, size, ttl_ms = self.history
+        return (b"EVALSHA", sha, 2, meta, stream, self.channel, self.data, size, ttl_ms, new_epoch())
 
 
 class RedisBroker(Broker):
@@ -141,12 +209,18 @@ class RedisBroker(Broker):
     def __init__(self, url: str, prefix: str = "pusherd", *, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT, ping_interval: float = PING_INTERVAL,
                  backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
-                 max_pending: int = MAX_PENDING):
+                 max_pending: int = MAX_PENDING, history_rules: Rules = Rules(), max_recovery: int = 300):
         self.url = url
         self.prefix = prefix
         self.origin = secrets.token_hex(8)
         self._own_prefix = ('{"v":%d,"o":"%s"' % (ENVELOPE_VERSION, self.origin)).encode()
         self._channel_prefix = (prefix + ":t:").encode("utf-8")
+        self.history_rules = history_rules
+        self.max_recovery = max_recovery
+        self._history_prefix = (prefix + ":h:").encode("utf-8")      # a Stream per history topic
+        self._meta_prefix = (prefix + ":hm:").encode("utf-8")        # its epoch and last offset
+        self._publish_sha = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest().encode()
+        self._pub_script_loaded = False     # SCRIPT LOAD sent on the current publish connection
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._ping_interval = ping_interval
@@ -158,6 +232,14 @@ class RedisBroker(Broker):
             url, socket_connect_timeout=connect_timeout, socket_timeout=command_timeout,
             retry=Retry(NoBackoff(), 0), client_name="pusherd-" + self.origin,
             protocol=2)  # RESP2: messages are plain replies (RESP3 would route them to a push handler)
+        self._client = redis.asyncio.Redis(connection_pool=self._pool)   # history reads
+        self._recover_script = self._client.register_script(RECOVER_SCRIPT)
+        # Subscriptions confirmed by Redis (a PING barrier answered after their SUBSCRIBE), and
+        # the joins waiting for one: see activate().
+        self._confirmed: Set[str] = set()
+        self._waiting: List[Tuple[str, asyncio.Future]] = []
+        self._barriers: Dict[bytes, Tuple[List[str], List[asyncio.Future]]] = {}
+        self._barrier_seq = 0
         self._deliver: Optional[Deliver] = None
         self._wanted: Set[str] = set()
         self._active: Set[str] = set()      # subscribed on the current connection
@@ -177,7 +259,7 @@ class RedisBroker(Broker):
         self._attempts = 0
         self.last_error = ""
         self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
-                      "outages": 0, "reconnects": 0, "failed_attempts": 0}
+                      "outages": 0, "reconnects": 0, "failed_attempts": 0, "barriers": 0}
 
     # -- Broker interface -----------------------------------------------------------------
 
@@ -204,11 +286,76 @@ class RedisBroker(Broker):
         if len(self._queue) >= self._max_pending:
             raise BrokerUnavailable("redis publish backlog full (%d)" % self._max_pending)
         future = asyncio.get_running_loop().create_future()
+        broadcast.position = None    # on a history topic Redis assigns it (PUBLISH_SCRIPT)
         data = encode_envelope(self.origin, broadcast)
-        self._queue.append(_Pending(self.channel(broadcast.topic), data, broadcast, future))
+        rule = self.history_rules.rule_for(broadcast.topic) if self.history_rules else None
+        history = None
+        if rule is not None:
+            key = broadcast.topic.encode("utf-8")
+            history = (self._meta_prefix + key, self._history_prefix + key, rule.size, _ttl_ms(rule.ttl))
+        self._queue.append(_Pending(self.channel(broadcast.topic), data, broadcast, future, history))
         self._pub_wake.set()
         await future
         return broadcast.position
+
+    def has_history(self, topic: str) -> bool:
+        return self.history_rules.rule_for(topic) is not None
+
+    async def recover(self, topic: str, since) -> Recovery:
+        """Make this process's subscription to `topic` active, then read the stream after `since`.
+
+        The caller holds the topic's live broadcasts from before this call (hub.hold), so every
+        broadcast after the position returned here reaches it live: none falls between the
+        stream read and the subscription. Raises BrokerUnavailable within about twice the
+        command timeout when Redis is down or slow (the join is answered recovered: false).
+        """
+        rule = self.history_rules.rule_for(topic)
+        if rule is None:
+            return Recovery(False, None, ())
+        try:
+            return await asyncio.wait_for(self._recover(topic, since, rule), 2 * self._command_timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable("%s (history lookup: %s: %s)" % (self.describe(), type(exc).__name__, exc)) \
+                from None
+
+    async def _recover(self, topic: str, since, rule) -> Recovery:
+        await self.activate(topic)
+        parsed = parse_position(since) or ("", 0)
+        key = topic.encode("utf-8")
+        limit = min(self.max_recovery, rule.size)
+        epoch, last, secs, usecs, raw = await self._recover_script(
+            keys=[self._meta_prefix + key, self._history_prefix + key],
+            args=[parsed[0], parsed[1], limit, _ttl_ms(rule.ttl), new_epoch()])
+        epoch, last = epoch.decode(), int(last)
+        now = int(secs) + int(usecs) / 1e6
+        entries = []
+        for entry_id, fields in raw:
+            offset = int(entry_id.split(b"-", 1)[0])
+            values = dict(zip(fields[::2], fields[1::2]))
+            at = int(values[b"at"]) / 1000.0
+            if offset <= last - rule.size or at < now - rule.ttl:
+                continue    # overflowed (MAXLEN ~ keeps a little more than size) or expired
+            _origin, b = decode_envelope(values[b"d"])
+            entries.append(Entry(offset, at, b.event, b.payload))
+        return decide(epoch, last, entries, since, self.max_recovery)
+
+    def active(self, topic: str) -> bool:
+        return topic in self._confirmed and topic in self._wanted
+
+    async def activate(self, topic: str) -> None:
+        """Return once Redis confirmed this process's subscription to `topic` (already wanted).
+
+        A ``PING`` barrier sent after the ``SUBSCRIBE`` on the subscriber connection: when its
+        answer arrives, every message published afterwards, by any process, reaches this one.
+        """
+        if self.active(topic):
+            return
+        if not self._healthy:
+            raise BrokerUnavailable(self._unavailable())
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((topic, future))
+        self._sync_wake.set()
+        await asyncio.wait_for(future, self._command_timeout)
 
     def subscribe(self, topic: str) -> None:
         self._wanted.add(topic)
@@ -244,6 +391,7 @@ class RedisBroker(Broker):
         self._tasks = []
         self._fail(self._inflight + self._queue, "broker closed")
         self._queue, self._inflight = [], []
+        self._forget_confirmations("broker closed")
         for conn in (self._sub, self._pub):
             if conn is not None:
                 await self._drop(conn)
@@ -299,6 +447,7 @@ class RedisBroker(Broker):
             finally:
                 self._healthy = False
                 self._sub = None
+                self._forget_confirmations(self._unavailable())
                 await self._drop(conn)
             self._first_attempt.set()
             await asyncio.sleep(backoff_delay(self._attempts - 1, *self._backoff))
@@ -316,7 +465,8 @@ class RedisBroker(Broker):
             resp = await conn.read_response(timeout=max(left, 0.001)) if left > 0 else None
             if resp is None:
                 raise asyncio.TimeoutError("no PING answer after resubscribing")
-            if _is_pong(resp):
+            if _is_pong(resp) and not (isinstance(resp, list) and len(resp) > 1 and resp[1]):
+                self._confirmed = set(topics)
                 return
             self._dispatch(resp)
 
@@ -364,8 +514,11 @@ class RedisBroker(Broker):
             self._dispatch(resp)
 
     def _dispatch(self, resp) -> None:
+        if isinstance(resp, list) and len(resp) == 2 and resp[0] == b"pong":
+            self._barrier_answered(resp[1])
+            return
         if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
-            return  # subscribe/unsubscribe confirmations, pongs
+            return  # subscribe/unsubscribe confirmations
         data = resp[2]
         if data.startswith(self._own_prefix):
             self.stats["own_skipped"] += 1   # already delivered locally when Redis acknowledged it
@@ -383,16 +536,43 @@ class RedisBroker(Broker):
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
 
+    def _barrier_answered(self, token: bytes) -> None:
+        barrier = self._barriers.pop(token, None)
+        if barrier is None:
+            return  # a keepalive PING
+        topics, futures = barrier
+        self._confirmed.update(t for t in topics if t in self._active)
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+    def _forget_confirmations(self, reason: str) -> None:
+        """The subscriber connection is gone: nothing is confirmed, nobody waits for a barrier."""
+        self._confirmed.clear()
+        pending = [f for _, f in self._waiting]
+        for _topics, futures in self._barriers.values():
+            pending += futures
+        self._waiting, self._barriers = [], {}
+        _fail_futures(pending, reason)
+
     async def _sync_forever(self) -> None:
-        """Bring the Redis subscriptions of the live connection in line with the wanted topics."""
+        """Bring the Redis subscriptions of the live connection in line with the wanted topics.
+
+        New subscriptions, and joins waiting in activate(), get a ``PING sync:N`` barrier after
+        the commands: its answer (see `_dispatch`) confirms them.
+        """
         while True:
             await self._sync_wake.wait()
             self._sync_wake.clear()
+            waiting, self._waiting = self._waiting, []
             conn, active = self._sub, self._active
             if conn is None or not self._healthy or not conn.is_connected:
-                continue  # the supervisor resubscribes everything when it reconnects
+                # the supervisor resubscribes everything when it reconnects
+                _fail_futures([f for _, f in waiting], self._unavailable())
+                continue
             add = sorted(self._wanted - active)
             drop = sorted(active - self._wanted)
+            self._confirmed.difference_update(drop)
             try:
                 for batch in _batches(add, SUBSCRIBE_BATCH):
                     active.update(batch)
@@ -400,9 +580,16 @@ class RedisBroker(Broker):
                 for batch in _batches(drop, SUBSCRIBE_BATCH):
                     active.difference_update(batch)
                     await conn.send_command("UNSUBSCRIBE", *[self.channel(t) for t in batch], check_health=False)
+                if add or waiting:
+                    self._barrier_seq += 1
+                    token = b"sync:%d" % self._barrier_seq
+                    self._barriers[token] = (add + [t for t, _ in waiting], [f for _, f in waiting])
+                    self.stats["barriers"] += 1
+                    await conn.send_command("PING", token, check_health=False)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                # The supervisor's read fails too and it reconnects and resubscribes.
+                # The supervisor's read fails too and it reconnects, resubscribes and fails the waiters.
                 log.debug("broker: subscription update failed (%s)", exc)
+                _fail_futures([f for _, f in waiting], "subscription update failed")
 
     # -- publisher side -------------------------------------------------------------------
 
@@ -426,22 +613,33 @@ class RedisBroker(Broker):
         if self._pub is None:
             self._pub = self._connection()
             self._pub_generation = self._generation
+            self._pub_script_loaded = False
         conn = self._pub
         done = 0
+        commands = [p.command(self._publish_sha) for p in batch]
+        load = not self._pub_script_loaded and any(p.history is not None for p in batch)
+        if load:   # the script cache may be empty (a new or restarted Redis): load it first, same write
+            commands.insert(0, (b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
         try:
             await conn.connect()
-            await conn.send_packed_command(conn.pack_commands([(b"PUBLISH", p.channel, p.data) for p in batch]),
-                                           check_health=False)
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            if load:
+                await conn.read_response()
+                self._pub_script_loaded = True
             for item in batch:
                 try:
-                    await conn.read_response()
+                    reply = await conn.read_response()
                 except ResponseError as exc:  # this one command refused (e.g. ACL): the rest stand
                     done += 1
+                    if str(exc).startswith("NOSCRIPT"):
+                        self._pub_script_loaded = False   # SCRIPT FLUSH: reload with the next batch
                     if not item.future.done():
                         item.future.set_exception(BrokerUnavailable("redis refused the publish: %s" % exc))
                     continue
                 done += 1
                 self.stats["published"] += 1
+                if item.history is not None:
+                    item.broadcast.position = reply.decode("ascii")
                 self._safe_deliver(item.broadcast)
                 if not item.future.done():
                     item.future.set_result(None)

@@ -69,10 +69,8 @@ def build_broker(settings) -> Broker:
     except ImportError as exc:
         raise StartupError("broker %s needs redis-py >= 5: pip install 'pusherd[redis]' (%s)"
                            % (settings.broker.split("://", 1)[0] + "://", exc)) from None
-    if settings.history:
-        log.warning("history is configured but the redis broker keeps none yet: "
-                    "joins with `since` are answered recovered: false")
-    return RedisBroker(settings.broker, prefix=settings.broker_prefix)
+    return RedisBroker(settings.broker, prefix=settings.broker_prefix, history_rules=Rules(settings.history),
+                       max_recovery=settings.max_recovery)
 
 
 class Daemon:
@@ -209,6 +207,31 @@ class Daemon:
         counters.messages_received += 1
         if self.hub.broadcast(broadcast):
             counters.latency.observe(time.time() - broadcast.published_at)
+
+    async def confirm_join(self, handler, reply, action, join_ref) -> None:
+        """A plain join on a topic this process does not receive from the broker yet: the reply
+        waits until the broker confirms the subscription, so an event published anywhere after
+        the client saw its join reply reaches it. Broadcasts meanwhile are held and follow the reply.
+        """
+        topic = action.topic
+        held: list = []
+        self.hub.hold(topic, held)
+        try:
+            try:
+                await self.broker.activate(topic)
+            except Exception as exc:  # broker down: joined all the same, delivery resumes with it
+                log.info("subscription to %.200s not confirmed by the broker: %s", topic, exc or type(exc).__name__)
+            session = handler.session
+            if session is None or session.closed or not session.is_current(topic, join_ref):
+                return
+            handler.send_frame(text_frame(reply.text.encode("utf-8")))
+            serializer = session.serializer
+            for broadcast in held:
+                text = serializer.encode_broadcast(topic, broadcast.event, broadcast.payload, broadcast.position)
+                handler.send_frame(text_frame(text.encode("utf-8")))
+            self.subscribe(topic, handler, action.params)
+        finally:
+            self.hub.release(topic, held)
 
     async def recover_join(self, handler, action) -> None:
         """Answer a join with ``since``: reply, replay what was missed in order, then go live.
