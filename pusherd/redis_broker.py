@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .broker import Broadcast, Broker, Deliver
 from .errors import BrokerUnavailable
@@ -517,6 +517,9 @@ class RedisBroker(Broker):
         if isinstance(resp, list) and len(resp) == 2 and resp[0] == b"pong":
             self._barrier_answered(resp[1])
             return
+        if isinstance(resp, bytes) and resp.startswith(b"sync:"):
+            self._barrier_answered(resp)   # PING <token> without any subscription: a plain bulk reply
+            return
         if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
             return  # subscribe/unsubscribe confirmations
         data = resp[2]
@@ -631,7 +634,7 @@ class RedisBroker(Broker):
                     reply = await conn.read_response()
                 except ResponseError as exc:  # this one command refused (e.g. ACL): the rest stand
                     done += 1
-                    if str(exc).startswith("NOSCRIPT"):
+                    if isinstance(exc, NoScriptError):
                         self._pub_script_loaded = False   # SCRIPT FLUSH: reload with the next batch
                     if not item.future.done():
                         item.future.set_exception(BrokerUnavailable("redis refused the publish: %s" % exc))

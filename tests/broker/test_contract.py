@@ -4,6 +4,7 @@ A Node is one pusherd process's view of the broker. Redis runs against a real re
 """
 
 import asyncio
+import time
 
 import pytest
 
@@ -109,4 +110,136 @@ def test_describe_names_the_broker(make_broker):
             assert text == "memory" or text.startswith("redis://127.0.0.1:")
         finally:
             await broker.close()
+    run(scenario())
+
+
+# -- history and recovery: memory and Redis decide alike --------------------------------------
+
+from pusherd.config import HistoryRule  # noqa: E402
+from pusherd.history import Rules, parse_position  # noqa: E402
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_history_broker(request):
+    """``make(size=10, ttl=3600.0, max_recovery=300)`` -> an unstarted broker keeping history on deploys:*."""
+    if request.param == "memory":
+        return lambda size=10, ttl=3600.0, max_recovery=300: MemoryBroker(
+            Rules([HistoryRule("deploys:*", size, ttl)]), max_recovery)
+    redis_py()
+    server = request.getfixturevalue("redis_server")
+    from pusherd.redis_broker import RedisBroker
+    return lambda size=10, ttl=3600.0, max_recovery=300: RedisBroker(
+        server.url, prefix="contract", history_rules=Rules([HistoryRule("deploys:*", size, ttl)]),
+        max_recovery=max_recovery)
+
+
+async def publish_n(broker, topic, n, start=1):
+    return [await broker.publish(Broadcast(topic, "e", {"n": i})) for i in range(start, start + n)]
+
+
+def offsets(positions):
+    return [parse_position(p)[1] for p in positions]
+
+
+def test_history_positions_increase_and_travel_with_the_broadcast(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            b = node.broker
+            assert b.has_history("deploys:web") and not b.has_history("public:x")
+            b.subscribe("deploys:web")
+            await b.activate("deploys:web")
+            positions = await publish_n(b, "deploys:web", 3)
+            assert offsets(positions) == [1, 2, 3]
+            assert len({parse_position(p)[0] for p in positions}) == 1       # one epoch
+            got = await node.wait_for(3)
+            assert [d.position for d in got] == positions
+            assert await b.publish(Broadcast("public:x", "e", {})) is None   # no history, no position
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_recover_returns_exactly_the_missed_entries_in_order(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            b = node.broker
+            positions = await publish_n(b, "deploys:web", 5)
+            r = await b.recover("deploys:web", positions[1])
+            assert r.recovered and r.position == positions[4]
+            assert [(e.offset, e.event, e.payload) for e in r.missed] == [(3, "e", {"n": 3}), (4, "e", {"n": 4}),
+                                                                          (5, "e", {"n": 5})]
+            assert r.epoch == parse_position(positions[0])[0]
+            assert tuple(await b.recover("deploys:web", positions[4]))[:3] == (True, positions[4], ())
+            epoch = parse_position(positions[0])[0]
+            zero = await b.recover("deploys:web", epoch + ":0")
+            assert zero.recovered and [e.offset for e in zero.missed] == [1, 2, 3, 4, 5]
+            # A topic that never published: a fresh position at offset 0, nothing to replay.
+            fresh = await b.recover("deploys:new", "x:1")
+            assert not fresh.recovered and parse_position(fresh.position)[1] == 0
+            # ... and its first publish continues that epoch.
+            first = await b.publish(Broadcast("deploys:new", "e", {}))
+            assert parse_position(first) == (parse_position(fresh.position)[0], 1)
+            # No history rule: never recovered.
+            assert tuple(await b.recover("public:x", positions[0]))[:3] == (False, None, ())
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+@pytest.mark.parametrize("case", ["other epoch", "from the future", "garbage"])
+def test_recover_refuses_positions_that_are_not_ours(make_history_broker, case):
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            positions = await publish_n(node.broker, "deploys:web", 3)
+            epoch = parse_position(positions[0])[0]
+            since = {"other epoch": "0" + epoch + ":1", "from the future": epoch + ":9", "garbage": "nope"}[case]
+            r = await node.broker.recover("deploys:web", since)
+            assert (r.recovered, r.position, r.missed) == (False, positions[2], ())
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_recover_overflow_and_max_recovery(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker(size=3, max_recovery=2)).start()
+        try:
+            b = node.broker
+            positions = await publish_n(b, "deploys:web", 6)
+            # size 3 keeps offsets 4..6 (Redis trims approximately, pusherd decides exactly)
+            assert not (await b.recover("deploys:web", positions[0])).recovered
+            # offsets 4..6 are kept, but 3 > max_recovery 2
+            r = await b.recover("deploys:web", positions[2])
+            assert (r.recovered, r.missed) == (False, ())
+            r = await b.recover("deploys:web", positions[3])
+            assert r.recovered and [e.payload["n"] for e in r.missed] == [5, 6]
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_recover_after_ttl(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker(ttl=0.5)).start()
+        try:
+            b = node.broker
+            (first,) = await publish_n(b, "deploys:web", 1)
+            await asyncio.sleep(0.3)
+            (second,) = await publish_n(b, "deploys:web", 1, start=2)
+            await asyncio.sleep(0.3)      # the first is now older than the ttl, the second is not
+            epoch = parse_position(first)[0]
+            assert not (await b.recover("deploys:web", epoch + ":0")).recovered
+            r = await b.recover("deploys:web", first)
+            assert r.recovered and [e.payload["n"] for e in r.missed] == [2]
+            await asyncio.sleep(0.6)      # idle past the ttl: the history is gone, a new epoch starts
+            sweep = getattr(b, "sweep", None)
+            if sweep is not None:
+                sweep(time.time())
+            r = await b.recover("deploys:web", second)
+            assert not r.recovered and parse_position(r.position)[0] != epoch
+        finally:
+            await node.broker.close()
     run(scenario())

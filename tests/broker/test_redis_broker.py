@@ -289,3 +289,148 @@ def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
     with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
         server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
     assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p", history=[], max_recovery=300))).__name__ == "MemoryBroker"
+
+
+# -- history on Redis: one epoch and one offset sequence for every process --------------------
+
+from pusherd.config import HistoryRule  # noqa: E402
+from pusherd.history import Rules, parse_position, pending_after  # noqa: E402
+
+RULES = Rules([HistoryRule("deploys:*", 50, 3600.0)])
+
+
+def hnode(url, **kw):
+    return node(url, history_rules=RULES, **kw)
+
+
+def test_history_is_shared_by_every_process(redis_server):
+    async def scenario():
+        a, b = await hnode(redis_server.url).start(), await hnode(redis_server.url).start()
+        try:
+            for n in (a, b):
+                n.broker.subscribe("deploys:web")
+                await n.broker.activate("deploys:web")
+            # Interleaved concurrent publishes from both: one contiguous offset sequence, one epoch.
+            got = await asyncio.gather(*[(a, b)[i % 2].broker.publish(Broadcast("deploys:web", "e", {"i": i}))
+                                         for i in range(40)])
+            assert sorted(parse_position(p)[1] for p in got) == list(range(1, 41))
+            assert len({parse_position(p)[0] for p in got}) == 1
+            for n in (a, b):       # every process saw every broadcast with the same position
+                seen = await n.wait_for(40)
+                assert sorted(d.position for d in seen) == sorted(got)
+            # Either process recovers what the other published, identically.
+            since = next(p for p in got if parse_position(p)[1] == 30)
+            ra, rb = await a.broker.recover("deploys:web", since), await b.broker.recover("deploys:web", since)
+            assert ra == rb and ra.recovered and [e.offset for e in ra.missed] == list(range(31, 41))
+            keys = sorted(redis_server.client().keys("t:h*"))
+            assert keys == [b"t:h:deploys:web", b"t:hm:deploys:web"]
+            assert 0 < redis_server.client().ttl("t:h:deploys:web") <= 3600
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
+
+
+def test_flushall_loses_the_history_and_starts_a_new_epoch(redis_server):
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        try:
+            before = await a.broker.publish(Broadcast("deploys:web", "e", {}))
+            redis_server.client().flushall()
+            r = await a.broker.recover("deploys:web", before)
+            assert not r.recovered and parse_position(r.position)[0] != parse_position(before)[0]
+            after = await a.broker.publish(Broadcast("deploys:web", "e", {}))
+            assert parse_position(after) == (parse_position(r.position)[0], 1)
+        finally:
+            await a.broker.close()
+    run(scenario())
+
+
+def test_script_flush_is_survived(redis_server):
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        try:
+            await a.broker.publish(Broadcast("deploys:web", "e", {}))
+            redis_server.client().script_flush()
+            outcomes = []
+            for _ in range(3):     # at most the first is refused (NOSCRIPT), then the script is reloaded
+                try:
+                    outcomes.append(parse_position(await a.broker.publish(Broadcast("deploys:web", "e", {})))[1])
+                except BrokerUnavailable as exc:
+                    assert "No matching script" in str(exc)
+                    outcomes.append("refused")
+            assert outcomes[-2:] == [2, 3] or outcomes == [2, 3, 4]
+        finally:
+            await a.broker.close()
+    run(scenario())
+
+
+def test_recover_while_redis_is_down_fails_fast(redis_server):
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        try:
+            pos = await a.broker.publish(Broadcast("deploys:web", "e", {}))
+            redis_server.kill()
+            await wait_until(lambda: not a.broker.healthy(), what="outage noticed")
+            a.broker.subscribe("deploys:web")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(BrokerUnavailable):
+                await a.broker.recover("deploys:web", pos)
+            assert asyncio.get_running_loop().time() - started < 0.5
+        finally:
+            await a.broker.close()
+    run(scenario())
+
+
+def test_activate_confirms_the_subscription_in_redis(redis_server):
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        try:
+            a.broker.subscribe("public:x")
+            assert not a.broker.active("public:x")
+            await a.broker.activate("public:x")
+            assert a.broker.active("public:x") and numsub(redis_server, "t:t:public:x") == 1
+            a.broker.unsubscribe("public:x")
+            assert not a.broker.active("public:x")
+            await wait_until(lambda: numsub(redis_server, "t:t:public:x") == 0, what="unsubscribed")
+            # Leave then join again at once (before the UNSUBSCRIBE went out), and after it.
+            a.broker.subscribe("public:x")
+            await a.broker.activate("public:x")
+            assert numsub(redis_server, "t:t:public:x") == 1
+        finally:
+            await a.broker.close()
+    run(scenario())
+
+
+def test_recover_during_publishes_from_another_process_has_no_gap_and_no_duplicate(redis_server):
+    """The replay/live race across processes: B recovers (held broadcasts + the stream read)
+    while A publishes as fast as it can; what B would send is exactly every offset once, in order."""
+    async def scenario():
+        a, b = await hnode(redis_server.url).start(), await hnode(redis_server.url).start()
+        try:
+            first = await a.broker.publish(Broadcast("deploys:race", "e", {"i": 0}))
+            sent = []
+
+            async def publisher():   # 45 publishes, one every ~2 ms (within size and max_recovery)
+                for i in range(1, 46):
+                    sent.append(await a.broker.publish(Broadcast("deploys:race", "e", {"i": i})))
+                    await asyncio.sleep(0.002)
+            task = asyncio.ensure_future(publisher())
+            await wait_until(lambda: len(sent) >= 10, what="publishes under way")
+            # What Daemon.recover_join does: hold (subscribe) first, then recover.
+            held = b.delivered
+            b.broker.subscribe("deploys:race")
+            recovery = await b.broker.recover("deploys:race", first)
+            assert len(sent) < 45, "the publisher finished before the recovery: no race"
+            await task
+            last = await a.broker.publish(Broadcast("deploys:race", "e", {"end": True}))
+            await wait_until(lambda: any(d.position == last for d in held), what="the last publish")
+            assert recovery.recovered
+            got = [e.offset for e in recovery.missed] + \
+                [parse_position(d.position)[1] for d in pending_after(held, parse_position(recovery.position)[1])]
+            assert got == list(range(2, parse_position(last)[1] + 1)), got
+            assert len(recovery.missed) > 0 and len(got) > len(recovery.missed)   # both sides of the race
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
