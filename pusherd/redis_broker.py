@@ -337,18 +337,24 @@ class RedisBroker(Broker):
                 continue    # overflowed (MAXLEN ~ keeps a little more than size) or expired
             _origin, b = decode_envelope(values[b"d"])
             entries.append(Entry(offset, at, b.event, b.payload))
+        # The pub/sub messages up to `last` may still be on their way on the subscriber
+        # connection: after this barrier they have been delivered (to the caller's hold
+        # buffer, where the replay drops them), so none reaches the client live after its replay.
+        await self.activate(topic, fresh=True)
         return decide(epoch, last, entries, since, self.max_recovery)
 
     def active(self, topic: str) -> bool:
         return topic in self._confirmed and topic in self._wanted
 
-    async def activate(self, topic: str) -> None:
+    async def activate(self, topic: str, fresh: bool = False) -> None:
         """Return once Redis confirmed this process's subscription to `topic` (already wanted).
 
         A ``PING`` barrier sent after the ``SUBSCRIBE`` on the subscriber connection: when its
         answer arrives, every message published afterwards, by any process, reaches this one.
+        ``fresh``: a new barrier even when confirmed: every message Redis sent before now has
+        been delivered when it returns.
         """
-        if self.active(topic):
+        if self.active(topic) and not fresh:
             return
         if not self._healthy:
             raise BrokerUnavailable(self._unavailable())
@@ -523,7 +529,7 @@ class RedisBroker(Broker):
         if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
             return  # subscribe/unsubscribe confirmations
         data = resp[2]
-        if data.startswith(self._own_prefix):
+        if data.startswith(self._own_prefix) and not self._history_channel(resp[1]):
             self.stats["own_skipped"] += 1   # already delivered locally when Redis acknowledged it
             return
         try:
@@ -538,6 +544,12 @@ class RedisBroker(Broker):
             return  # arrived between the last local leave and the UNSUBSCRIBE
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
+
+    def _history_channel(self, channel: bytes) -> bool:
+        if not self.history_rules:
+            return False
+        topic = channel[len(self._channel_prefix):].decode("utf-8", "replace")
+        return self.history_rules.rule_for(topic) is not None
 
     def _barrier_answered(self, token: bytes) -> None:
         barrier = self._barriers.pop(token, None)
@@ -642,8 +654,10 @@ class RedisBroker(Broker):
                 done += 1
                 self.stats["published"] += 1
                 if item.history is not None:
+                    # Delivered through Redis like everywhere else: in offset order (see _dispatch).
                     item.broadcast.position = reply.decode("ascii")
-                self._safe_deliver(item.broadcast)
+                else:
+                    self._safe_deliver(item.broadcast)
                 if not item.future.done():
                     item.future.set_result(None)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:

@@ -280,11 +280,14 @@ class TcpProxy:
     """A loopback TCP proxy in front of a daemon, to simulate network drops for one client.
 
     `cut()` drops every open connection (as a dead network would, without a WebSocket close)
-    and, while `blocked`, new connections are accepted and dropped at once.
+    and, while `blocked`, new connections are accepted and dropped at once. `target_port` may be
+    changed at any time (new connections go there). `delay` (seconds) holds every chunk that
+    long before forwarding it, in both directions: a slow network.
     """
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, delay: float = 0.0):
         self.target_port = target_port
+        self.delay = delay
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -315,13 +318,14 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 dst.sendall(data)
         except OSError:
             pass
