@@ -68,6 +68,8 @@ class SharedChannelRedisBroker(RedisBroker):
             super().unsubscribe(self.ALL)
     def _wants(self, topic):
         return topic in self._local
+    def active(self, topic):
+        return topic in self._local and self.ALL in self._confirmed
 
 server.build_broker = lambda s: SharedChannelRedisBroker(s.broker, prefix=s.broker_prefix)
 from pusherd.__main__ import main

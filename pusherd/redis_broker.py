@@ -12,11 +12,29 @@ Delivery guarantee
   connection.
 * Every other process receives the event **at most once**: Redis pub/sub keeps nothing. A process
   whose subscriber connection is down or reconnecting (Redis restart, network loss,
-  ``CLIENT KILL``) misses what is published meanwhile, and it is not replayed (per-topic history
-  and recovery will close that window). A member that just joined is subscribed cluster-wide one
-  Redis round trip after its join.
+  ``CLIENT KILL``) misses what is published meanwhile, and pub/sub does not replay it; on a
+  history topic a client that rejoins with ``since`` gets it from the history.
+* A join is answered once the process's subscription is in effect in Redis (`activate`: a
+  ``PING`` barrier after the ``SUBSCRIBE``, one round trip for a topic's first local member,
+  none after): an event published anywhere after the client saw its join reply reaches it.
 * Order: per topic, the events of one process reach every process in the order it published them
   (publishes go out in order, pipelined, on one connection; Redis delivers in order).
+
+History (topics matching a ``history`` rule)
+--------------------------------------------
+Two keys per topic: ``<prefix>:h:<topic>``, a Stream of the recent envelopes (entry ID
+``<offset>-0``, fields ``at`` (Redis clock, ms) and ``d`` (the envelope)), trimmed with
+``MAXLEN ~ size``; and ``<prefix>:hm:<topic>``, a hash with the ``epoch`` and the last ``offset``.
+Both expire ``ttl`` after the topic's last publish. One Lua script per publish (`PUBLISH_SCRIPT`)
+creates the epoch when it is missing (never published, expired, flushed: a new random epoch), takes
+the next offset, adds the entry and PUBLISHes the envelope with its ``"pos"``, atomically: every
+process sees the same positions, and pub/sub order is offset order. On a history topic the
+publishing process also receives its own copy through Redis (it does not deliver at the
+acknowledgement), so every process delivers the topic in offset order.
+`recover` makes the subscription active, reads the stream (`RECOVER_SCRIPT`), then waits for a
+second barrier so that the pub/sub copies of what it read have arrived (and are dropped from the
+replay's hold buffer); decisions are `history.decide`, the same as the memory broker's, with
+``size`` and ``ttl`` enforced exactly on read (``MAXLEN ~`` trims approximately).
 
 Design
 ------
