@@ -219,7 +219,9 @@ class RedisBroker(Broker):
     """The Redis pub/sub broker. Guarantee (details in the module docstring): a publish is either
     acknowledged by Redis or refused with BrokerUnavailable; the publishing process delivers
     locally exactly once; other processes receive at most once (nothing is replayed to a process
-    while it reconnects); per-topic order is kept for each publishing process.
+    while it reconnects); per-topic order is kept for each publishing process. On history topics,
+    positions come from Redis (the same on every process), every process delivers in offset
+    order, and `recover` replays from the topic's Redis Stream whichever process asks.
     """
 
     name = "redis"

@@ -5,6 +5,7 @@ trip takes a visible time: what a join does before it is subscribed in Redis bec
 """
 
 import threading
+import time
 
 import pytest
 
@@ -97,3 +98,24 @@ def test_recovering_join_while_another_process_publishes(redis_server, slow_link
     got = [offset(c.expect(event="e", timeout=5)["ref"]) for _ in range(N)]
     assert got == list(range(2, N + 2)), (str(got), response)
     c.assert_silent(0.3)
+
+
+def test_recovering_join_while_redis_is_down_is_answered_at_once(redis_server, pusherd_factory, phx_connect):
+    a = pusherd_factory(dict(HISTORY, broker=redis_server.url))
+    since = a.publish("deploys:down", "e", {})[1]["position"]
+    redis_server.kill()
+    deadline = time.monotonic() + 10
+    while a.request("GET", "/healthz", timeout=3)[0] != 503:
+        assert time.monotonic() < deadline, a.log()
+        time.sleep(0.05)
+    c = phx_connect(a.ws_url)
+    started = time.monotonic()
+    status, response, _ = c.join("deploys:down", dict(auth(), since=since))
+    assert (status, response) == ("ok", {"recovered": False, "position": None})
+    assert time.monotonic() - started < 1.0
+    redis_server.start()           # back (empty: the history is lost): a later rejoin learns the new epoch
+    a.wait_log("connected again", timeout=10)
+    c2 = phx_connect(a.ws_url)
+    status, response, _ = c2.join("deploys:down", dict(auth(), since=since))
+    assert status == "ok" and response["recovered"] is False
+    assert response["position"].rsplit(":", 1)[0] != since.rsplit(":", 1)[0]
