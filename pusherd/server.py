@@ -220,7 +220,7 @@ class Daemon:
             try:
                 await self.broker.activate(topic)
             except Exception as exc:  # broker down: joined all the same, delivery resumes with it
-                log.info("subscription to %.200s not confirmed by the broker: %s", topic, exc or type(exc).__name__)
+                log.debug("subscription to %.200s not confirmed by the broker: %s", topic, exc or type(exc).__name__)
             session = handler.session
             if session is None or session.closed or not session.is_current(topic, join_ref):
                 return
