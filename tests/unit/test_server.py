@@ -17,6 +17,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pusherd import config, server  # noqa: E402
+from pusherd.broker import Broadcast, MemoryBroker  # noqa: E402
+from pusherd.protocol import V2  # noqa: E402
+from pusherd.session import Send, Subscribe  # noqa: E402
 
 
 def listener():
@@ -148,3 +151,64 @@ def test_drain_spreads_1001_closes_in_batches(count, seconds):
     if batches > 1:
         assert instants[-1] >= seconds * (batches - 1) / batches * 0.9, instants
     assert ended - began < seconds + 1.0
+
+
+# --------------------------------------------------------------------------- join confirmation
+
+
+class GatedBroker(MemoryBroker):
+    """A memory broker whose subscriptions take effect only when the test opens the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.confirmed = set()
+
+    def active(self, topic):
+        return topic in self.confirmed
+
+    async def activate(self, topic):
+        await self.gate.wait()
+        self.confirmed.add(topic)
+
+
+class JoiningSocket:
+    def __init__(self):
+        self.serializer = V2
+        self.frames = []
+        self.session = self
+        self.closed = False
+        self.current = True
+
+    def is_current(self, topic, join_ref):
+        return self.current
+
+    def send_frame(self, frame):
+        self.frames.append(frame)
+
+
+@pytest.mark.parametrize("left_meanwhile", [False, True])
+def test_a_join_reply_waits_for_the_broker_and_held_broadcasts_follow_it(left_meanwhile):
+    async def run():
+        broker = GatedBroker()
+        daemon = server.Daemon(settings(), broker=broker)
+        await broker.start(daemon.deliver)
+        sock = JoiningSocket()
+        task = asyncio.ensure_future(daemon.confirm_join(sock, Send("REPLY"), Subscribe("public:x"), "1"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        await broker.publish(Broadcast("public:x", "early", {}))
+        assert sock.frames == [], "nothing before the broker confirmed"
+        sock.current = not left_meanwhile
+        broker.gate.set()
+        await task
+        await broker.publish(Broadcast("public:x", "live", {}))
+        return sock.frames, daemon.hub
+
+    frames, hub = asyncio.run(run())
+    if left_meanwhile:
+        assert frames == [] and "public:x" not in hub.topics
+    else:
+        assert [(b"REPLY" in f, b"early" in f, b"live" in f) for f in frames] == \
+            [(True, False, False), (False, True, False), (False, False, True)]
+        assert hub.members("public:x") == 1
