@@ -12,8 +12,10 @@ Delivery guarantee
   connection.
 * Every other process receives the event **at most once**: Redis pub/sub keeps nothing. A process
   whose subscriber connection is down or reconnecting (Redis restart, network loss,
-  ``CLIENT KILL``) misses what is published meanwhile, and pub/sub does not replay it; on a
-  history topic a client that rejoins with ``since`` gets it from the history.
+  ``CLIENT KILL``) misses what is published meanwhile, and pub/sub does not replay it. On a
+  history topic the process catches up once reconnected: it delivers the missed broadcasts
+  from the history to its members, in order, before any live one (`_catch_up`), and a client
+  that rejoins with ``since`` gets them from the history too.
 * A join is answered once the process's subscription is in effect in Redis (`activate`: a
   ``PING`` barrier after the ``SUBSCRIBE``, one round trip for a topic's first local member,
   none after): an event published anywhere after the client saw its join reply reaches it.
@@ -67,7 +69,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .broker import Broadcast, Broker, Deliver
 from .errors import BrokerUnavailable
-from .history import Entry, Recovery, Rules, decide, new_epoch, parse_position
+from .history import Entry, Recovery, Rules, decide, format_position, new_epoch, parse_position
 
 log = logging.getLogger("pusherd.broker")
 
@@ -260,6 +262,7 @@ class RedisBroker(Broker):
         self._waiting: List[Tuple[str, asyncio.Future]] = []
         self._barriers: Dict[bytes, Tuple[List[str], List[asyncio.Future]]] = {}
         self._barrier_seq = 0
+        self._seen: Dict[str, Tuple[str, int]] = {}   # history topic -> last (epoch, offset) delivered here
         self._deliver: Optional[Deliver] = None
         self._wanted: Set[str] = set()
         self._active: Set[str] = set()      # subscribed on the current connection
@@ -279,7 +282,8 @@ class RedisBroker(Broker):
         self._attempts = 0
         self.last_error = ""
         self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
-                      "outages": 0, "reconnects": 0, "failed_attempts": 0, "barriers": 0}
+                      "outages": 0, "reconnects": 0, "failed_attempts": 0, "barriers": 0,
+                      "caught_up": 0, "duplicates": 0}
 
     # -- Broker interface -----------------------------------------------------------------
 
@@ -340,6 +344,15 @@ class RedisBroker(Broker):
 
     async def _recover(self, topic: str, since, rule) -> Recovery:
         await self.activate(topic)
+        recovery = await self._read_history(topic, since, rule)
+        # The pub/sub messages up to the position read may still be on their way on the
+        # subscriber connection: after this barrier they have been delivered (to the caller's
+        # hold buffer, where the replay drops them), so none reaches the client live after its replay.
+        await self.activate(topic, fresh=True)
+        return recovery
+
+    async def _read_history(self, topic: str, since, rule) -> Recovery:
+        """RECOVER_SCRIPT, then `history.decide` on what is still within size and ttl."""
         parsed = parse_position(since) or ("", 0)
         key = topic.encode("utf-8")
         limit = min(self.max_recovery, rule.size)
@@ -357,11 +370,45 @@ class RedisBroker(Broker):
                 continue    # overflowed (MAXLEN ~ keeps a little more than size) or expired
             _origin, b = decode_envelope(values[b"d"])
             entries.append(Entry(offset, at, b.event, b.payload))
-        # The pub/sub messages up to `last` may still be on their way on the subscriber
-        # connection: after this barrier they have been delivered (to the caller's hold
-        # buffer, where the replay drops them), so none reaches the client live after its replay.
-        await self.activate(topic, fresh=True)
         return decide(epoch, last, entries, since, self.max_recovery)
+
+    async def _catch_up(self) -> None:
+        """After a reconnect, deliver from the history what history topics with local members
+        missed while the subscriber connection was down, in order, before any live message
+        (the listener has not read yet; the live copies of what is delivered here are then
+        dropped by `_fresh`)."""
+        for topic, (epoch, offset) in list(self._seen.items()):
+            rule = self.history_rules.rule_for(topic)
+            if rule is None or topic not in self._wanted:
+                continue
+            try:
+                recovery = await asyncio.wait_for(self._read_history(topic, format_position(epoch, offset), rule),
+                                                  self._command_timeout)
+            except (RedisError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                log.warning("broker: cannot read the history of %.200s after reconnecting (%s)", topic, exc)
+                continue
+            if not recovery.recovered:
+                log.warning("broker: %.200s: broadcasts published while reconnecting are no longer in its "
+                            "history (at %s, history at %s); members here missed them", topic,
+                            format_position(epoch, offset), recovery.position)
+                continue
+            for entry in recovery.missed:
+                broadcast = Broadcast(topic, entry.event, entry.payload, entry.at,
+                                      format_position(recovery.epoch, entry.offset))
+                if self._fresh(broadcast):
+                    self.stats["caught_up"] += 1
+                    self._safe_deliver(broadcast)
+
+    def _fresh(self, broadcast: Broadcast) -> bool:
+        """Remember the last position delivered per history topic; False for one already delivered."""
+        parsed = parse_position(broadcast.position)
+        if parsed is None:
+            return True
+        seen = self._seen.get(broadcast.topic)
+        if seen is not None and seen[0] == parsed[0] and parsed[1] <= seen[1]:
+            return False
+        self._seen[broadcast.topic] = parsed
+        return True
 
     def active(self, topic: str) -> bool:
         return topic in self._confirmed and topic in self._wanted
@@ -390,6 +437,7 @@ class RedisBroker(Broker):
 
     def unsubscribe(self, topic: str) -> None:
         self._wanted.discard(topic)
+        self._seen.pop(topic, None)
         if self._sync_wake is not None:
             self._sync_wake.set()
 
@@ -465,6 +513,8 @@ class RedisBroker(Broker):
                 await conn.connect()
                 await self._resubscribe(conn)
                 self._up(conn)
+                if self._seen:
+                    await self._catch_up()
                 await self._listen(conn)
             except asyncio.CancelledError:
                 raise
@@ -562,6 +612,9 @@ class RedisBroker(Broker):
             return
         if not self._wants(broadcast.topic):
             return  # arrived between the last local leave and the UNSUBSCRIBE
+        if broadcast.position is not None and not self._fresh(broadcast):
+            self.stats["duplicates"] += 1   # already delivered by _catch_up
+            return
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
 

@@ -434,3 +434,45 @@ def test_recover_during_publishes_from_another_process_has_no_gap_and_no_duplica
             await a.broker.close()
             await b.broker.close()
     run(scenario())
+
+
+def kill_subscriber(server, broker):
+    """CLIENT KILL the subscriber connection of one broker (the others keep theirs)."""
+    name = "pusherd-" + broker.origin
+    client = server.client()
+    (sub,) = [c for c in client.client_list() if c["name"] == name and int(c.get("sub", 0)) > 0]
+    client.execute_command("CLIENT", "KILL", "ID", sub["id"])
+
+
+def test_a_process_catches_up_from_the_history_after_its_subscriber_reconnects(redis_server):
+    """Pub/sub loses what is published while one process's subscriber connection is down; on a
+    history topic that process delivers it from the stream once back, in order, exactly once."""
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        b = await hnode(redis_server.url, backoff_base=0.5, backoff_cap=0.5).start()   # a visible window
+        try:
+            for n in (a, b):
+                for topic in ("deploys:web", "public:plain"):
+                    n.broker.subscribe(topic)
+                    await n.broker.activate(topic)
+            await a.broker.publish(Broadcast("deploys:web", "e", {"i": 0}))
+            await b.wait_for(1)
+            kill_subscriber(redis_server, b.broker)
+            await wait_until(lambda: not b.broker.healthy(), what="b notices")
+            for i in (1, 2, 3):
+                await a.broker.publish(Broadcast("deploys:web", "e", {"i": i}))
+            await a.broker.publish(Broadcast("public:plain", "lost", {}))     # no history: lost for b
+            await wait_until(lambda: b.broker.healthy(), what="b reconnects")
+            await a.broker.publish(Broadcast("deploys:web", "e", {"i": 4}))
+            await b.wait_for(5)
+            await b.settle()
+            assert [(d.payload["i"], d.position.rsplit(":", 1)[1]) for d in b.delivered] == \
+                [(0, "1"), (1, "2"), (2, "3"), (3, "4"), (4, "5")]
+            # 1..3 from the stream; 4 from the stream too when it beat the catch-up read (its live copy dropped)
+            stats = b.broker.stats
+            assert stats["caught_up"] - stats["duplicates"] == 3 and stats["caught_up"] in (3, 4)
+            assert [d.event for d in a.delivered].count("lost") == 1
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
