@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import PUBLISH_SECRET
+from pusherd_testing import PUBLISH_SECRET
 
 AUTH = {"Authorization": "Bearer " + PUBLISH_SECRET, "Content-Type": "application/json"}
 
