@@ -12,6 +12,7 @@ in the same run; ``--json FILE`` also writes them out.
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -440,11 +441,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the figures to this file")
     opts = ap.parse_args(argv)
     if opts.loop == "auto":
-        try:
-            import uvloop  # noqa: F401
-            opts.loop = "uvloop"
-        except ImportError:
-            opts.loop = "asyncio"
+        opts.loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2 and not opts.no_pin:
         opts.server_cpus, opts.client_cpus = {cpus[0]}, set(cpus[1:])
