@@ -52,6 +52,8 @@ run asymmetric_without_secret pusherd/tokens.py "if not self._secrets and algori
 run form_utf8 pusherd/publish.py 'errors="strict")' 'errors="replace")' "tests/security/test_hostile_publish.py -k \"form and invalid and utf8\""
 run duplicate_authorization pusherd/publish.py "    if len(authorization) > 1:" "    if False:" "tests/security/test_hostile_publish.py -k duplicate"
 run pattern pusherd/topics.py "        return len(topic) > len(self._prefix) and topic.startswith(self._prefix)" "        return topic.startswith(self._prefix)" "tests/fuzz/test_properties.py"
-run body_413 pusherd/handlers.py 'limit = self.daemon.settings.max_publish_bytes' 'limit = 10**12' "tests/security/test_hostile_publish.py -k oversized"
+# POST /publish is answered by routes.PublishRequest (PUSHERD_FAST=1, the default); PublishHandler
+# serves it with PUSHERD_FAST=0, and test_fast_paths.py holds the two to the same answers.
+run body_413 pusherd/routes.py 'limit = self.daemon.settings.max_publish_bytes' 'limit = 10**12' "tests/security/test_hostile_publish.py -k oversized"
 run heartbeat pusherd/session.py "if now - self.last_seen > self.policy.limits.heartbeat_timeout:" "if False:" "tests/security/test_hostile_frames.py -k silent_socket"
 run binary pusherd/protocol.py "            return MalformedFrame(\"undecodable binary frame\")" "            raise ValueError" "tests/security/test_hostile_frames.py -k binary"

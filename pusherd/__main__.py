@@ -71,7 +71,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     def reload_settings():
         return load_settings(args)
 
+    from .speedups import loop_factory
+    factory = loop_factory()
     try:
+        if factory is not None and sys.version_info >= (3, 11):
+            with asyncio.Runner(loop_factory=factory) as runner:
+                return runner.run(serve(settings, reload_settings))
         return asyncio.run(serve(settings, reload_settings))
     except KeyboardInterrupt:
         return 0

@@ -9,7 +9,8 @@ import json
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Optional
+import types
+from typing import TYPE_CHECKING, List, Optional
 
 import tornado.web
 import tornado.websocket
@@ -66,13 +67,14 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     daemon = getattr(handler, "daemon", None)
     if daemon is not None and not daemon.settings.access_log:
         return
-    status = handler.get_status()
-    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
-    if not access_log.isEnabledFor(level):
-        return
     request = handler.request
-    access_log.log(level, "%d %s %s (%s) %.1fms", status, request.method, request.path,
-                   request.remote_ip, 1000.0 * request.request_time())
+    log_access(handler.get_status(), request.method, request.path, request.remote_ip, request.request_time())
+
+
+def log_access(status: int, method: str, path: str, remote_ip: Optional[str], seconds: float) -> None:
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%d %s %s (%s) %.1fms", status, method, path, remote_ip, 1000.0 * seconds)
 
 
 class JSONHandler(tornado.web.RequestHandler):
@@ -121,6 +123,34 @@ class HealthHandler(JSONHandler):
         self.send_json(200 if healthy else 503, body)
 
 
+async def answer_publish(daemon: "Daemon", authorizations: List[str], body: bytes, content_type: str):
+    """Authorize, validate and publish one POST /publish body: (status, JSON body, extra headers).
+
+    Shared by PublishHandler and the lean route in routes.py, so both answer alike.
+    ``authorizations``: every Authorization header of the request.
+    """
+    try:
+        grant = authorize(authorizations, daemon.publish_secrets)
+    except PublishError as exc:
+        log.info("publish refused (401): %s", exc.reason)
+        return exc.status, {"error": exc.reason}, (("WWW-Authenticate", 'Bearer realm="pusherd", error="invalid_token"'),)
+    try:
+        broadcasts = parse_body(body, content_type, daemon.settings.max_topic_length)
+        grant.check(broadcasts)
+    except PublishError as exc:
+        return exc.status, {"error": exc.reason}, ()
+    try:
+        positions = [await daemon.publish(b) for b in broadcasts]
+    except BrokerUnavailable as exc:
+        return 503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())}, (("Retry-After", "1"),)
+    answer = {"status": "ok", "published": len(broadcasts)}
+    if len(broadcasts) == 1 and positions[0] is not None:
+        answer["position"] = positions[0]
+    elif any(p is not None for p in positions):
+        answer["positions"] = positions
+    return 200, answer, ()
+
+
 @tornado.web.stream_request_body
 class PublishHandler(JSONHandler):
     """POST /publish: the Rails app (or `pusherd publish`) hands events to every subscriber."""
@@ -159,34 +189,33 @@ class PublishHandler(JSONHandler):
     async def post(self):
         if self._refused:
             return
-        daemon = self.daemon
-        try:
-            grant = authorize(self.request.headers.get_list("Authorization"), daemon.publish_secrets)
-        except PublishError as exc:
-            log.info("publish refused (401): %s", exc.reason)
-            self.set_header("WWW-Authenticate", 'Bearer realm="pusherd", error="invalid_token"')
-            return self.send_json(exc.status, {"error": exc.reason})
-        try:
-            broadcasts = parse_body(b"".join(self._chunks), self.request.headers.get("Content-Type", ""),
-                                    daemon.settings.max_topic_length)
-            grant.check(broadcasts)
-        except PublishError as exc:
-            return self.send_json(exc.status, {"error": exc.reason})
-        try:
-            positions = [await daemon.publish(b) for b in broadcasts]
-        except BrokerUnavailable as exc:
-            self.set_header("Retry-After", "1")
-            return self.send_json(503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())})
-        body = {"status": "ok", "published": len(broadcasts)}
-        if len(broadcasts) == 1 and positions[0] is not None:
-            body["position"] = positions[0]
-        elif any(p is not None for p in positions):
-            body["positions"] = positions
-        self.send_json(200, body)
+        status, body, headers = await answer_publish(self.daemon, self.request.headers.get_list("Authorization"),
+                                                     b"".join(self._chunks),
+                                                     self.request.headers.get("Content-Type", ""))
+        for name, value in headers:
+            self.set_header(name, value)
+        self.send_json(status, body)
 
     def get(self):
         self.set_header("Allow", "POST")
         self.send_json(405, {"error": "use POST"})
+
+
+class UpgradedRequest:
+    """What a WebSocket handler keeps of its upgrade request once the socket is open."""
+
+    __slots__ = ("method", "uri", "path", "remote_ip", "version")
+    headers = types.MappingProxyType({})  # read-only and empty
+
+    def __init__(self, request):
+        self.method = request.method
+        self.uri = request.path  # never the query string: tokens may travel there
+        self.path = request.path
+        self.remote_ip = request.remote_ip
+        self.version = request.version
+
+    def __repr__(self):
+        return "UpgradedRequest(%s %s from %s)" % (self.method, self.path, self.remote_ip)
 
 
 class SocketHandler(tornado.websocket.WebSocketHandler):
@@ -234,10 +263,21 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         daemon = self.daemon
         stream = self.ws_connection.stream
         self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
-        self.outbox = Outbox(stream, daemon.call_soon, daemon.settings.max_outbox_bytes, self._slow_consumer,
-                             on_drop=daemon.counters.dropped)
+        self.outbox = Outbox(stream, daemon.flush_queue.add, daemon.settings.max_outbox_bytes, self._slow_consumer,
+                             on_drop=daemon.counters.dropped, direct=daemon.fast)
+        # The hub calls send_frame once per socket per broadcast: skip this class's wrapper.
+        self.send_frame = self.outbox.send
         self.set_nodelay(True)
         daemon.sockets.add(self)
+        daemon.gc_freezer.on_open()
+        # Nothing reads the upgrade request, its headers or the HTTP connection objects again:
+        # keep only what an error log line needs, so that they are freed (~KBs per socket).
+        request = self.request
+        self.request = UpgradedRequest(request)
+        # Tornado's get() coroutine keeps a reference to the header object for the socket's life.
+        request.headers.clear()
+        self.ui = None
+        self._headers = None
 
     def on_message(self, message):
         session = self.session
@@ -318,6 +358,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     def on_close(self):
         daemon = self.daemon
         daemon.sockets.discard(self)
+        daemon.gc_freezer.on_close()
         if self.outbox is not None:
             self.outbox.detach()
         session = self.session

@@ -8,23 +8,63 @@ its own unless ``max_write_buffer_size`` is set, which is what the second half o
 "Unsent" means not taken by the kernel: a large burst is written in pieces, so a socket that keeps
 up is never closed because one publish carried more than ``max_bytes`` (Tornado checks its bound
 before it tries the socket).
+
+The hot path allocates next to nothing per socket: every outbox with something to send joins
+one `FlushQueue` (one loop callback per iteration, not one per socket), and with ``direct`` a
+flush hands its bytes straight to ``socket.send`` when Tornado's own write buffer is empty,
+skipping the Future and buffer bookkeeping of ``IOStream.write``. Whatever the kernel does not
+take, and every write while Tornado still has bytes queued (a pong, a close frame, an earlier
+remainder), goes through ``IOStream.write``, so the order of bytes on the wire is unchanged.
 """
 
+import asyncio
+import logging
 import time
 from typing import Callable, List, Optional
 
-from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+
+log = logging.getLogger("pusherd.outbox")
+
+
+class FlushQueue:
+    """Callbacks to run once at the end of this loop iteration, in order, in one loop callback."""
+
+    __slots__ = ("_pending", "_call_soon")
+
+    def __init__(self, call_soon: Optional[Callable] = None):
+        self._pending: List[Callable[[], None]] = []
+        self._call_soon = call_soon
+
+    def add(self, callback: Callable[[], None]) -> None:
+        pending = self._pending
+        pending.append(callback)
+        if len(pending) == 1:
+            call_soon = self._call_soon
+            if call_soon is None:
+                call_soon = self._call_soon = asyncio.get_running_loop().call_soon
+            call_soon(self.run)
+
+    def run(self) -> None:
+        batch = self._pending
+        self._pending = []
+        for callback in batch:
+            try:
+                callback()
+            except Exception:  # one socket's failure must not keep the others' bytes back
+                log.exception("flush failed for one socket")
+
 
 
 class Outbox:
     __slots__ = ("_stream", "_chunks", "_pending", "_scheduled", "_call_soon", "_max", "_piece", "_on_overflow",
-                 "stalled_since", "_on_drop")
+                 "stalled_since", "_on_drop", "_flush", "_direct")
 
     #: Largest single write handed to Tornado: its bound is checked before the socket is tried.
     PIECE = 65536
 
     def __init__(self, stream, call_soon: Callable, max_bytes: int, on_overflow: Callable[[], None],
-                 on_drop: Optional[Callable[[int], None]] = None):
+                 on_drop: Optional[Callable[[int], None]] = None, direct: bool = False):
         self._stream = stream
         self._chunks: List[bytes] = []
         self._pending = 0
@@ -35,6 +75,11 @@ class Outbox:
         self._on_overflow = on_overflow
         self.stalled_since: Optional[float] = None
         self._on_drop = on_drop  # told how many frames were discarded unsent (metrics)
+        self._flush = self.flush  # one bound method for the life of the socket
+        # Only a plain socket stream may be bypassed (an SSLIOStream must encrypt), and only
+        # when its write buffer looks as this module expects (Tornado 6's _StreamBuffer).
+        self._direct = (direct and type(stream) is IOStream
+                        and isinstance(getattr(getattr(stream, "_write_buffer", None), "_size", None), int))
         stream.max_write_buffer_size = max_bytes
 
     def send(self, frame: bytes) -> None:
@@ -47,7 +92,7 @@ class Outbox:
             self.flush()  # a burst within one loop iteration must not pile up past the bound
         elif not self._scheduled:
             self._scheduled = True
-            self._call_soon(self.flush)
+            self._call_soon(self._flush)
 
     def flush(self) -> None:
         self._scheduled = False
@@ -58,6 +103,20 @@ class Outbox:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
         self._pending = 0
+        if self._direct:
+            sock = stream.socket
+            # Tornado's own buffer must be empty, else its bytes (a pong, a close frame, an
+            # earlier remainder) go first: then this write queues behind them.
+            if sock is not None and not stream._write_buffer._size:
+                try:
+                    sent = sock.send(data)
+                except OSError:  # would block, or an error IOStream.write will meet and handle
+                    sent = 0
+                if sent == len(data):
+                    self.stalled_since = None
+                    return
+                if sent:
+                    data = data[sent:]
         piece = self._piece
         try:
             if len(data) <= piece:

@@ -24,7 +24,10 @@ from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHan
                        log_request)
 from .hub import Hub
 from .metrics import Counters
+from .outbox import FlushQueue
+from . import speedups
 from .origins import OriginPolicy
+from .routes import Routes
 from .session import Limits, Policy
 from .tokens import Verifier
 
@@ -87,6 +90,9 @@ class Daemon:
         self.sockets = set()
         self.draining = False
         self.stats = collections.Counter()
+        self.flush_queue = FlushQueue()
+        self.fast = speedups.fast_paths()
+        self.gc_freezer = speedups.GcFreezer()
         self._tasks = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._servers: List[tornado.httpserver.HTTPServer] = []
@@ -152,14 +158,19 @@ class Daemon:
         sockets = list(sockets)
         self._app = self.make_app()
         server = tornado.httpserver.HTTPServer(
-            self._app, idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
-            max_body_size=s.max_publish_bytes + 1, max_header_size=16384)
+            Routes(self._app, self, lean_publish=self.fast),
+            idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
+            max_body_size=s.max_publish_bytes + 1, max_header_size=16384,
+            # Also each IOStream's read size: a 64 KB default buffer per read, during a storm
+            # of thousands of handshakes, fragments the heap for good.
+            chunk_size=16384)
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]
         if self.metrics is not None:
             self.metrics.start(self.metrics_sockets)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        speedups.tune_gc()
 
     @property
     def port(self) -> int:
@@ -179,9 +190,11 @@ class Daemon:
                 handler.tick(now)
             except Exception:
                 log.exception("sweep failed for one socket")
+        self.gc_freezer.maybe_refreeze(len(self.sockets))
 
     def call_soon(self, callback: Callable) -> None:
-        self._loop.call_soon(callback)
+        """Run `callback` at the end of this loop iteration (batched: one loop callback for all)."""
+        self.flush_queue.add(callback)
 
     def spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

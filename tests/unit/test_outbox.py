@@ -1,0 +1,130 @@
+"""The per-socket outbox over a real socket pair: coalescing, the direct write, order, the bound."""
+
+import asyncio
+import socket
+
+import pytest
+from tornado.iostream import IOStream
+
+from pusherd.framing import text_frame
+from pusherd.outbox import FlushQueue, Outbox
+
+
+def test_flush_queue_runs_each_callback_once_per_iteration_in_order_despite_a_failure():
+    scheduled = []
+    queue = FlushQueue(call_soon=scheduled.append)
+    ran = []
+
+    def boom():
+        raise RuntimeError("one socket failed")
+
+    queue.add(lambda: ran.append(1))
+    queue.add(boom)
+    queue.add(lambda: ran.append(3))
+    assert scheduled == [queue.run]  # one loop callback for the whole batch
+    scheduled.pop()()
+    assert ran == [1, 3]
+    queue.add(lambda: ran.append(4))
+    assert len(scheduled) == 1
+
+
+def _pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(True)
+    b.settimeout(5)
+    return a, b
+
+
+def _read(sock, n):
+    data = b""
+    while len(data) < n:
+        data += sock.recv(n - len(data))
+    return data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_frames_queued_in_one_iteration_leave_in_one_write_in_order(direct):
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        writes = []
+        overflowed = []
+        outbox = Outbox(stream, FlushQueue().add, 1 << 20, lambda: overflowed.append(True), direct=direct)
+        frames = [text_frame(b"%d" % i) for i in range(50)]
+        # Count what reaches the kernel: one send for all 50 frames.
+        if direct:
+            stream.socket = _CountingSocket(a, writes)
+        for f in frames:
+            outbox.send(f)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        expected = b"".join(frames)
+        assert _read(b, len(expected)) == expected
+        if direct:
+            assert writes == [len(expected)]
+        assert not overflowed
+        stream.socket = a
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+class _CountingSocket:
+    """Wraps a socket, recording the size of every send (what the direct path calls)."""
+
+    def __init__(self, sock, writes):
+        self._sock = sock
+        self._writes = writes
+
+    def send(self, data):
+        n = self._sock.send(data)
+        self._writes.append(n)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_direct_write_queues_behind_bytes_tornado_still_holds():
+    """A pong or a remainder in Tornado's buffer goes first; the outbox never overtakes it."""
+    async def main():
+        a, b = _pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = IOStream(a)
+        outbox = Outbox(stream, FlushQueue().add, 1 << 22, lambda: None, direct=True)
+        big = b"A" * (1 << 20)
+        stream.write(big)  # more than the kernel takes: the rest waits in Tornado's buffer
+        assert stream.writing()
+        outbox.send(text_frame(b"after"))
+        await asyncio.sleep(0)
+        got = b""
+        want = len(big) + len(text_frame(b"after"))
+        loop = asyncio.get_running_loop()
+        while len(got) < want:
+            got += await loop.run_in_executor(None, b.recv, 65536)
+        assert got == big + text_frame(b"after")
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_reader_that_stops_is_cut_at_the_bound_and_nothing_more_is_queued(direct):
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        overflowed = []
+        outbox = Outbox(stream, FlushQueue().add, 64 * 1024, lambda: overflowed.append(True), direct=direct)
+        frame = text_frame(b"x" * 1000)
+        for _ in range(5000):  # 5 MB to a peer that never reads
+            outbox.send(frame)
+            if overflowed:
+                break
+            await asyncio.sleep(0)
+        assert overflowed == [True]
+        outbox.send(frame)  # detached: a no-op
+        assert not outbox._chunks
+        stream.close()
+        b.close()
+    asyncio.run(main())
