@@ -115,7 +115,12 @@ def netns_client(rig, *args) -> subprocess.Popen:
 
 def read_json_line(proc: subprocess.Popen) -> dict:
     line = proc.stdout.readline()
-    assert line, "client ended: " + proc.stderr.read()
+    if not line:
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = "still running"
+        raise AssertionError("client ended without a line (exit status %s): %s" % (code, proc.stderr.read()))
     return json.loads(line)
 
 
