@@ -19,7 +19,7 @@ from . import errors
 from .broker import Broadcast
 from .errors import BrokerUnavailable, PublishError
 from .framing import text_frame
-from .outbox import Outbox
+from .outbox import Outbox, lean_stream
 from .protocol import serializer_for_vsn
 from .publish import authorize, parse_body
 from .session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
@@ -228,22 +228,26 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.outbox: Optional[Outbox] = None
         self.serializer = None
 
-    async def get(self, *args, **kwargs):
+    def get(self, *args, **kwargs):
+        # Not a coroutine itself: it hands Tornado's get() coroutine back to _execute, so no frame
+        # of this method stays suspended for the life of the socket (one less per socket).
         vsn = self.get_query_argument("vsn", None)  # the last one, as Plug does
         serializer = serializer_for_vsn(vsn, legacy_path=self.legacy_path)
         if serializer is None:
             self.set_status(403)
             self.set_header("Content-Type", "application/json; charset=utf-8")
-            return self.finish(json.dumps({"error": "unsupported protocol version (vsn)"}))
+            self.finish(json.dumps({"error": "unsupported protocol version (vsn)"}))
+            return None
         daemon = self.daemon
         if len(daemon.sockets) >= daemon.settings.max_connections or daemon.draining:
             self.set_status(503)
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.set_header("Retry-After", "5")
             reason = "shutting down" if daemon.draining else "too many connections"
-            return self.finish(json.dumps({"error": reason}))
+            self.finish(json.dumps({"error": reason}))
+            return None
         self.serializer = serializer
-        await super().get(*args, **kwargs)
+        return super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
         allowed = self.daemon.origins.allows(origin)
@@ -276,8 +280,13 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.request = UpgradedRequest(request)
         # Tornado's get() coroutine keeps a reference to the header object for the socket's life.
         request.headers.clear()
-        self.ui = None
-        self._headers = None
+        # The instance dict holds ~33 attributes, half of them for the HTTP response that is
+        # over: rebuild it with what Tornado and pusherd still read (a dict half the size), and
+        # move Tornado's "not supported for WebSockets" stubs to the class (OpenSocketHandler).
+        state = self.__dict__
+        self.__class__ = OpenSocketHandler
+        self.__dict__ = {k: v for k, v in state.items() if k not in _DROPPED_AFTER_OPEN}
+        lean_stream(stream)
 
     def on_message(self, message):
         session = self.session
@@ -367,3 +376,25 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                 daemon.hub.unsubscribe(topic, self)
             session.channels.clear()
             session.closed = True
+
+
+# Attributes of an open SocketHandler nothing reads again: the upgrade's arguments, the HTTP
+# response state (headers, write buffer, transforms, UI namespace), what get() alone needed, and
+# Tornado's per-instance stubs for the HTTP methods (OpenSocketHandler has them at class level).
+_HTTP_STUBS = ("write", "redirect", "set_header", "set_cookie", "set_status", "flush", "finish")
+_DROPPED_AFTER_OPEN = frozenset(("path_args", "path_kwargs", "open_args", "open_kwargs", "ui", "_headers",
+                                 "_write_buffer", "_transforms", "legacy_path") + _HTTP_STUBS)
+
+
+class OpenSocketHandler(SocketHandler):
+    """A SocketHandler once its socket is open: the HTTP response methods raise, as Tornado's
+    own per-instance stubs do after the upgrade (WebSocketHandler._detach_stream)."""
+
+
+def _not_supported_for_websockets(*args, **kwargs) -> None:
+    raise RuntimeError("Method not supported for Web Sockets")
+
+
+for _name in _HTTP_STUBS:
+    setattr(OpenSocketHandler, _name, staticmethod(_not_supported_for_websockets))
+del _name

@@ -18,6 +18,7 @@ remainder), goes through ``IOStream.write``, so the order of bytes on the wire i
 """
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Callable, List, Optional
@@ -54,6 +55,28 @@ class FlushQueue:
             except Exception:  # one socket's failure must not keep the others' bytes back
                 log.exception("flush failed for one socket")
 
+
+
+class _ListQueue(list):
+    """A deque stand-in for IOStream's two write queues: an empty deque costs ~760 bytes (it
+    allocates a 64-slot block up front), an empty list 56. The queues hold a few entries at most
+    (a pong, a close frame, a partial write), so popleft's O(n) does not matter."""
+
+    __slots__ = ()
+
+    def popleft(self):
+        return self.pop(0)
+
+
+def lean_stream(stream) -> None:
+    """Swap an idle IOStream's empty write deques for `_ListQueue`s (Tornado 6 internals: left
+    alone when they are not what this expects). Tornado uses append, [0], [-1], popleft, clear,
+    iteration and truth on them, which a list subclass has too."""
+    buffer = getattr(stream, "_write_buffer", None)
+    if type(getattr(buffer, "_buffers", None)) is collections.deque and not buffer._buffers:
+        buffer._buffers = _ListQueue()
+    if type(getattr(stream, "_write_futures", None)) is collections.deque and not stream._write_futures:
+        stream._write_futures = _ListQueue()
 
 
 class Outbox:

@@ -1,13 +1,14 @@
 """The per-socket outbox over a real socket pair: coalescing, the direct write, order, the bound."""
 
 import asyncio
+import collections
 import socket
 
 import pytest
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, StreamClosedError
 
 from pusherd.framing import text_frame
-from pusherd.outbox import FlushQueue, Outbox
+from pusherd.outbox import FlushQueue, Outbox, lean_stream
 
 
 def test_flush_queue_runs_each_callback_once_per_iteration_in_order_despite_a_failure():
@@ -126,5 +127,33 @@ def test_a_reader_that_stops_is_cut_at_the_bound_and_nothing_more_is_queued(dire
         outbox.send(frame)  # detached: a no-op
         assert not outbox._chunks
         stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_lean_stream_keeps_tornado_writes_whole_in_order_and_fails_pending_writes_on_close():
+    """After lean_stream, IOStream's own queueing (partial writes, write futures, close) works."""
+    async def main():
+        a, b = _pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = IOStream(a)
+        lean_stream(stream)
+        assert type(stream._write_futures) is not collections.deque
+        assert type(stream._write_buffer._buffers) is not collections.deque
+        pieces = [bytes([65 + i]) * (300_000 + i) for i in range(4)]  # large: queued in pieces
+        futures = [stream.write(p) for p in pieces]
+        want = sum(len(p) for p in pieces)
+        got = b""
+        loop = asyncio.get_running_loop()
+        while len(got) < want:
+            got += await loop.run_in_executor(None, b.recv, 65536)
+        assert got == b"".join(pieces)
+        await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert not stream.writing() and not stream._write_futures
+
+        pending = stream.write(b"x" * (1 << 20))  # more than the kernel takes, then close
+        stream.close()
+        with pytest.raises(StreamClosedError):
+            await asyncio.wait_for(pending, 5)
         b.close()
     asyncio.run(main())
