@@ -151,46 +151,70 @@ async def answer_publish(daemon: "Daemon", authorizations: List[str], body: byte
     return 200, answer, ()
 
 
+class PublishBody:
+    """One POST /publish body, bounded by max_publish_bytes (both publish paths use it)."""
+
+    __slots__ = ("limit", "chunks", "size", "refused")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.refused = False
+
+    @property
+    def too_large(self) -> str:
+        return "body larger than max_publish_bytes (%d)" % self.limit
+
+    def start(self, connection, content_length: Optional[str]) -> bool:
+        """False (refused) when Content-Length already says the body is too large."""
+        # Room past the limit so that add() (not Tornado's bare 400) answers a chunked body
+        # that grows too large with a 413; one chunk larger than this still gets a 400.
+        connection.set_max_body_size(self.limit + max(self.limit, 65536))
+        if content_length is not None and content_length.isdigit() and int(content_length) > self.limit:
+            self.refused = True
+        return not self.refused
+
+    def add(self, chunk: bytes) -> bool:
+        """Keep a chunk; False (refused, nothing kept) once the body is over the limit."""
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.chunks = []
+            self.refused = True
+            return False
+        self.chunks.append(chunk)
+        return True
+
+    def take(self) -> bytes:
+        chunks, self.chunks = self.chunks, []
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 @tornado.web.stream_request_body
 class PublishHandler(JSONHandler):
     """POST /publish: the Rails app (or `pusherd publish`) hands events to every subscriber."""
 
     def prepare(self):
-        self._chunks = []
-        self._size = 0
-        self._refused = False
-        if self.request.method != "POST":
-            return
-        limit = self.daemon.settings.max_publish_bytes
-        # Room past the limit so that data_received (not Tornado's bare 400) answers a chunked
-        # body that grows too large with a 413; one chunk larger than this still gets a 400.
-        self.request.connection.set_max_body_size(limit + max(limit, 65536))
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
+        self._body = PublishBody(self.daemon.settings.max_publish_bytes)
+        if self.request.method == "POST" and not self._body.start(self.request.connection,
+                                                                  self.request.headers.get("Content-Length")):
+            self._refuse(413, self._body.too_large)
 
     def _refuse(self, status: int, reason: str) -> None:
-        self._refused = True
         # Tornado stops reading past set_max_body_size and closes: the rest is never buffered.
         self.set_header("Connection", "close")
         self.send_json(status, {"error": reason})
 
     def data_received(self, chunk: bytes) -> None:
-        if self._refused:
-            return
-        self._size += len(chunk)
-        limit = self.daemon.settings.max_publish_bytes
-        if self._size > limit:
-            self._chunks = []
-            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
-            return
-        self._chunks.append(chunk)
+        body = self._body
+        if not body.refused and not body.add(chunk):
+            self._refuse(413, body.too_large)
 
     async def post(self):
-        if self._refused:
+        if self._body.refused:
             return
         status, body, headers = await answer_publish(self.daemon, self.request.headers.get_list("Authorization"),
-                                                     b"".join(self._chunks),
+                                                     self._body.take(),
                                                      self.request.headers.get("Content-Type", ""))
         for name, value in headers:
             self.set_header(name, value)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, List, Optional
 import tornado
 from tornado import httputil
 
-from .handlers import answer_publish, log_access
+from .handlers import PublishBody, answer_publish, log_access
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon
@@ -74,15 +74,12 @@ class _Dispatch(httputil.HTTPMessageDelegate):
 class PublishRequest(httputil.HTTPMessageDelegate):
     """One POST /publish, answered without a RequestHandler."""
 
-    __slots__ = ("daemon", "conn", "chunks", "size", "refused", "authorization", "content_type", "path",
-                 "started")
+    __slots__ = ("daemon", "conn", "body", "authorization", "content_type", "path", "started")
 
     def __init__(self, daemon: "Daemon", conn):
         self.daemon = daemon
         self.conn = conn
-        self.chunks: List[bytes] = []
-        self.size = 0
-        self.refused = False
+        self.body = PublishBody(daemon.settings.max_publish_bytes)
         self.authorization: List[str] = []
         self.content_type = ""
         self.path = PUBLISH_PATH
@@ -93,36 +90,24 @@ class PublishRequest(httputil.HTTPMessageDelegate):
         self.path = start_line.path.split("?", 1)[0]
         self.authorization = headers.get_list("Authorization")
         self.content_type = headers.get("Content-Type", "")
-        limit = self.daemon.settings.max_publish_bytes
-        # As PublishHandler: room past the limit so that data_received answers a growing
-        # chunked body with a 413 rather than Tornado's bare 400.
-        self.conn.set_max_body_size(limit + max(limit, 65536))
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
+        if not self.body.start(self.conn, headers.get("Content-Length")):
+            self._refuse(413, self.body.too_large)
         return None
 
     def data_received(self, chunk):
-        if self.refused:
-            return None
-        self.size += len(chunk)
-        limit = self.daemon.settings.max_publish_bytes
-        if self.size > limit:
-            self.chunks = []
-            self._refuse(413, "body larger than max_publish_bytes (%d)" % limit)
-            return None
-        self.chunks.append(chunk)
+        body = self.body
+        if not body.refused and not body.add(chunk):
+            self._refuse(413, body.too_large)
         return None
 
     def finish(self):
-        if not self.refused:
+        if not self.body.refused:
             # HTTP1Connection does not await finish(); it waits for the answer to be written.
             self.daemon.spawn(self._publish())
         return None
 
     async def _publish(self) -> None:
-        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
-        self.chunks = []
+        body = self.body.take()
         try:
             status, answer, headers = await answer_publish(self.daemon, self.authorization, body, self.content_type)
         except Exception:  # as RequestHandler would: a 500 with a JSON reason, and the traceback logged
@@ -131,7 +116,6 @@ class PublishRequest(httputil.HTTPMessageDelegate):
         self._answer(status, answer, headers)
 
     def _refuse(self, status: int, reason: str) -> None:
-        self.refused = True
         # Tornado stops reading past set_max_body_size and closes: the rest is never buffered.
         self._answer(status, {"error": reason}, (("Connection", "close"),))
 
@@ -162,5 +146,5 @@ class PublishRequest(httputil.HTTPMessageDelegate):
                        time.time() - self.started)
 
     def on_connection_close(self):
-        self.chunks = []
+        self.body.take()
         self.daemon.requests.discard(self)
