@@ -335,7 +335,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                     channel = self.session.channels.get(follower.topic)
                     daemon.spawn(daemon.confirm_join(self, action, follower, channel and channel.join_ref))
                     continue
-                self.send_frame(text_frame(action.text.encode("utf-8")))
+                self.send_text(action.text)
             elif kind is Subscribe:
                 if action is not deferred:
                     daemon.subscribe(action.topic, self, action.params)
@@ -353,6 +353,10 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         if outbox is not None:
             outbox.send(frame)
 
+    def send_text(self, text: str) -> None:
+        """One frame for this socket alone (replies, replays); broadcasts come framed by the hub."""
+        self.send_frame(text_frame(text.encode("utf-8")))
+
     async def _publish(self, push: Publish) -> None:
         try:
             await self.daemon.publish(Broadcast(push.topic, push.event, push.payload))
@@ -360,7 +364,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             reply = self.session.push_error(push, errors.UNAVAILABLE)
         else:
             reply = self.session.push_ok(push)
-        self.send_frame(text_frame(reply.text.encode("utf-8")))
+        self.send_text(reply.text)
 
     def close_with(self, code: int, reason: str) -> None:
         if self.outbox is not None:

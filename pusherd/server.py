@@ -18,7 +18,6 @@ import tornado.web
 from .broker import Broadcast, Broker, MemoryBroker
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .errors import StartupError
-from .framing import text_frame
 from .history import Rules, parse_position, pending_after
 from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, install_log_redaction,
                        log_request)
@@ -237,14 +236,18 @@ class Daemon:
             session = handler.session
             if session is None or session.closed or not session.is_current(topic, join_ref):
                 return
-            handler.send_frame(text_frame(reply.text.encode("utf-8")))
-            serializer = session.serializer
-            for broadcast in held:
-                text = serializer.encode_broadcast(topic, broadcast.event, broadcast.payload, broadcast.position)
-                handler.send_frame(text_frame(text.encode("utf-8")))
+            handler.send_text(reply.text)
+            self._send_held(handler, topic, held)
             self.subscribe(topic, handler, action.params)
         finally:
             self.hub.release(topic, held)
+
+    @staticmethod
+    def _send_held(handler, topic: str, broadcasts) -> None:
+        """Broadcasts held while a join waited on the broker, to that one socket, in order."""
+        serializer = handler.session.serializer
+        for b in broadcasts:
+            handler.send_text(serializer.encode_broadcast(topic, b.event, b.payload, b.position))
 
     async def recover_join(self, handler, action) -> None:
         """Answer a join with ``since``: reply, replay what was missed in order, then go live.
@@ -267,7 +270,7 @@ class Daemon:
                 response = {"recovered": False, "position": None}
             else:
                 response = {"recovered": recovery.recovered, "position": recovery.position}
-            handler.execute([session.join_reply(action, response)])
+            handler.send_text(session.join_reply(action, response).text)
             serializer = session.serializer
             last = parse_position(recovery.position)[1] if recovery and recovery.position else 0
             self.counters.recoveries["recovered" if recovery and recovery.recovered else "not_recovered"] += 1
@@ -275,12 +278,9 @@ class Daemon:
                 self.counters.replayed += len(recovery.missed)
                 for entry in recovery.missed:
                     ref = "%s:%d" % (recovery.epoch, entry.offset)
-                    text = serializer.encode_broadcast(topic, entry.event, entry.payload, ref)
-                    handler.send_frame(text_frame(text.encode("utf-8")))
-            for broadcast in pending_after(held, last):
-                text = serializer.encode_broadcast(topic, broadcast.event, broadcast.payload, broadcast.position)
-                handler.send_frame(text_frame(text.encode("utf-8")))
-            self.hub.subscribe(topic, handler)
+                    handler.send_text(serializer.encode_broadcast(topic, entry.event, entry.payload, ref))
+            self._send_held(handler, topic, pending_after(held, last))
+            self.subscribe(topic, handler, action.params)
         finally:
             self.hub.release(topic, held)
 

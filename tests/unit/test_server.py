@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pusherd.framing import text_frame
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -185,6 +187,9 @@ class JoiningSocket:
 
     def send_frame(self, frame):
         self.frames.append(frame)
+
+    def send_text(self, text):  # as SocketHandler.send_text
+        self.send_frame(text_frame(text.encode("utf-8")))
 
 
 @pytest.mark.parametrize("left_meanwhile", [False, True])
