@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .cli import add_config_options
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -19,8 +20,7 @@ def _serve_parser() -> argparse.ArgumentParser:
                     "With no arguments: development settings on 127.0.0.1:4000.",
         epilog="Other commands: 'pusherd publish TOPIC EVENT [PAYLOAD_JSON]' (see pusherd publish --help) and "
                "'pusherd token [--listen P] [--csrf]' (see pusherd token --help).")
-    p.add_argument("--config", metavar="FILE", help="pusher.yml (default: $PUSHERD_CONFIG, else the embedded default)")
-    p.add_argument("--env", metavar="NAME", help="environment section (default: $PUSHERD_ENV, $RAILS_ENV, development)")
+    add_config_options(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
     p.add_argument("--check-config", action="store_true", help="validate, print the effective settings, exit 0/2")
     p.add_argument("--version", action="version", version="pusherd " + __version__)
@@ -32,9 +32,7 @@ def load_settings(args, environ=None):
     import os
     from . import config
     environ = os.environ if environ is None else environ
-    env = config.resolve_env(args.env, environ)
-    path = config.resolve_path(args.config, environ)
-    return config.load(path, env, environ, listen=getattr(args, "listen", None))
+    return config.load_selected(args.config, args.env, environ, listen=getattr(args, "listen", None))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -26,7 +26,8 @@ class UsageError(Exception):
     """Bad arguments or configuration: exit 2 with this message."""
 
 
-def _config_options(p: argparse.ArgumentParser) -> None:
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """--config and --env, as every pusherd command takes them."""
     p.add_argument("--config", metavar="FILE", help="pusher.yml (default: $PUSHERD_CONFIG, else the embedded default)")
     p.add_argument("--env", metavar="NAME", help="environment section (default: $PUSHERD_ENV, $RAILS_ENV, development)")
 
@@ -46,7 +47,7 @@ def publish_parser() -> argparse.ArgumentParser:
                    help="a JSON object (default {}); '-' reads it from standard input")
     p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
     p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
-    _config_options(p)
+    add_config_options(p)
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per attempt (default 5)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries on 503 or connection errors, with backoff (default 3)")
@@ -69,16 +70,14 @@ def token_parser() -> argparse.ArgumentParser:
                    help="bind the token to this csrf token (aud csrf, s_csrf); without a value a random one")
     p.add_argument("--issuer", help="iss claim (default: the config's first issuer, if any)")
     p.add_argument("--secret", help="sign with this secret instead of the config's guardian secret")
-    _config_options(p)
+    add_config_options(p)
     return p
 
 
 def _load(args, environ: Mapping[str, str]) -> "Settings":
     from . import config  # only when the command line left something to the configuration
-    env = config.resolve_env(args.env, environ)
-    path = config.resolve_path(args.config, environ)
     try:
-        return config.load(path, env, environ)
+        return config.load_selected(args.config, args.env, environ)
     except config.ConfigError as exc:
         raise UsageError("configuration error:\n" + "\n".join("  " + p for p in exc.problems)) from None
 

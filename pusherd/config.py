@@ -252,6 +252,13 @@ def resolve_path(cli_path: Optional[str], environ: Mapping[str, str]) -> Optiona
     return cli_path or environ.get("PUSHERD_CONFIG") or None
 
 
+def load_selected(cli_path: Optional[str], cli_env: Optional[str], environ: Mapping[str, str] = os.environ,
+                  listen: Optional[str] = None) -> Settings:
+    """The settings every command uses: file and environment chosen by :func:`resolve_path` and
+    :func:`resolve_env` from ``--config``/``--env`` and the environment variables."""
+    return load(resolve_path(cli_path, environ), resolve_env(cli_env, environ), environ, listen=listen)
+
+
 def load(
     path: Optional[str],
     env: str,
