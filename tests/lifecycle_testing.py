@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pusherd_testing import stop_process  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # dup the given fds to 3, 4, ... (via fds >= 100 so that none is overwritten), set
@@ -209,18 +211,7 @@ class ManagedPusherd:
         return rc
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(2)
-        return self.proc.returncode
+        return stop_process(self.proc, self._reader, signal.SIGTERM, timeout)
 
 
 def http(method: str, url: str, body=None, headers=None, timeout: float = 10.0):

@@ -67,6 +67,30 @@ def rails_token(listen=(), publish=(), sub=None, csrf="csrf-token-from-the-page"
     return token, csrf
 
 
+def stop_process(proc, reader, sig=signal.SIGTERM, timeout=15.0):
+    """Signal a daemon, kill it if it outlives `timeout`, let its log reader finish; its exit status."""
+    if proc is None:
+        return 0
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if reader is not None:
+        reader.join(2)
+    return proc.returncode
+
+
+def joined(phx_connect, daemon, topic, params=None):
+    """A Python Phoenix client joined to `topic` on `daemon` (the join must succeed)."""
+    client = phx_connect(daemon.ws_url)
+    status, response, _ = client.join(topic, params)
+    assert status == "ok", response
+    return client
+
+
 class Pusherd:
     """One real pusherd process, started with a YAML file written for the test."""
 
@@ -136,18 +160,7 @@ class Pusherd:
         self.proc.send_signal(sig)
 
     def stop(self, sig=signal.SIGTERM, timeout=15.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(2)
-        return self.proc.returncode
+        return stop_process(self.proc, self._reader, sig, timeout)
 
     def restart(self):
         self.stop()

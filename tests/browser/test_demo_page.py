@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require
+from pusherd_testing import ROOT, require
 
 pytestmark = pytest.mark.integration
 
@@ -133,6 +133,16 @@ def demo_daemon(pusherd_factory, **overrides):
     return daemon
 
 
+def join_deploys_with_a_pasted_token(chromium, daemon):
+    """Join deploys:web with a token minted like the Rails helper does, pasted into the page."""
+    token, csrf = pusherd_cli(daemon, "token", "--listen", "deploys:web", "--csrf").split()
+    chromium.call("fill", selector="#topic", value="deploys:web")
+    chromium.call("fill", selector="#token", value=token)
+    chromium.call("fill", selector="#csrf", value=csrf)
+    chromium.click("#join")
+    chromium.wait('#channels li[data-topic="deploys:web"][data-status="joined"]')
+
+
 def test_page_connects_joins_shows_published_events_and_reloads_on_deploy(pusherd_factory, chromium, phx_connect):
     daemon = demo_daemon(pusherd_factory)
     assert chromium.call("goto", url=daemon.http_url + "/demo")["status"] == 200
@@ -155,13 +165,7 @@ def test_page_connects_joins_shows_published_events_and_reloads_on_deploy(pusher
     assert other.expect(event="msg")["payload"] == {"body": "from the page"}
     chromium.wait('#events li[data-event="msg"]:has-text("from the page")')
 
-    # Subscribe to deploys:web with a token minted like the Rails helper does, pasted into the page.
-    token, csrf = pusherd_cli(daemon, "token", "--listen", "deploys:web", "--csrf").split()
-    chromium.call("fill", selector="#topic", value="deploys:web")
-    chromium.call("fill", selector="#token", value=token)
-    chromium.call("fill", selector="#csrf", value=csrf)
-    chromium.click("#join")
-    chromium.wait('#channels li[data-topic="deploys:web"][data-status="joined"]')
+    join_deploys_with_a_pasted_token(chromium, daemon)
     assert chromium.call("evaluate", expression="document.getElementById('reloaded').hidden") is True
 
     # The deploy hook: every subscribed page reloads itself.
@@ -201,12 +205,7 @@ def test_page_with_history_reloads_once_per_deploy_and_recovers_deploys_missed_w
     daemon = demo_daemon(pusherd_factory, history=[{"topics": "deploys:*", "size": 20, "ttl": 3600}])
     assert chromium.call("goto", url=daemon.http_url + "/demo")["status"] == 200
     chromium.wait('#state[data-state="open"]')
-    token, csrf = pusherd_cli(daemon, "token", "--listen", "deploys:web", "--csrf").split()
-    chromium.call("fill", selector="#topic", value="deploys:web")
-    chromium.call("fill", selector="#token", value=token)
-    chromium.call("fill", selector="#csrf", value=csrf)
-    chromium.click("#join")
-    chromium.wait('#channels li[data-topic="deploys:web"][data-status="joined"]')
+    join_deploys_with_a_pasted_token(chromium, daemon)
 
     chromium.call("evaluate", expression="window.marker = 1")
     pusherd_cli(daemon, "publish", "deploys:web", "new_version", '{"version": "v2"}')

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import GUARDIAN_SECRET, ISSUER, PUBLISH_SECRET, ROOT, Pusherd, free_port
+from pusherd_testing import GUARDIAN_SECRET, ISSUER, PUBLISH_SECRET, ROOT, Pusherd, free_port, joined
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,8 @@ def daemon(tmp_path_factory):
     d.stop()
 
 
-def listener(phx_connect, daemon, topic, payload=None):
-    client = phx_connect(daemon.ws_url)
-    status, response, _ = client.join(topic, payload)
-    assert status == "ok", response
-    return client
-
-
 def test_publish_finds_the_daemon_and_secret_through_the_config(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-config")
+    c = joined(phx_connect, daemon, "public:cli-config")
     result = pusherd_cmd("publish", "public:cli-config", "new_version", '{"version": "abc123"}',
                          "--config", str(daemon.config_path), "--env", "test")
     assert result.returncode == 0, result.stderr
@@ -51,7 +44,7 @@ def test_publish_finds_the_daemon_and_secret_through_the_config(daemon, phx_conn
 
 
 def test_publish_config_and_env_from_the_environment(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-environ")
+    c = joined(phx_connect, daemon, "public:cli-environ")
     result = pusherd_cmd("publish", "public:cli-environ", "e",
                          env={"PUSHERD_CONFIG": str(daemon.config_path), "RAILS_ENV": "test"})
     assert result.returncode == 0, result.stderr
@@ -59,7 +52,7 @@ def test_publish_config_and_env_from_the_environment(daemon, phx_connect):
 
 
 def test_publish_url_and_secret_from_flags_and_variables(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-url")
+    c = joined(phx_connect, daemon, "public:cli-url")
     result = pusherd_cmd("publish", "public:cli-url", "a", '{"n": 1}', "--url", daemon.http_url,
                          "--secret", PUBLISH_SECRET)
     assert result.returncode == 0, result.stderr
@@ -73,7 +66,7 @@ def test_publish_url_and_secret_from_flags_and_variables(daemon, phx_connect):
 
 
 def test_publish_payload_from_stdin(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-stdin")
+    c = joined(phx_connect, daemon, "public:cli-stdin")
     result = pusherd_cmd("publish", "public:cli-stdin", "s", "-", "--url", daemon.http_url,
                          "--secret", PUBLISH_SECRET, stdin='{"from": "stdin", "list": [1, 2]}\n')
     assert result.returncode == 0, result.stderr
@@ -81,7 +74,7 @@ def test_publish_payload_from_stdin(daemon, phx_connect):
 
 
 def test_publish_wrong_secret_exits_1_with_the_servers_reason(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-secret")
+    c = joined(phx_connect, daemon, "public:cli-secret")
     result = pusherd_cmd("publish", "public:cli-secret", "e", "--url", daemon.http_url, "--secret", "wrong")
     assert result.returncode == 1
     assert result.stderr.strip() == "pusherd publish: 401 missing or wrong publish secret"
@@ -101,7 +94,7 @@ def test_publish_refused_by_the_server_prints_its_reason(daemon, args, reason):
 
 
 def test_publish_bad_json_payload_is_a_usage_error_and_sends_nothing(daemon, phx_connect):
-    c = listener(phx_connect, daemon, "public:cli-badjson")
+    c = joined(phx_connect, daemon, "public:cli-badjson")
     for payload in ('{"version": ', "{'single': 'quotes'}"):
         result = pusherd_cmd("publish", "public:cli-badjson", "e", payload, "--url", daemon.http_url,
                              "--secret", PUBLISH_SECRET)

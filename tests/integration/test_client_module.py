@@ -6,17 +6,10 @@ import threading
 
 import pytest
 
-from conftest import GUARDIAN_SECRET, ISSUER, PUBLISH_SECRET, free_port
+from pusherd_testing import GUARDIAN_SECRET, ISSUER, PUBLISH_SECRET, free_port, joined
 from pusherd.client import PublishFailed, mint_token, publish
 
 pytestmark = pytest.mark.integration
-
-
-def joined(phx_connect, daemon, topic, params=None):
-    c = phx_connect(daemon.ws_url)
-    status, response, _ = c.join(topic, params)
-    assert status == "ok", response
-    return c
 
 
 def test_publish_delivers_and_returns_the_answer(pusherd_server, phx_connect):

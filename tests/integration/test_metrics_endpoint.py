@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PUBLISH_SECRET, ROOT, Pusherd, free_port, rails_token
+from pusherd_testing import PUBLISH_SECRET, ROOT, Pusherd, free_port, rails_token
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")  # a test extra: always there in CI
 

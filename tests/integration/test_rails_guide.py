@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import GUARDIAN_SECRET, PUBLISH_SECRET, ROOT, Pusherd, free_port, require
+from pusherd_testing import GUARDIAN_SECRET, PUBLISH_SECRET, ROOT, Pusherd, free_port, require
 
 pytestmark = pytest.mark.integration
 
