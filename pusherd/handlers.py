@@ -126,7 +126,7 @@ class HealthHandler(JSONHandler):
 async def answer_publish(daemon: "Daemon", authorizations: List[str], body: bytes, content_type: str):
     """Authorize, validate and publish one POST /publish body: (status, JSON body, extra headers).
 
-    Shared by PublishHandler and the lean route in routes.py, so both answer alike.
+    Shared by PublishHandler and the lean publisher connections in front.py, so both answer alike.
     ``authorizations``: every Authorization header of the request.
     """
     try:

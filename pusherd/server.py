@@ -11,7 +11,6 @@ import socket
 import time
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
@@ -26,7 +25,7 @@ from .metrics import Counters
 from .outbox import FlushQueue
 from . import speedups
 from .origins import OriginPolicy
-from .routes import Routes
+from .front import PublishConnections, Server
 from .session import Limits, Policy
 from .tokens import Verifier
 
@@ -94,7 +93,7 @@ class Daemon:
         self.gc_freezer = speedups.GcFreezer()
         self._tasks = set()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._servers: List[tornado.httpserver.HTTPServer] = []
+        self._servers: List[Server] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._boot_settings = settings
@@ -156,13 +155,15 @@ class Daemon:
             sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)
         sockets = list(sockets)
         self._app = self.make_app()
-        server = tornado.httpserver.HTTPServer(
-            Routes(self._app, self, lean_publish=self.fast),
+        server = Server(
+            self._app,
             idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
             max_body_size=s.max_publish_bytes + 1, max_header_size=16384,
             # Also each IOStream's read size: a 64 KB default buffer per read, during a storm
             # of thousands of handshakes, fragments the heap for good.
             chunk_size=16384)
+        if self.fast:  # publisher connections on the lean path (front.py)
+            server.front = PublishConnections(self, server)
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]
@@ -341,13 +342,16 @@ class Daemon:
 
     def _open_http_connections(self) -> int:
         # Tornado keeps its HTTP connections (not the upgraded WebSockets) in this set.
-        return sum(len(getattr(server, "_connections", ())) for server in self._servers)
+        return sum(len(getattr(server, "_connections", ())) + (len(server.front.open) if server.front else 0)
+                   for server in self._servers)
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for server in self._servers:
             server.stop()
+            if server.front is not None:
+                server.front.close_all()
             await server.close_all_connections()
         self._servers = []
         if self.metrics is not None:

@@ -3,9 +3,10 @@
 - ``PUSHERD_LOOP``: ``auto`` (default: uvloop when the ``fast`` extra installed it), ``uvloop``,
   ``asyncio``. Tornado runs on either.
 - ``PUSHERD_FAST``: ``1`` (default) turns on the fast paths: an outbox hands its bytes straight
-  to the socket when Tornado's write buffer is empty (no Future per write), and POST /publish is
-  answered without a RequestHandler (routes.py). ``0`` always goes through ``IOStream.write``
-  and ``PublishHandler``. The bytes on the wire are the same either way.
+  to the socket when Tornado's write buffer is empty (no Future per write), and publisher
+  connections are served outside Tornado's HTTP server while they send plain POST /publish
+  requests (front.py). ``0`` always goes through ``IOStream.write``, Tornado's HTTP server and
+  ``PublishHandler``. The bytes on the wire are the same either way.
 - The cyclic garbage collector: long-lived objects (modules, settings, and later the joined
   sockets) are moved out of its reach with ``gc.freeze()``, so a collection walks only what is
   young instead of every live socket (Python's collector otherwise costs O(live objects) per

@@ -6,6 +6,9 @@ side by side on the same requests.
 
 import http.client
 import json
+import re
+import socket
+import time
 
 import pytest
 
@@ -75,3 +78,158 @@ def test_keep_alive_publishes_and_websocket_on_one_port(pusherd_factory, phx_con
     assert resp.status == 200 and json.loads(resp.read())["connections"] == 1
     conn.close()
     assert [client.expect(topic="public:ka", event="n")["payload"]["i"] for _ in range(20)] == list(range(20))
+
+
+# -- raw bytes: what only a hand-written client sends -------------------------------------------
+
+def conversation(port, chunks, idle=0.4, pause=0.05):
+    """Send `chunks` (with a pause between them) on one connection; every byte answered until the
+    server closes or stays silent for `idle` seconds; Date values blanked."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        for i, chunk in enumerate(chunks):
+            if i:
+                time.sleep(pause)
+            s.sendall(chunk)
+        s.settimeout(idle)
+        data = b""
+        while True:
+            try:
+                got = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                data += b"<reset>"
+                break
+            if not got:
+                data += b"<closed>"
+                break
+            data += got
+    return re.sub(rb"Date: [^\r]*", b"Date: -", data)
+
+
+def publish(body, *extra, version=b"HTTP/1.1", auth=b"Bearer " + PUBLISH_SECRET.encode()):
+    body = body.encode() if isinstance(body, str) else body
+    lines = [b"POST /publish " + version, b"Host: 127.0.0.1", b"Content-Type: application/json",
+             b"Authorization: " + auth, b"Content-Length: %d" % len(body)] + list(extra)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def event(n):
+    return json.dumps({"topic": "public:raw", "event": "e", "payload": {"n": n}})
+
+
+UPGRADE = (b"GET /events/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+CONVERSATIONS = {
+    "pipelined": [publish(event(1)) + publish(event(2)) + publish(event(3))],
+    "split-everywhere": [publish(event(4))[:7], publish(event(4))[7:30], publish(event(4))[30:-3],
+                         publish(event(4))[-3:]],
+    "client-close": [publish(event(5), b"Connection: close")],
+    "then-health": [publish(event(8)) + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"],
+    "then-upgrade": [publish(event(9)) + UPGRADE],
+    "then-404": [publish(event(10)), b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" + publish(event(11))],
+    "http10": [publish(event(12), version=b"HTTP/1.0")],
+    "http10-keep-alive": [publish(event(13), b"Connection: keep-alive", version=b"HTTP/1.0") + publish(event(14))],
+    "chunked": [b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + PUBLISH_SECRET.encode()
+                + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"%x\r\n%s\r\n0\r\n\r\n" % (len(event(15)), event(15).encode()) + publish(event(16))],
+    "expect-continue": [publish(event(17), b"Expect: 100-continue")],
+    "too-large": [publish(json.dumps({"topic": "public:raw", "event": "e", "payload": "x" * 5000}))],
+    "too-large-huge-length": [b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\nabc"],
+    "bad-auth-then-good": [publish(event(18), auth=b"Bearer nope") + publish(event(19))],
+    "bad-json": [publish("{nope") + publish(event(20))],
+    "space-before-colon": [b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length : 2\r\n\r\n{}"],
+    "no-host": [b"POST /publish HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"],
+    "two-lengths": [b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"],
+    "bare-lf": [publish(event(21)).replace(b"\r\n", b"\n")],
+    "leading-crlf": [b"\r\n" + publish(event(22))],
+    "header-too-long": [b"POST /publish HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n"],
+    "query-string": [publish(event(23)).replace(b"POST /publish ", b"POST /publish?token=abc ")],
+    "empty-body": [publish("")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_raw_conversations_are_answered_alike(pusherd_factory, phx_connect, name):
+    config = {"max_publish_bytes": 4096}
+    fast = pusherd_factory(config, extra_env={"PUSHERD_FAST": "1"})
+    plain = pusherd_factory(config, extra_env={"PUSHERD_FAST": "0"})
+    clients = {d: phx_connect(d.ws_url) for d in (fast, plain)}
+    for client in clients.values():
+        assert client.join("public:raw")[0] == "ok"
+    answers = {d: conversation(d.port, CONVERSATIONS[name]) for d in (fast, plain)}
+    assert answers[fast] == answers[plain]
+    assert answers[fast].startswith(b"HTTP/1.") or name == "header-too-long"  # Tornado just closes
+    events = {}
+    for d, client in clients.items():
+        events[d] = []
+        while True:
+            try:
+                events[d].append(client.expect(topic="public:raw", event="e", timeout=0.3)["payload"]["n"])
+            except AssertionError:
+                break
+    assert events[fast] == events[plain]
+
+
+def test_nothing_after_connection_close_is_processed(pusherd_factory, phx_connect):
+    """RFC 9112 9.6: after a request with Connection: close, a server MUST NOT process further
+    requests on that connection. (Tornado's own HTTP server, PUSHERD_FAST=0, publishes them.)"""
+    d = pusherd_factory(extra_env={"PUSHERD_FAST": "1"})
+    client = phx_connect(d.ws_url)
+    assert client.join("public:raw")[0] == "ok"
+    answers = conversation(d.port, [publish(event(6), b"Connection: close") + publish(event(7))])
+    assert answers.count(b"HTTP/1.1 200 OK") == 1 and answers.endswith(b"Connection: close\r\n\r\n"
+                                                                       b'{"status": "ok", "published": 1}<closed>')
+    assert client.expect(topic="public:raw", event="e")["payload"] == {"n": 6}
+    client.assert_silent(0.3)
+
+
+def test_pipelined_publishes_keep_their_order(pusherd_server, phx_connect):
+    client = phx_connect(pusherd_server.ws_url)
+    assert client.join("public:raw")[0] == "ok"
+    answers = conversation(pusherd_server.port, [b"".join(publish(event(n)) for n in range(200))], idle=1.0)
+    assert answers.count(b"HTTP/1.1 200 OK") == 200
+    assert [client.expect(topic="public:raw", event="e")["payload"]["n"] for _ in range(200)] == list(range(200))
+
+
+def test_a_publisher_that_does_not_read_its_answers_is_held_back_not_buffered(pusherd_server, phx_connect):
+    """Reading pauses while an answer waits for the socket: the server holds one request's worth
+    of the hog's bytes, and every other client is served meanwhile."""
+    client = phx_connect(pusherd_server.ws_url)
+    assert client.join("public:raw")[0] == "ok"
+    hog = socket.create_connection(("127.0.0.1", pusherd_server.port))
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.setblocking(False)
+    request = publish(event(-1))
+    sent = 0
+    deadline = time.monotonic() + 10
+    stuck_since = None
+    while time.monotonic() < deadline:  # write until the server stops taking requests
+        try:
+            sent += hog.send(request * 50)
+            stuck_since = None
+        except BlockingIOError:
+            stuck_since = stuck_since or time.monotonic()
+            if time.monotonic() - stuck_since > 0.5:
+                break
+            time.sleep(0.01)
+    assert stuck_since is not None, "the server kept reading a client that reads nothing"
+    status, body = pusherd_server.request("POST", "/publish", event(1).encode(),
+                                          {"Authorization": "Bearer " + PUBLISH_SECRET,
+                                           "Content-Type": "application/json"})[:2]
+    assert (status, body) == (200, {"status": "ok", "published": 1})
+    assert client.expect(topic="public:raw", event="e", payload={"n": 1}, timeout=10)
+    hog.close()
+    assert pusherd_server.request("GET", "/healthz")[0] == 200
+
+
+def test_publishes_through_redis_are_answered_in_order(redis_server, pusherd_factory, phx_connect):
+    """With Redis each publish waits for the broker: pipelined requests still answer in order."""
+    d = pusherd_factory({"broker": redis_server.url})
+    client = phx_connect(d.ws_url)
+    assert client.join("public:raw")[0] == "ok"
+    answers = conversation(d.port, [b"".join(publish(event(n)) for n in range(50)) + publish(event(50), b"Connection: close")],
+                           idle=2.0)
+    assert answers.count(b"HTTP/1.1 200 OK") == 51 and answers.endswith(b"<closed>")
+    assert [client.expect(topic="public:raw", event="e")["payload"]["n"] for _ in range(51)] == list(range(51))

@@ -1,0 +1,374 @@
+"""The listener's front door: publisher connections on a lean path, everything else to Tornado.
+
+Tornado's HTTP/1.1 server costs more per request than a publish itself: a coroutine and a
+timeout per read, header objects, a Future per write, two ``setsockopt`` calls for Nagle, a
+Task per request. A Rails app publishes request after request over one keep-alive connection,
+so with the fast paths on (`speedups.fast_paths`) `Server` gives each new connection to a
+`PublishConnection` first. It reads the first request's head and, while requests have the
+plain shape `http1.read_head` recognizes, answers them itself: the same `answer_publish`, the
+same statuses, bodies and headers as `handlers.PublishHandler` (tests/integration/
+test_fast_paths.py compares both byte for byte). At the first request of any other shape (a
+WebSocket upgrade, a health check, a chunked body, HTTP/1.0...) the connection, with every byte
+read so far, goes to Tornado's own `HTTPServer.handle_stream` for good.
+"""
+
+import asyncio
+import json
+import logging
+import socket
+import time
+import types
+from typing import TYPE_CHECKING, Optional
+
+import tornado
+import tornado.httpserver
+from tornado import httputil
+from tornado.iostream import IOStream
+
+from .handlers import answer_publish, log_access
+from .http1 import MORE, OTHER, PublishHead, read_head
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .server import Daemon
+
+log = logging.getLogger("pusherd")
+
+_RECV = 65536
+
+
+class Server(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server; with a `PublishConnections` in ``front``, new connections go to it."""
+
+    front: Optional["PublishConnections"] = None
+
+    def handle_stream(self, stream: IOStream, address) -> None:
+        front = self.front
+        if front is None or type(stream) is not IOStream:
+            super().handle_stream(stream, address)
+        else:
+            # The IOStream TCPServer made is dropped unused (it has registered nothing yet).
+            front.adopt(stream.socket, address)
+
+    def hand_over(self, sock: socket.socket, address, prefix: bytes) -> None:
+        """Serve `sock` as Tornado would have from the start, `prefix` being what it sent so far."""
+        stream = _PrefilledIOStream(sock, prefix, max_buffer_size=self.max_buffer_size,
+                                    read_chunk_size=self.read_chunk_size)
+        super().handle_stream(stream, address)
+
+
+class _PrefilledIOStream(IOStream):
+    """An IOStream whose first read returns the bytes already read from its socket.
+
+    `read_from_fd` is the documented override point for a stream's reads. The whole prefix is
+    returned by the first read (its read size is raised to fit): Tornado waits for the socket
+    to be readable only after a read that did not satisfy it, and the socket will not signal
+    bytes it no longer holds. Then the stream becomes a plain IOStream again (the outbox only
+    bypasses exactly that).
+    """
+
+    def __init__(self, sock: socket.socket, prefix: bytes, read_chunk_size: int, **kwargs):
+        super().__init__(sock, read_chunk_size=max(read_chunk_size, len(prefix)), **kwargs)
+        self._prefix = prefix
+        self._chunk_size = read_chunk_size
+
+    def read_from_fd(self, buf) -> Optional[int]:
+        prefix = self._prefix
+        n = min(len(buf), len(prefix))  # all of it, unless Tornado reads into a smaller buffer
+        if n < len(prefix):
+            buf[:n], self._prefix = prefix[:n], prefix[n:]
+            return n
+        self.read_chunk_size = self._chunk_size
+        del self._prefix, self._chunk_size
+        self.__class__ = IOStream
+        if not n:
+            return IOStream.read_from_fd(self, buf)
+        buf[:n] = prefix
+        return n
+
+
+class PublishConnections:
+    """Every connection `PublishConnection` serves, and what they share."""
+
+    def __init__(self, daemon: "Daemon", server: Server):
+        self.daemon = daemon
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.open = set()
+        self.server_header = "TornadoServer/%s" % tornado.version
+        self._date_second = -1
+        self._date = ""
+
+    def adopt(self, sock: socket.socket, address) -> None:
+        PublishConnection(self, sock, address)
+
+    def date(self, now: float) -> str:
+        second = int(now)
+        if second != self._date_second:
+            self._date_second, self._date = second, httputil.format_timestamp(now)
+        return self._date
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+
+
+class PublishConnection:
+    """One client connection, answered here while it sends plain ``POST /publish`` requests.
+
+    Requests are answered one at a time, in order (pipelined ones wait in ``buf``). Reading
+    pauses while an answer waits for the broker or for the socket to take it, so a client that
+    pipelines without reading its answers holds at most one request's worth of bytes here. The
+    timeouts are Tornado's: ``http_header_timeout`` for a head (and between requests),
+    ``http_body_timeout`` for a body; one timer per connection, moved lazily.
+    """
+
+    __slots__ = ("front", "sock", "fd", "address", "remote_ip", "buf", "head", "out", "busy", "reading",
+                 "closing", "deadline", "timer", "started", "_readable_cb", "_writable_cb")
+
+    def __init__(self, front: PublishConnections, sock: socket.socket, address):
+        self.front = front
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.address = address
+        self.remote_ip = (address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) and address
+                          else "0.0.0.0")
+        self.buf = bytearray()
+        self.head: Optional[PublishHead] = None
+        self.out = b""  # answer bytes the socket has not taken yet
+        self.busy = False  # a request is being answered
+        self.reading = False
+        self.closing = False  # close once `out` is sent
+        self.started = 0.0
+        self._readable_cb = self._readable
+        self._writable_cb = self._writable
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # every answer is one write
+        except OSError:
+            pass  # not TCP (an inherited Unix socket)
+        front.open.add(self)
+        loop = front.loop
+        self.deadline = loop.time() + front.daemon.settings.http_header_timeout
+        self.timer = loop.call_at(self.deadline, self._timeout)
+        self._resume()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if not self.reading and self.sock is not None:
+            self.reading = True
+            self.front.loop.add_reader(self.fd, self._readable_cb)
+
+    def _pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.front.loop.remove_reader(self.fd)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:  # the client closed its side
+            self.close()
+            return
+        self.buf += data
+        self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        """Answer each complete request in ``buf``, in order, until one must wait."""
+        settings = self.front.daemon.settings
+        while not self.busy and not self.out and self.sock is not None:
+            head = self.head
+            if head is None:
+                if not self.buf:
+                    return
+                head = read_head(self.buf)
+                if head is MORE:
+                    return
+                if head is OTHER:
+                    self._hand_over()
+                    return
+                self.started = time.time()
+                if head.content_length > settings.max_publish_bytes:
+                    # As Tornado: answered before the body, which is never read; then closed.
+                    self.busy = True
+                    self.front.daemon.requests.add(self)
+                    self._respond(head, 413, {"error": "body larger than max_publish_bytes (%d)"
+                                              % settings.max_publish_bytes}, (), refused=True)
+                    return
+                del self.buf[:head.length]
+                self.head = head
+                self.deadline = self.front.loop.time() + settings.http_body_timeout
+            if len(self.buf) < head.content_length:
+                return
+            body = bytes(self.buf[:head.content_length])
+            del self.buf[:head.content_length]
+            self.head = None
+            self._answer(head, body)
+
+    # -- answering ------------------------------------------------------------------------
+
+    def _answer(self, head: PublishHead, body: bytes) -> None:
+        daemon = self.front.daemon
+        self.busy = True
+        daemon.requests.add(self)  # a shutdown lets it finish (Daemon.drain)
+        coro = answer_publish(daemon, head.authorizations, body, head.content_type)
+        try:
+            awaited = coro.send(None)  # the memory broker never waits: answered right here
+        except StopIteration as done:
+            status, answer, extra = done.value
+        except Exception:
+            log.exception("publish failed")
+            status, answer, extra = 500, {"error": "internal server error"}, ()
+        else:  # the broker waits (Redis): the rest runs as a task, the connection waits
+            self._pause()
+            daemon.spawn(self._finish_later(head, coro, awaited))
+            return
+        self._respond(head, status, answer, extra)
+
+    async def _finish_later(self, head: PublishHead, coro, awaited) -> None:
+        try:
+            status, answer, extra = await _resume(coro, awaited)
+        except Exception:
+            log.exception("publish failed")
+            status, answer, extra = 500, {"error": "internal server error"}, ()
+        if self.sock is None:  # the client went away meanwhile
+            self.front.daemon.requests.discard(self)
+            return
+        self._respond(head, status, answer, extra)
+        self._serve_buffered()
+        if not self.out and not self.closing:
+            self._resume()
+
+    def _respond(self, head: PublishHead, status: int, answer: dict, extra, refused: bool = False) -> None:
+        front = self.front
+        daemon = front.daemon
+        now = time.time()
+        data = json.dumps(answer).encode("utf-8")
+        lines = ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
+                 "Server: " + front.server_header,
+                 "Content-Type: application/json; charset=utf-8",
+                 "Date: " + front.date(now),
+                 "Cache-Control: no-store"]
+        # The order PublishHandler's answers have: Connection (draining, or a refused body) and
+        # the extra headers as the handler sets them, Content-Length at finish(), and last the
+        # Connection: close Tornado adds when the client asked for it.
+        close = refused or daemon.draining
+        if close:  # shutting down, or a body refused unread: no further request on this connection
+            lines.append("Connection: close")
+        lines.extend("%s: %s" % ("-".join(w.capitalize() for w in name.split("-")), value) for name, value in extra)
+        lines.append("Content-Length: %d" % len(data))
+        if head.close and not close:
+            close = True
+            lines.append("Connection: close")
+        lines.append("\r\n")
+        self.busy = False
+        daemon.requests.discard(self)
+        daemon.counters.publish_requests[status] += 1
+        if daemon.settings.access_log:
+            log_access(status, "POST", head.path, self.remote_ip, now - self.started)
+        if close:
+            self.closing = True
+            self._pause()
+        self.deadline = front.loop.time() + daemon.settings.http_header_timeout
+        self._write("\r\n".join(lines).encode("latin1") + data)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(data):
+            self.out = data[sent:]
+            self._pause()
+            self.front.loop.add_writer(self.fd, self._writable_cb)
+        elif self.closing:
+            self.close()
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.out = self.out[sent:]
+        if self.out:
+            return
+        self.front.loop.remove_writer(self.fd)
+        if self.closing:
+            self.close()
+            return
+        self._serve_buffered()
+        if not self.out and not self.busy and self.sock is not None:
+            self._resume()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _timeout(self) -> None:
+        if self.sock is None:
+            return
+        loop = self.front.loop
+        if self.busy:  # the broker is answering: no read is waited for
+            self.deadline = loop.time() + self.front.daemon.settings.http_header_timeout
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._timeout)
+        else:  # a head, a body or an answer's write took too long: closed, as Tornado does
+            self.close()
+
+    def _hand_over(self) -> None:
+        """Give the connection to Tornado, with the bytes it has sent so far."""
+        sock, prefix = self._detach()
+        if sock is not None:
+            self.front.server.hand_over(sock, self.address, prefix)
+
+    def _detach(self):
+        sock = self.sock
+        if sock is None:
+            return None, b""
+        self._pause()
+        if self.out:
+            self.front.loop.remove_writer(self.fd)
+        self.timer.cancel()
+        self.sock = None
+        self.front.open.discard(self)
+        self.front.daemon.requests.discard(self)
+        prefix, self.buf = bytes(self.buf), bytearray()
+        return sock, prefix
+
+    def close(self) -> None:
+        sock, _ = self._detach()
+        if sock is not None:
+            sock.close()
+
+
+@types.coroutine
+def _resume(coro, awaited):
+    """Await the rest of `coro`, which already ran up to yielding `awaited` (``yield from``,
+    entered midway: the Task running this waits on `awaited` as it would have for `coro`)."""
+    value = awaited
+    while True:
+        try:
+            sent = yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation, or an exception thrown in by the Task
+            try:
+                value = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
