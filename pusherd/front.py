@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 import types
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 import tornado
@@ -34,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("pusherd")
 
 _RECV = 65536
+#: How often the deadlines of open connections are checked: a timeout fires up to this late.
+SWEEP_SECONDS = 0.5
 
 
 class Server(tornado.httpserver.HTTPServer):
@@ -45,45 +48,50 @@ class Server(tornado.httpserver.HTTPServer):
         front = self.front
         if front is None or type(stream) is not IOStream:
             super().handle_stream(stream, address)
-        else:
-            # The IOStream TCPServer made is dropped unused (it has registered nothing yet).
-            front.adopt(stream.socket, address)
+        else:  # the stream has registered nothing with the loop yet: its socket is the front's
+            front.adopt(stream, address)
 
-    def hand_over(self, sock: socket.socket, address, prefix: bytes) -> None:
-        """Serve `sock` as Tornado would have from the start, `prefix` being what it sent so far."""
-        stream = _PrefilledIOStream(sock, prefix, max_buffer_size=self.max_buffer_size,
-                                    read_chunk_size=self.read_chunk_size)
+    def hand_over(self, stream: IOStream, address, prefix: bytes) -> None:
+        """Serve `stream` as Tornado would have from the start, `prefix` being what it sent so far."""
+        _prefill(stream, prefix)
         super().handle_stream(stream, address)
 
 
 class _PrefilledIOStream(IOStream):
-    """An IOStream whose first read returns the bytes already read from its socket.
+    """The class an IOStream wears until its first read has returned the bytes already read
+    from its socket (`read_from_fd` is the documented override point for a stream's reads).
 
-    `read_from_fd` is the documented override point for a stream's reads. The whole prefix is
-    returned by the first read (its read size is raised to fit): Tornado waits for the socket
-    to be readable only after a read that did not satisfy it, and the socket will not signal
-    bytes it no longer holds. Then the stream becomes a plain IOStream again (the outbox only
-    bypasses exactly that).
+    The whole prefix is returned by that first read (the read size is raised to fit): Tornado
+    waits for the socket to be readable only after a read that did not satisfy it, and the
+    socket will not signal bytes it no longer holds. Then the stream is a plain IOStream again,
+    with the same instance dict as any other (the prefix waits in `_PREFIXES`, not on the
+    instance), so the outbox bypasses it and an open WebSocket costs no more than before.
     """
 
-    def __init__(self, sock: socket.socket, prefix: bytes, read_chunk_size: int, **kwargs):
-        super().__init__(sock, read_chunk_size=max(read_chunk_size, len(prefix)), **kwargs)
-        self._prefix = prefix
-        self._chunk_size = read_chunk_size
-
     def read_from_fd(self, buf) -> Optional[int]:
-        prefix = self._prefix
+        prefix, chunk_size = _PREFIXES[self]
         n = min(len(buf), len(prefix))  # all of it, unless Tornado reads into a smaller buffer
         if n < len(prefix):
-            buf[:n], self._prefix = prefix[:n], prefix[n:]
+            buf[:n] = prefix[:n]
+            _PREFIXES[self] = prefix[n:], chunk_size
             return n
-        self.read_chunk_size = self._chunk_size
-        del self._prefix, self._chunk_size
+        del _PREFIXES[self]
+        self.read_chunk_size = chunk_size
         self.__class__ = IOStream
         if not n:
             return IOStream.read_from_fd(self, buf)
         buf[:n] = prefix
         return n
+
+
+#: stream -> (bytes its first read returns, its usual read size), until that read.
+_PREFIXES: "weakref.WeakKeyDictionary[IOStream, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _prefill(stream: IOStream, prefix: bytes) -> None:
+    _PREFIXES[stream] = prefix, stream.read_chunk_size
+    stream.read_chunk_size = max(stream.read_chunk_size, len(prefix))
+    stream.__class__ = _PrefilledIOStream
 
 
 class PublishConnections:
@@ -94,12 +102,26 @@ class PublishConnections:
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.open = set()
+        # One read buffer for every connection: no large allocation per read (during a storm of
+        # handshakes, a fresh 64 KB buffer per read would fragment the heap for good).
+        self.read_view = memoryview(bytearray(_RECV))
         self.server_header = "TornadoServer/%s" % tornado.version
+        self._sweeper: Optional[asyncio.TimerHandle] = None
         self._date_second = -1
         self._date = ""
 
-    def adopt(self, sock: socket.socket, address) -> None:
-        PublishConnection(self, sock, address)
+    def adopt(self, stream: IOStream, address) -> None:
+        PublishConnection(self, stream, address)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """The timeouts of every open connection, checked once a second while there are any
+        (one timer for all: a WebSocket handshake passes through here and leaves at once)."""
+        now = self.loop.time()
+        for conn in list(self.open):
+            conn.check_deadline(now)
+        self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep) if self.open else None
 
     def date(self, now: float) -> str:
         second = int(now)
@@ -110,6 +132,9 @@ class PublishConnections:
     def close_all(self) -> None:
         for conn in list(self.open):
             conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
 
 class PublishConnection:
@@ -119,15 +144,16 @@ class PublishConnection:
     pauses while an answer waits for the broker or for the socket to take it, so a client that
     pipelines without reading its answers holds at most one request's worth of bytes here. The
     timeouts are Tornado's: ``http_header_timeout`` for a head (and between requests),
-    ``http_body_timeout`` for a body; one timer per connection, moved lazily.
+    ``http_body_timeout`` for a body, checked by `PublishConnections`'s sweep.
     """
 
-    __slots__ = ("front", "sock", "fd", "address", "remote_ip", "buf", "head", "out", "busy", "reading",
-                 "closing", "deadline", "timer", "started", "_readable_cb", "_writable_cb")
+    __slots__ = ("front", "stream", "sock", "fd", "address", "remote_ip", "buf", "head", "out", "busy", "reading",
+                 "closing", "deadline", "started", "_readable_cb", "_writable_cb")
 
-    def __init__(self, front: PublishConnections, sock: socket.socket, address):
+    def __init__(self, front: PublishConnections, stream: IOStream, address):
         self.front = front
-        self.sock = sock
+        self.stream = stream  # unused until handed to Tornado
+        self.sock = sock = stream.socket
         self.fd = sock.fileno()
         self.address = address
         self.remote_ip = (address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) and address
@@ -146,9 +172,7 @@ class PublishConnection:
         except OSError:
             pass  # not TCP (an inherited Unix socket)
         front.open.add(self)
-        loop = front.loop
-        self.deadline = loop.time() + front.daemon.settings.http_header_timeout
-        self.timer = loop.call_at(self.deadline, self._timeout)
+        self.deadline = front.loop.time() + front.daemon.settings.http_header_timeout
         self._resume()
 
     # -- reading --------------------------------------------------------------------------
@@ -164,17 +188,18 @@ class PublishConnection:
             self.front.loop.remove_reader(self.fd)
 
     def _readable(self) -> None:
+        view = self.front.read_view
         try:
-            data = self.sock.recv(_RECV)
+            n = self.sock.recv_into(view)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
-        if not data:  # the client closed its side
+        if not n:  # the client closed its side
             self.close()
             return
-        self.buf += data
+        self.buf += view[:n]
         self._serve_buffered()
 
     def _serve_buffered(self) -> None:
@@ -314,22 +339,18 @@ class PublishConnection:
 
     # -- the end ----------------------------------------------------------------------------
 
-    def _timeout(self) -> None:
-        if self.sock is None:
-            return
-        loop = self.front.loop
+    def check_deadline(self, now: float) -> None:
         if self.busy:  # the broker is answering: no read is waited for
-            self.deadline = loop.time() + self.front.daemon.settings.http_header_timeout
-        if loop.time() < self.deadline:
-            self.timer = loop.call_at(self.deadline, self._timeout)
-        else:  # a head, a body or an answer's write took too long: closed, as Tornado does
+            self.deadline = now + self.front.daemon.settings.http_header_timeout
+        elif now >= self.deadline:  # a head, a body or an answer's write took too long: closed, as Tornado does
             self.close()
 
     def _hand_over(self) -> None:
         """Give the connection to Tornado, with the bytes it has sent so far."""
         sock, prefix = self._detach()
         if sock is not None:
-            self.front.server.hand_over(sock, self.address, prefix)
+            self.front.server.hand_over(self.stream, self.address, prefix)
+        self.stream = None
 
     def _detach(self):
         sock = self.sock
@@ -338,7 +359,8 @@ class PublishConnection:
         self._pause()
         if self.out:
             self.front.loop.remove_writer(self.fd)
-        self.timer.cancel()
+        # No cycle left (self -> bound method -> self): freed at once, not by a later collection.
+        self._readable_cb = self._writable_cb = None
         self.sock = None
         self.front.open.discard(self)
         self.front.daemon.requests.discard(self)
@@ -349,6 +371,7 @@ class PublishConnection:
         sock, _ = self._detach()
         if sock is not None:
             sock.close()
+        self.stream = None
 
 
 @types.coroutine
