@@ -292,7 +292,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         stream = self.ws_connection.stream
         self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
         self.outbox = Outbox(stream, daemon.flush_queue.add, daemon.settings.max_outbox_bytes, self._slow_consumer,
-                             on_drop=daemon.counters.dropped, direct=daemon.fast)
+                             on_drop=daemon.counters.dropped, direct=daemon.fast, rounds=daemon.flush_queue)
         # The hub calls send_frame once per socket per broadcast: skip this class's wrapper.
         self.send_frame = self.outbox.send
         self.set_nodelay(True)

@@ -22,6 +22,10 @@ class Hub:
         self._on_first = on_first or (lambda topic: None)
         self._on_last = on_last or (lambda topic: None)
         self.holds: Dict[str, list] = {}   # topic -> buffers of joins replaying history
+        # topic -> ((serializer, (send_frame, ...)), ...): the members grouped once, rebuilt at
+        # the first broadcast after a change, so a broadcast touches nothing per socket but its
+        # send_frame (no attribute lookups on thousands of cold objects).
+        self._fanout: Dict[str, tuple] = {}
         self.encodes = 0      # frames built (a test can count them)
         self.delivered = 0    # frames handed to sockets
 
@@ -31,12 +35,14 @@ class Hub:
             members = self.topics[topic] = set()
             self._on_first(topic)
         members.add(subscriber)
+        self._fanout.pop(topic, None)
 
     def unsubscribe(self, topic: str, subscriber) -> None:
         members = self.topics.get(topic)
         if members is None:
             return
         members.discard(subscriber)
+        self._fanout.pop(topic, None)
         if not members and topic not in self.holds:
             del self.topics[topic]
             self._on_last(topic)
@@ -66,29 +72,37 @@ class Hub:
         if self.holds:
             for buffer in self.holds.get(broadcast.topic, ()):
                 buffer.append(broadcast)
-        members = self.topics.get(broadcast.topic)
-        if not members:
-            return 0
-        frames = {}
+        groups = self._fanout.get(broadcast.topic)
+        if groups is None:
+            members = self.topics.get(broadcast.topic)
+            if not members:
+                return 0
+            groups = self._group(broadcast.topic, members)
         sent = 0
-        for sub in tuple(members):
-            serializer = sub.serializer
-            frame = frames.get(serializer)
-            if frame is None:
-                try:
-                    text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
-                                                       broadcast.position).encode("utf-8")
-                except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
-                    # Inputs are validated where they enter; this only keeps a slip there from
-                    # breaking the caller (a broker's listener loop, a publish handler).
-                    log.error("broadcast on %.200s could not be encoded; dropped", broadcast.topic)
-                    return sent
-                frame = frames[serializer] = text_frame(text)
-                self.encodes += 1
+        for serializer, sends in groups:
             try:
-                sub.send_frame(frame)
-                sent += 1
-            except Exception:  # one broken socket must never stop the fan-out
-                log.exception("delivery to one socket failed")
+                text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
+                                                   broadcast.position).encode("utf-8")
+            except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+                # Inputs are validated where they enter; this only keeps a slip there from
+                # breaking the caller (a broker's listener loop, a publish handler).
+                log.error("broadcast on %.200s could not be encoded; dropped", broadcast.topic)
+                break
+            frame = text_frame(text)
+            self.encodes += 1
+            sent += len(sends)
+            for send in sends:
+                try:
+                    send(frame)
+                except Exception:  # one broken socket must never stop the fan-out
+                    sent -= 1
+                    log.exception("delivery to one socket failed")
         self.delivered += sent
         return sent
+
+    def _group(self, topic: str, members) -> tuple:
+        groups: Dict[object, list] = {}
+        for sub in members:
+            groups.setdefault(sub.serializer, []).append(sub.send_frame)
+        fanout = self._fanout[topic] = tuple((serializer, tuple(sends)) for serializer, sends in groups.items())
+        return fanout

@@ -29,13 +29,32 @@ log = logging.getLogger("pusherd.outbox")
 
 
 class FlushQueue:
-    """Callbacks to run once at the end of this loop iteration, in order, in one loop callback."""
+    """Callbacks to run once at the end of this loop iteration, in order, in one loop callback.
 
-    __slots__ = ("_pending", "_call_soon")
+    Also the clock of broadcast rounds: ``epoch`` moves on at the first broadcast of a loop
+    iteration (`broadcast_begins`), so an outbox can tell the first frame it gets in a round
+    (written at once) from the ones after it (coalesced into one write at the end).
+    """
+
+    __slots__ = ("_pending", "_call_soon", "epoch", "_in_round")
 
     def __init__(self, call_soon: Optional[Callable] = None):
         self._pending: List[Callable[[], None]] = []
         self._call_soon = call_soon
+        self.epoch = 0
+        self._in_round = False
+
+    def broadcast_begins(self) -> None:
+        if not self._in_round:
+            self._in_round = True
+            self.epoch += 1
+            call_soon = self._call_soon
+            if call_soon is None:
+                call_soon = self._call_soon = asyncio.get_running_loop().call_soon
+            call_soon(self._end_round)
+
+    def _end_round(self) -> None:
+        self._in_round = False
 
     def add(self, callback: Callable[[], None]) -> None:
         pending = self._pending
@@ -81,13 +100,14 @@ def lean_stream(stream) -> None:
 
 class Outbox:
     __slots__ = ("_stream", "_chunks", "_pending", "_scheduled", "_call_soon", "_max", "_piece", "_on_overflow",
-                 "stalled_since", "_on_drop", "_flush", "_direct")
+                 "stalled_since", "_on_drop", "_flush", "_direct", "_rounds", "_round", "_sock", "_wbuf")
 
     #: Largest single write handed to Tornado: its bound is checked before the socket is tried.
     PIECE = 65536
 
     def __init__(self, stream, call_soon: Callable, max_bytes: int, on_overflow: Callable[[], None],
-                 on_drop: Optional[Callable[[int], None]] = None, direct: bool = False):
+                 on_drop: Optional[Callable[[int], None]] = None, direct: bool = False,
+                 rounds: Optional[FlushQueue] = None):
         self._stream = stream
         self._chunks: List[bytes] = []
         self._pending = 0
@@ -103,12 +123,36 @@ class Outbox:
         # when its write buffer looks as this module expects (Tornado 6's _StreamBuffer).
         self._direct = (direct and type(stream) is IOStream
                         and isinstance(getattr(getattr(stream, "_write_buffer", None), "_size", None), int))
+        # With `rounds` (and direct), the first frame of each broadcast round is written at once.
+        self._rounds = rounds if self._direct else None
+        self._round = rounds.epoch if self._rounds is not None else -1  # no round yet: queued
+        # Read once here rather than per frame from the stream's (cold) instance dict. A closed
+        # socket object refuses send() (EBADF), it never writes to a reused descriptor.
+        self._sock = stream.socket if self._direct else None
+        self._wbuf = stream._write_buffer if self._direct else None
         stream.max_write_buffer_size = max_bytes
 
     def send(self, frame: bytes) -> None:
-        if self._stream is None:
+        stream = self._stream
+        if stream is None:
             self._dropped(1)
             return
+        rounds = self._rounds
+        if rounds is not None and self._round != rounds.epoch and not self._chunks:
+            # The first frame this socket gets in this round goes out now: one call instead of a
+            # queue entry and a flush. The frames after it in the same round are coalesced.
+            self._round = rounds.epoch
+            if not self._wbuf._size:  # Tornado's bytes (a pong, a close frame) must go first
+                try:
+                    sent = self._sock.send(frame)
+                except OSError:  # would block, or an error the queued path will meet and handle
+                    sent = 0
+                if sent == len(frame):
+                    if self.stalled_since is not None:
+                        self.stalled_since = None
+                    return
+                if sent:
+                    frame = frame[sent:]
         self._pending += len(frame)
         self._chunks.append(frame)
         if self._pending >= self._max:

@@ -218,6 +218,7 @@ class Daemon:
     def deliver(self, broadcast: Broadcast) -> None:
         counters = self.counters
         counters.messages_received += 1
+        self.flush_queue.broadcast_begins()
         if self.hub.broadcast(broadcast):
             counters.latency.observe(time.time() - broadcast.published_at)
 

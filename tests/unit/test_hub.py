@@ -207,3 +207,39 @@ def test_broadcast_refs_are_null():
     hub.broadcast(Broadcast("public:a", "ev", {}))
     assert json.loads(parse_frame(v1.frames[0])[3])["ref"] is None
     assert json.loads(parse_frame(v2.frames[0])[3])[:2] == [None, None]
+
+
+def test_membership_changes_between_broadcasts_are_seen_by_the_next_one():
+    """The hub groups a topic's members once and reuses the grouping: every change must reset it."""
+    hub = Hub()
+    a, b, c = FakeSocket(V2), FakeSocket(V1), FakeSocket(V2)
+    hub.subscribe("t", a)
+    assert hub.broadcast(Broadcast("t", "e", {"n": 1})) == 1
+    hub.subscribe("t", b)
+    hub.subscribe("t", c)
+    assert hub.broadcast(Broadcast("t", "e", {"n": 2})) == 3
+    assert hub.encodes == 3  # one frame for the first, one per serializer for the second
+    hub.unsubscribe("t", a)
+    assert hub.broadcast(Broadcast("t", "e", {"n": 3})) == 2
+    hub.unsubscribe("t", b)
+    hub.unsubscribe("t", c)
+    assert hub.broadcast(Broadcast("t", "e", {"n": 4})) == 0
+    hub.subscribe("t", a)
+    assert hub.broadcast(Broadcast("t", "e", {"n": 5})) == 1
+    counts = [[json.loads(parse_frame(f)[3])[-1]["n"] if s.serializer is V2 else json.loads(parse_frame(f)[3])["payload"]["n"]
+               for f in s.frames] for s in (a, b, c)]
+    assert counts == [[1, 2, 5], [2, 3], [2, 3]]
+    assert b.frames[0] != a.frames[1] and c.frames[0] is a.frames[1]  # V2 members share one frame
+
+
+def test_a_member_that_fails_is_not_counted_and_does_not_stop_the_others(caplog):
+    hub = Hub()
+    good = [FakeSocket(V2) for _ in range(3)]
+    hub.subscribe("t", good[0])
+    hub.subscribe("t", BrokenSocket(V2))
+    hub.subscribe("t", good[1])
+    hub.subscribe("t", good[2])
+    with caplog.at_level(logging.ERROR):
+        assert hub.broadcast(Broadcast("t", "e", {})) == 3
+    assert all(len(s.frames) == 1 for s in good)
+    assert hub.delivered == 3

@@ -157,3 +157,142 @@ def test_lean_stream_keeps_tornado_writes_whole_in_order_and_fails_pending_write
             await asyncio.wait_for(pending, 5)
         b.close()
     asyncio.run(main())
+
+
+# -- broadcast rounds: the first frame of a round is written at once, the rest coalesced ----------
+
+def test_the_first_frame_of_a_round_leaves_at_once_the_rest_of_the_round_in_one_write():
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        queue = FlushQueue()
+        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        writes = []
+        outbox._sock = stream.socket = _CountingSocket(a, writes)  # the round's write and the flush
+        frames = [text_frame(b"%d" % i) for i in range(10)]
+        queue.broadcast_begins()
+        outbox.send(frames[0])
+        assert writes == [len(frames[0])]  # already in the kernel, before the loop turns
+        for f in frames[1:]:
+            outbox.send(f)
+        assert len(writes) == 1
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        rest = b"".join(frames[1:])
+        assert writes == [len(frames[0]), len(rest)]
+        queue.broadcast_begins()  # a new round: at once again
+        outbox.send(frames[0])
+        assert writes[-1] == len(frames[0])
+        outbox.send(frames[1])  # a reply outside any round: queued, coalesced
+        assert len(writes) == 3
+        expected = frames[0] + rest + frames[0] + frames[1]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert _read(b, len(expected)) == expected
+        stream.socket = a
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_round_never_overtakes_bytes_tornado_or_the_queue_still_hold():
+    async def main():
+        a, b = _pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = IOStream(a)
+        queue = FlushQueue()
+        outbox = Outbox(stream, queue.add, 1 << 22, lambda: None, direct=True, rounds=queue)
+        big = b"A" * (1 << 20)
+        stream.write(big)  # a remainder waits in Tornado's buffer
+        outbox.send(text_frame(b"queued"))  # outside a round: queued
+        queue.broadcast_begins()
+        outbox.send(text_frame(b"round"))  # the queue is not empty: behind it
+        got = b""
+        want = big + text_frame(b"queued") + text_frame(b"round")
+        loop = asyncio.get_running_loop()
+        while len(got) < len(want):
+            got += await loop.run_in_executor(None, b.recv, 65536)
+        assert got == want
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_round_queues_behind_a_pong_in_tornados_buffer():
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        queue = FlushQueue()
+        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        pong = b"\x8a\x00"
+        stream._write_buffer.append(pong)  # as if Tornado had a pong waiting to go
+        queue.broadcast_begins()
+        outbox.send(text_frame(b"round"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        want = pong + text_frame(b"round")
+        assert _read(b, len(want)) == want
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_round_queues_behind_a_reply_queued_earlier_in_the_iteration():
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        queue = FlushQueue()
+        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        outbox.send(text_frame(b"reply"))  # a join reply: queued until the end of the iteration
+        queue.broadcast_begins()
+        outbox.send(text_frame(b"broadcast"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        want = text_frame(b"reply") + text_frame(b"broadcast")
+        assert _read(b, len(want)) == want
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_partial_write_at_the_start_of_a_round_keeps_the_rest_in_order():
+    async def main():
+        a, b = _pair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        stream = IOStream(a)
+        queue = FlushQueue()
+        outbox = Outbox(stream, queue.add, 1 << 22, lambda: None, direct=True, rounds=queue)
+        frames = [text_frame(bytes([65 + i]) * 300000) for i in range(3)]  # far more than the buffer
+        for f in frames:
+            queue.broadcast_begins()
+            outbox.send(f)
+            await asyncio.sleep(0)
+        want = b"".join(frames)
+        got = b""
+        loop = asyncio.get_running_loop()
+        while len(got) < len(want):
+            got += await loop.run_in_executor(None, b.recv, 65536)
+        assert got == want
+        stream.close()
+        b.close()
+    asyncio.run(main())
+
+
+def test_a_reader_that_stops_is_cut_at_the_bound_with_rounds_too():
+    async def main():
+        a, b = _pair()
+        stream = IOStream(a)
+        queue = FlushQueue()
+        overflowed = []
+        outbox = Outbox(stream, queue.add, 64 * 1024, lambda: overflowed.append(True), direct=True, rounds=queue)
+        frame = text_frame(b"x" * 1000)
+        for _ in range(5000):
+            queue.broadcast_begins()
+            outbox.send(frame)
+            if overflowed:
+                break
+            await asyncio.sleep(0)
+        assert overflowed == [True]
+        stream.close()
+        b.close()
+    asyncio.run(main())
