@@ -161,12 +161,28 @@ def test_lean_stream_keeps_tornado_writes_whole_in_order_and_fails_pending_write
 
 # -- broadcast rounds: the first frame of a round is written at once, the rest coalesced ----------
 
+def _in_rounds(max_bytes=1 << 20, small_buffer=False, on_overflow=lambda: None):
+    """(peer socket, stream, the rounds' clock, outbox) over a socket pair."""
+    a, b = _pair()
+    if small_buffer:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream = IOStream(a)
+    queue = FlushQueue()
+    return b, stream, queue, Outbox(stream, queue.add, max_bytes, on_overflow, direct=True, rounds=queue)
+
+
+async def _receive(peer, n):
+    got = b""
+    loop = asyncio.get_running_loop()
+    while len(got) < n:
+        got += await loop.run_in_executor(None, peer.recv, 65536)
+    return got
+
+
 def test_the_first_frame_of_a_round_leaves_at_once_the_rest_of_the_round_in_one_write():
     async def main():
-        a, b = _pair()
-        stream = IOStream(a)
-        queue = FlushQueue()
-        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds()
+        a = stream.socket
         writes = []
         outbox._sock = stream.socket = _CountingSocket(a, writes)  # the round's write and the flush
         frames = [text_frame(b"%d" % i) for i in range(10)]
@@ -197,22 +213,14 @@ def test_the_first_frame_of_a_round_leaves_at_once_the_rest_of_the_round_in_one_
 
 def test_a_round_never_overtakes_bytes_tornado_or_the_queue_still_hold():
     async def main():
-        a, b = _pair()
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        stream = IOStream(a)
-        queue = FlushQueue()
-        outbox = Outbox(stream, queue.add, 1 << 22, lambda: None, direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds(1 << 22, small_buffer=True)
         big = b"A" * (1 << 20)
         stream.write(big)  # a remainder waits in Tornado's buffer
         outbox.send(text_frame(b"queued"))  # outside a round: queued
         queue.broadcast_begins()
         outbox.send(text_frame(b"round"))  # the queue is not empty: behind it
-        got = b""
         want = big + text_frame(b"queued") + text_frame(b"round")
-        loop = asyncio.get_running_loop()
-        while len(got) < len(want):
-            got += await loop.run_in_executor(None, b.recv, 65536)
-        assert got == want
+        assert await _receive(b, len(want)) == want
         stream.close()
         b.close()
     asyncio.run(main())
@@ -220,10 +228,7 @@ def test_a_round_never_overtakes_bytes_tornado_or_the_queue_still_hold():
 
 def test_a_round_queues_behind_a_pong_in_tornados_buffer():
     async def main():
-        a, b = _pair()
-        stream = IOStream(a)
-        queue = FlushQueue()
-        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds()
         pong = b"\x8a\x00"
         stream._write_buffer.append(pong)  # as if Tornado had a pong waiting to go
         queue.broadcast_begins()
@@ -239,10 +244,7 @@ def test_a_round_queues_behind_a_pong_in_tornados_buffer():
 
 def test_a_round_queues_behind_a_reply_queued_earlier_in_the_iteration():
     async def main():
-        a, b = _pair()
-        stream = IOStream(a)
-        queue = FlushQueue()
-        outbox = Outbox(stream, queue.add, 1 << 20, lambda: None, direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds()
         outbox.send(text_frame(b"reply"))  # a join reply: queued until the end of the iteration
         queue.broadcast_begins()
         outbox.send(text_frame(b"broadcast"))
@@ -257,22 +259,14 @@ def test_a_round_queues_behind_a_reply_queued_earlier_in_the_iteration():
 
 def test_a_partial_write_at_the_start_of_a_round_keeps_the_rest_in_order():
     async def main():
-        a, b = _pair()
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        stream = IOStream(a)
-        queue = FlushQueue()
-        outbox = Outbox(stream, queue.add, 1 << 22, lambda: None, direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds(1 << 22, small_buffer=True)
         frames = [text_frame(bytes([65 + i]) * 300000) for i in range(3)]  # far more than the buffer
         for f in frames:
             queue.broadcast_begins()
             outbox.send(f)
             await asyncio.sleep(0)
         want = b"".join(frames)
-        got = b""
-        loop = asyncio.get_running_loop()
-        while len(got) < len(want):
-            got += await loop.run_in_executor(None, b.recv, 65536)
-        assert got == want
+        assert await _receive(b, len(want)) == want
         stream.close()
         b.close()
     asyncio.run(main())
@@ -280,11 +274,8 @@ def test_a_partial_write_at_the_start_of_a_round_keeps_the_rest_in_order():
 
 def test_a_reader_that_stops_is_cut_at_the_bound_with_rounds_too():
     async def main():
-        a, b = _pair()
-        stream = IOStream(a)
-        queue = FlushQueue()
         overflowed = []
-        outbox = Outbox(stream, queue.add, 64 * 1024, lambda: overflowed.append(True), direct=True, rounds=queue)
+        b, stream, queue, outbox = _in_rounds(64 * 1024, on_overflow=lambda: overflowed.append(True))
         frame = text_frame(b"x" * 1000)
         for _ in range(5000):
             queue.broadcast_begins()
