@@ -201,6 +201,8 @@ class PublishConnection:
             return
         self.buf += view[:n]
         self._serve_buffered()
+        if self.busy or self.out:  # answering takes a while: read no more until it is done
+            self._pause()
 
     def _serve_buffered(self) -> None:
         """Answer each complete request in ``buf``, in order, until one must wait."""
@@ -265,7 +267,7 @@ class PublishConnection:
             return
         self._respond(head, status, answer, extra)
         self._serve_buffered()
-        if not self.out and not self.closing:
+        if not self.out and not self.busy and not self.closing:
             self._resume()
 
     def _respond(self, head: PublishHead, status: int, answer: dict, extra, refused: bool = False) -> None:
