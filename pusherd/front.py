@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("pusherd")
 
 _RECV = 65536
+#: Pipelined requests answered in one go before other callbacks get the loop.
+REQUESTS_PER_TURN = 16
 #: How often the deadlines of open connections are checked: a timeout fires up to this late.
 SWEEP_SECONDS = 0.5
 
@@ -207,10 +209,16 @@ class PublishConnection:
     def _serve_buffered(self) -> None:
         """Answer each complete request in ``buf``, in order, until one must wait."""
         settings = self.front.daemon.settings
+        answered = 0
         while not self.busy and not self.out and self.sock is not None:
             head = self.head
             if head is None:
                 if not self.buf:
+                    return
+                if answered == REQUESTS_PER_TURN:  # a long pipeline: let the loop serve others first
+                    self.busy = True
+                    self._pause()
+                    self.front.loop.call_soon(self._next_turn)
                     return
                 head = read_head(self.buf)
                 if head is MORE:
@@ -235,6 +243,14 @@ class PublishConnection:
             del self.buf[:head.content_length]
             self.head = None
             self._answer(head, body)
+            answered += 1
+
+    def _next_turn(self) -> None:
+        self.busy = False
+        if self.sock is not None:
+            self._serve_buffered()
+            if not self.busy and not self.out and not self.closing:
+                self._resume()
 
     # -- answering ------------------------------------------------------------------------
 
