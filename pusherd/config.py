@@ -375,11 +375,7 @@ def _show(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"a {type(value).__name__}"
+    return _kind(value)
 
 
 def _kind(value: Any) -> str:
