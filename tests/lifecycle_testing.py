@@ -11,7 +11,6 @@ Used by tests/integration/test_lifecycle.py and tests/interop/test_lifecycle_int
 (a module of its own, like pusherd_testing: `conftest` is ambiguous across folders).
 """
 
-import json
 import os
 import signal
 import socket
@@ -20,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -212,18 +209,3 @@ class ManagedPusherd:
 
     def stop(self, timeout: float = 20.0) -> int:
         return stop_process(self.proc, self._reader, signal.SIGTERM, timeout)
-
-
-def http(method: str, url: str, body=None, headers=None, timeout: float = 10.0):
-    """(status, parsed JSON or text, headers)"""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw, hdrs = resp.status, resp.read(), resp.headers
-    except urllib.error.HTTPError as err:
-        status, raw, hdrs = err.code, err.read(), err.headers
-    try:
-        return status, json.loads(raw), hdrs
-    except ValueError:
-        return status, raw.decode("utf-8", "replace"), hdrs

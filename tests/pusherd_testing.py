@@ -83,6 +83,22 @@ def stop_process(proc, reader, sig=signal.SIGTERM, timeout=15.0):
     return proc.returncode
 
 
+def http(method: str, url: str, body=None, headers=None, timeout: float = 10.0):
+    """One HTTP request: (status, parsed JSON body or raw text, headers). A body that is not
+    bytes is sent as JSON."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw, hdrs = resp.status, resp.read(), resp.headers
+    except urllib.error.HTTPError as err:
+        status, raw, hdrs = err.code, err.read(), err.headers
+    try:
+        return status, json.loads(raw), hdrs
+    except ValueError:
+        return status, raw.decode("utf-8", "replace"), hdrs
+
+
 def joined(phx_connect, daemon, topic, params=None):
     """A Python Phoenix client joined to `topic` on `daemon` (the join must succeed)."""
     client = phx_connect(daemon.ws_url)
@@ -170,18 +186,7 @@ class Pusherd:
 
     def request(self, method, path, body=None, headers=None, timeout=10.0):
         """Returns (status, parsed JSON body or raw text, headers)."""
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        req = urllib.request.Request(self.http_url + path, data=data, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, raw, hdrs = resp.status, resp.read(), resp.headers
-        except urllib.error.HTTPError as err:
-            status, raw, hdrs = err.code, err.read(), err.headers
-        try:
-            parsed = json.loads(raw)
-        except ValueError:
-            parsed = raw.decode("utf-8", "replace")
-        return status, parsed, hdrs
+        return http(method, self.http_url + path, body, headers, timeout)
 
     def publish(self, topic, event, payload=None, secret=PUBLISH_SECRET, bearer=True):
         body = {"topic": topic, "event": event}

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pusherd_testing import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, rails_token, require
+from pusherd_testing import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, http, rails_token, require
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lifecycle_testing import ManagedPusherd, NotifyListener, http, listening_socket  # noqa: E402
+from lifecycle_testing import ManagedPusherd, NotifyListener, listening_socket  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
