@@ -26,7 +26,7 @@ import tornado.httpserver
 from tornado import httputil
 from tornado.iostream import IOStream
 
-from .handlers import answer_publish, log_access
+from .handlers import answer_publish, body_too_large, log_access
 from .http1 import MORE, OTHER, PublishHead, read_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,10 +229,8 @@ class PublishConnection:
                 self.started = time.time()
                 if head.content_length > settings.max_publish_bytes:
                     # As Tornado: answered before the body, which is never read; then closed.
-                    self.busy = True
-                    self.front.daemon.requests.add(self)
-                    self._respond(head, 413, {"error": "body larger than max_publish_bytes (%d)"
-                                              % settings.max_publish_bytes}, (), refused=True)
+                    self._respond(head, 413, {"error": body_too_large(settings.max_publish_bytes)}, (),
+                                  refused=True)
                     return
                 del self.buf[:head.length]
                 self.head = head
@@ -278,8 +276,7 @@ class PublishConnection:
         except Exception:
             log.exception("publish failed")
             status, answer, extra = 500, {"error": "internal server error"}, ()
-        if self.sock is None:  # the client went away meanwhile
-            self.front.daemon.requests.discard(self)
+        if self.sock is None:  # the client went away meanwhile (_detach let the drain go)
             return
         self._respond(head, status, answer, extra)
         self._serve_buffered()

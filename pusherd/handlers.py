@@ -151,8 +151,13 @@ async def answer_publish(daemon: "Daemon", authorizations: List[str], body: byte
     return 200, answer, ()
 
 
+def body_too_large(limit: int) -> str:
+    """The 413 reason for a publish body over max_publish_bytes (PublishBody and front.py)."""
+    return "body larger than max_publish_bytes (%d)" % limit
+
+
 class PublishBody:
-    """One POST /publish body, bounded by max_publish_bytes (both publish paths use it)."""
+    """One POST /publish body, bounded by max_publish_bytes, as PublishHandler reads it."""
 
     __slots__ = ("limit", "chunks", "size", "refused")
 
@@ -164,7 +169,7 @@ class PublishBody:
 
     @property
     def too_large(self) -> str:
-        return "body larger than max_publish_bytes (%d)" % self.limit
+        return body_too_large(self.limit)
 
     def start(self, connection, content_length: Optional[str]) -> bool:
         """False (refused) when Content-Length already says the body is too large."""
