@@ -126,8 +126,9 @@ class Outbox:
         # With `rounds` (and direct), the first frame of each broadcast round is written at once.
         self._rounds = rounds if self._direct else None
         self._round = rounds.epoch if self._rounds is not None else -1  # no round yet: queued
-        # Read once here rather than per frame from the stream's (cold) instance dict. A closed
-        # socket object refuses send() (EBADF), it never writes to a reused descriptor.
+        # Read once here rather than per write from the stream's (cold) instance dict. A closed
+        # socket object refuses send() (EBADF): it never writes to a reused descriptor, and the
+        # write then goes to IOStream.write, which reports the stream closed.
         self._sock = stream.socket if self._direct else None
         self._wbuf = stream._write_buffer if self._direct else None
         stream.max_write_buffer_size = max_bytes
@@ -142,17 +143,9 @@ class Outbox:
             # The first frame this socket gets in this round goes out now: one call instead of a
             # queue entry and a flush. The frames after it in the same round are coalesced.
             self._round = rounds.epoch
-            if not self._wbuf._size:  # Tornado's bytes (a pong, a close frame) must go first
-                try:
-                    sent = self._sock.send(frame)
-                except OSError:  # would block, or an error the queued path will meet and handle
-                    sent = 0
-                if sent == len(frame):
-                    if self.stalled_since is not None:
-                        self.stalled_since = None
-                    return
-                if sent:
-                    frame = frame[sent:]
+            frame = self._write_direct(frame)
+            if not frame:
+                return
         self._pending += len(frame)
         self._chunks.append(frame)
         if self._pending >= self._max:
@@ -171,19 +164,9 @@ class Outbox:
         self._chunks = []
         self._pending = 0
         if self._direct:
-            sock = stream.socket
-            # Tornado's own buffer must be empty, else its bytes (a pong, a close frame, an
-            # earlier remainder) go first: then this write queues behind them.
-            if sock is not None and not stream._write_buffer._size:
-                try:
-                    sent = sock.send(data)
-                except OSError:  # would block, or an error IOStream.write will meet and handle
-                    sent = 0
-                if sent == len(data):
-                    self.stalled_since = None
-                    return
-                if sent:
-                    data = data[sent:]
+            data = self._write_direct(data)
+            if not data:
+                return
         piece = self._piece
         try:
             if len(data) <= piece:
@@ -205,6 +188,21 @@ class Outbox:
                 self.stalled_since = time.monotonic()
         else:
             self.stalled_since = None
+
+    def _write_direct(self, data: bytes) -> bytes:
+        """Hand `data` straight to the socket, unless Tornado still holds bytes of its own (a
+        pong, a close frame, an earlier remainder: they go first, so this queues behind them).
+        Returns what is left for IOStream.write: b"" when the kernel took it all."""
+        if self._wbuf._size:
+            return data
+        try:
+            sent = self._sock.send(data)
+        except OSError:  # would block, or an error IOStream.write will meet and handle
+            sent = 0
+        if sent == len(data):
+            self.stalled_since = None
+            return b""
+        return data[sent:] if sent else data
 
     def stalled_for(self, now: float) -> float:
         """Seconds this socket's writes have gone undrained (0 when it keeps up)."""
