@@ -289,6 +289,12 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         requires "phoenix" back; the bearer entry is never echoed (it carries a token)."""
         return "phoenix" if "phoenix" in subprotocols else None
 
+    def get_websocket_protocol(self):
+        protocol = super().get_websocket_protocol()
+        if type(protocol) is tornado.websocket.WebSocketProtocol13:
+            protocol.__class__ = _Protocol  # its own frames must tell the outbox (see _Protocol)
+        return protocol
+
     def get_compression_options(self):
         return None  # frames are shared between sockets: no per-socket compression
 
@@ -298,8 +304,6 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
         self.outbox = Outbox(stream, daemon.flush_queue.add, daemon.settings.max_outbox_bytes, self._slow_consumer,
                              on_drop=daemon.counters.dropped, direct=daemon.fast, rounds=daemon.flush_queue)
-        # The hub calls send_frame once per socket per broadcast: skip this class's wrapper.
-        self.send_frame = self.outbox.send
         self.set_nodelay(True)
         daemon.sockets.add(self)
         daemon.gc_freezer.on_open()
@@ -411,6 +415,20 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                 daemon.hub.unsubscribe(topic, self)
             session.channels.clear()
             session.closed = True
+        if self.outbox is not None:
+            self.outbox.release()  # in no topic any more: out of the fan-out's register
+
+
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol, telling the socket's outbox before Tornado writes a frame of its own
+    (a pong, a close frame): the fan-out writes straight to clean sockets, and a socket with
+    bytes in Tornado's buffer is not clean."""
+
+    def _write_frame(self, fin, opcode, data, flags=0):
+        outbox = getattr(self.handler, "outbox", None)
+        if outbox is not None:
+            outbox.tornado_writes()
+        return super()._write_frame(fin, opcode, data, flags)
 
 
 # Attributes of an open SocketHandler nothing reads again: the upgrade's arguments, the HTTP

@@ -4,6 +4,11 @@ A subscriber is anything with a ``serializer`` attribute and a ``send_frame(byte
 (the socket adapter). For one broadcast the hub builds at most one frame per protocol version
 present on the topic and hands the very same bytes to every subscriber: no per-socket JSON,
 no per-socket framing.
+
+A subscriber may also have an ``outbox`` registered with the hub's `FlushQueue` (``rounds``).
+When every member of a serializer group has one, the group's first broadcast of a round is
+written by `FlushQueue.fan_out` (one C call per socket), and the ones after it in the same
+round are queued in the outboxes, to leave in one write per socket at the end of the round.
 """
 
 import logging
@@ -11,21 +16,45 @@ from typing import Callable, Dict, Optional, Set
 
 from .broker import Broadcast
 from .framing import text_frame
+from .outbox import FlushQueue, Outbox
 
 log = logging.getLogger("pusherd.hub")
 
 
+def _call(send_frame: Callable[[bytes], None], frame: bytes) -> None:
+    send_frame(frame)
+
+
+class Group:
+    """The members of a topic that speak one serializer, as the broadcast loop wants them."""
+
+    __slots__ = ("serializer", "sends", "boxes", "socks", "epoch")
+
+    def __init__(self, serializer, subscribers: list, rounds: Optional[FlushQueue]):
+        self.serializer = serializer
+        boxes = tuple(getattr(sub, "outbox", None) for sub in subscribers)
+        if rounds is not None and all(box is not None and box.fast_sock is not None for box in boxes):
+            self.sends = None
+            self.boxes = boxes
+            self.socks = tuple(box.fast_sock for box in boxes)
+        else:
+            self.sends = tuple(sub.send_frame for sub in subscribers)
+            self.boxes = self.socks = None
+        self.epoch = -1  # the round of the last fan-out
+
+
 class Hub:
     def __init__(self, on_first: Optional[Callable[[str], None]] = None,
-                 on_last: Optional[Callable[[str], None]] = None):
+                 on_last: Optional[Callable[[str], None]] = None, rounds: Optional[FlushQueue] = None):
         self.topics: Dict[str, Set[object]] = {}
         self._on_first = on_first or (lambda topic: None)
         self._on_last = on_last or (lambda topic: None)
         self.holds: Dict[str, list] = {}   # topic -> buffers of joins replaying history
-        # topic -> ((serializer, (send_frame, ...)), ...): the members grouped once, rebuilt at
-        # the first broadcast after a change, so a broadcast touches nothing per socket but its
-        # send_frame (no attribute lookups on thousands of cold objects).
+        # topic -> (Group, ...): the members grouped once, rebuilt at the first broadcast after a
+        # change, so a broadcast touches nothing per socket but its socket or its send_frame (no
+        # attribute lookups on thousands of cold objects).
         self._fanout: Dict[str, tuple] = {}
+        self.rounds = rounds
         self.encodes = 0      # frames built (a test can count them)
         self.delivered = 0    # frames handed to sockets
 
@@ -78,11 +107,14 @@ class Hub:
             if not members:
                 return 0
             groups = self._group(broadcast.topic, members)
+        rounds = self.rounds
+        if rounds is not None:
+            rounds.broadcast_begins()
         sent = 0
-        for serializer, sends in groups:
+        for group in groups:
             try:
-                text = serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
-                                                   broadcast.position).encode("utf-8")
+                text = group.serializer.encode_broadcast(broadcast.topic, broadcast.event, broadcast.payload,
+                                                         broadcast.position).encode("utf-8")
             except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
                 # Inputs are validated where they enter; this only keeps a slip there from
                 # breaking the caller (a broker's listener loop, a publish handler).
@@ -90,10 +122,18 @@ class Hub:
                 break
             frame = text_frame(text)
             self.encodes += 1
-            sent += len(sends)
-            for send in sends:
+            if group.socks is None:
+                call, targets = _call, group.sends
+            elif group.epoch != rounds.epoch:
+                group.epoch = rounds.epoch
+                sent += len(group.socks) - rounds.fan_out(frame, group.socks)
+                continue
+            else:  # later in the same round: queued, to leave in one write per socket
+                call, targets = Outbox.queue, group.boxes
+            sent += len(targets)
+            for target in targets:
                 try:
-                    send(frame)
+                    call(target, frame)
                 except Exception:  # one broken socket must never stop the fan-out
                     sent -= 1
                     log.exception("delivery to one socket failed")
@@ -101,8 +141,9 @@ class Hub:
         return sent
 
     def _group(self, topic: str, members) -> tuple:
-        groups: Dict[object, list] = {}
+        by_serializer: Dict[object, list] = {}
         for sub in members:
-            groups.setdefault(sub.serializer, []).append(sub.send_frame)
-        fanout = self._fanout[topic] = tuple((serializer, tuple(sends)) for serializer, sends in groups.items())
+            by_serializer.setdefault(sub.serializer, []).append(sub)
+        fanout = self._fanout[topic] = tuple(Group(serializer, subs, self.rounds)
+                                             for serializer, subs in by_serializer.items())
         return fanout

@@ -15,17 +15,24 @@ flush hands its bytes straight to ``socket.send`` when Tornado's own write buffe
 skipping the Future and buffer bookkeeping of ``IOStream.write``. Whatever the kernel does not
 take, and every write while Tornado still has bytes queued (a pong, a close frame, an earlier
 remainder), goes through ``IOStream.write``, so the order of bytes on the wire is unchanged.
+
+A broadcast's first frame in a round does not even reach the outbox: `FlushQueue.fan_out`
+writes it to each clean socket itself, and only sockets with something pending (the ``dirty``
+register, kept by the outboxes) or a short write go through their outbox.
 """
 
+import _socket
 import asyncio
 import collections
 import logging
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 log = logging.getLogger("pusherd.outbox")
+
+_socket_send = _socket.socket.send  # called as send(sock, frame): no bound method per socket
 
 
 class FlushQueue:
@@ -34,15 +41,23 @@ class FlushQueue:
     Also the clock of broadcast rounds: ``epoch`` moves on at the first broadcast of a loop
     iteration (`broadcast_begins`), so an outbox can tell the first frame it gets in a round
     (written at once) from the ones after it (coalesced into one write at the end).
+
+    And the register the fan-out writes through (`fan_out`): ``owners`` maps every registered
+    outbox's socket to it, ``dirty`` holds the ones that must not be written to directly right
+    now (bytes queued in the outbox or in Tornado's buffer, or the outbox detached). A socket
+    outside ``dirty`` has nothing pending anywhere, so a frame written straight to it cannot
+    overtake or split anything.
     """
 
-    __slots__ = ("_pending", "_call_soon", "epoch", "_in_round")
+    __slots__ = ("_pending", "_call_soon", "epoch", "_in_round", "owners", "dirty")
 
     def __init__(self, call_soon: Optional[Callable] = None):
         self._pending: List[Callable[[], None]] = []
         self._call_soon = call_soon
         self.epoch = 0
         self._in_round = False
+        self.owners: Dict[object, "Outbox"] = {}
+        self.dirty: Dict[object, "Outbox"] = {}
 
     def broadcast_begins(self) -> None:
         if not self._in_round:
@@ -74,6 +89,54 @@ class FlushQueue:
             except Exception:  # one socket's failure must not keep the others' bytes back
                 log.exception("flush failed for one socket")
 
+    def fan_out(self, frame: bytes, socks: tuple) -> int:
+        """Write `frame` to every socket of `socks` (registered outboxes' sockets) at once.
+
+        This is the hot loop of a broadcast: one C call per clean socket, touching nothing but
+        the socket object, as a bare asyncio writer does with its transports. A dirty socket's
+        frame goes through its outbox; what the kernel does not take goes back to the outbox
+        (`Outbox.unsent`). Returns how many sockets failed (an exception, logged).
+        """
+        send = _socket_send
+        size = len(frame)
+        dirty = self.dirty
+        failed = 0
+        if not dirty:
+            for sock in socks:
+                try:
+                    sent = send(sock, frame)
+                except OSError:  # would block, or an error the outbox's Tornado write will meet
+                    sent = 0
+                if sent != size:
+                    failed += self._unsent(sock, frame, sent)
+            return failed
+        for sock in socks:
+            box = dirty.get(sock)
+            if box is not None:
+                try:
+                    box.send(frame)
+                except Exception:
+                    failed += 1
+                    log.exception("delivery to one socket failed")
+                continue
+            try:
+                sent = send(sock, frame)
+            except OSError:
+                sent = 0
+            if sent != size:
+                failed += self._unsent(sock, frame, sent)
+        return failed
+
+    def _unsent(self, sock, frame: bytes, sent: int) -> int:
+        box = self.owners.get(sock)
+        if box is None:
+            return 1
+        try:
+            box.unsent(frame, sent)
+        except Exception:
+            log.exception("delivery to one socket failed")
+            return 1
+        return 0
 
 
 class _ListQueue(list):
@@ -100,7 +163,7 @@ def lean_stream(stream) -> None:
 
 class Outbox:
     __slots__ = ("_stream", "_chunks", "_pending", "_scheduled", "_call_soon", "_max", "_piece", "_on_overflow",
-                 "stalled_since", "_on_drop", "_flush", "_direct", "_rounds", "_round", "_sock", "_wbuf")
+                 "stalled_since", "_on_drop", "_flush", "_rounds", "_round", "_sock", "_wbuf")
 
     #: Largest single write handed to Tornado: its bound is checked before the socket is tried.
     PIECE = 65536
@@ -121,31 +184,50 @@ class Outbox:
         self._flush = self.flush  # one bound method for the life of the socket
         # Only a plain socket stream may be bypassed (an SSLIOStream must encrypt), and only
         # when its write buffer looks as this module expects (Tornado 6's _StreamBuffer).
-        self._direct = (direct and type(stream) is IOStream
-                        and isinstance(getattr(getattr(stream, "_write_buffer", None), "_size", None), int))
-        # With `rounds` (and direct), the first frame of each broadcast round is written at once.
-        self._rounds = rounds if self._direct else None
-        self._round = rounds.epoch if self._rounds is not None else -1  # no round yet: queued
+        direct = (direct and type(stream) is IOStream
+                  and isinstance(getattr(getattr(stream, "_write_buffer", None), "_size", None), int))
         # Read once here rather than per write from the stream's (cold) instance dict. A closed
         # socket object refuses send() (EBADF): it never writes to a reused descriptor, and the
         # write then goes to IOStream.write, which reports the stream closed.
-        self._sock = stream.socket if self._direct else None
-        self._wbuf = stream._write_buffer if self._direct else None
+        self._sock = stream.socket if direct else None
+        self._wbuf = stream._write_buffer if direct else None
+        # With `rounds` (and direct), the first frame of each broadcast round is written at once,
+        # and the socket is registered for the rounds' fan-out.
+        self._rounds = rounds if direct else None
+        self._round = rounds.epoch if self._rounds is not None else -1  # no round yet: queued
+        if self._rounds is not None:
+            rounds.owners[self._sock] = self
+            if stream.writing():  # the handshake's last bytes: no direct write before them
+                rounds.dirty[self._sock] = self
         stream.max_write_buffer_size = max_bytes
 
+    @property
+    def fast_sock(self):
+        """The socket `FlushQueue.fan_out` may write to, or None when this outbox is not registered."""
+        return self._sock if self._rounds is not None else None
+
     def send(self, frame: bytes) -> None:
+        """Send one frame: at once when it is the first this socket gets in the round and nothing
+        is pending, else queued (`queue`)."""
         stream = self._stream
         if stream is None:
             self._dropped(1)
             return
         rounds = self._rounds
-        if rounds is not None and self._round != rounds.epoch and not self._chunks:
-            # The first frame this socket gets in this round goes out now: one call instead of a
-            # queue entry and a flush. The frames after it in the same round are coalesced.
+        if rounds is not None and self._round != rounds.epoch and not self._pending:
             self._round = rounds.epoch
-            frame = self._write_direct(frame)
-            if not frame:
+            if self._write_direct(frame, 1):
                 return
+        self.queue(frame)
+
+    def queue(self, frame: bytes) -> None:
+        """Queue one frame: it leaves with the others queued in this loop iteration, in one write."""
+        stream = self._stream
+        if stream is None:
+            self._dropped(1)
+            return
+        if not self._pending and self._rounds is not None:
+            self._rounds.dirty[self._sock] = self
         self._pending += len(frame)
         self._chunks.append(frame)
         if self._pending >= self._max:
@@ -153,6 +235,22 @@ class Outbox:
         elif not self._scheduled:
             self._scheduled = True
             self._call_soon(self._flush)
+
+    def unsent(self, frame: bytes, sent: int) -> None:
+        """The fan-out wrote `sent` bytes of `frame` straight to the socket (maybe none): take
+        the rest. A tail goes to Tornado at once, so nothing written later can split the frame."""
+        if self._rounds is not None:
+            self._round = self._rounds.epoch  # had its write of the round: what follows coalesces
+        if sent:
+            self._to_tornado(frame[sent:], 1)
+        else:
+            self.queue(frame)
+
+    def tornado_writes(self) -> None:
+        """Tornado is about to write a frame of its own (a pong, a close frame): until the outbox
+        sees its buffer empty again, nothing may be written to the socket directly."""
+        if self._rounds is not None:
+            self._rounds.dirty[self._sock] = self
 
     def flush(self) -> None:
         self._scheduled = False
@@ -163,10 +261,39 @@ class Outbox:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
         self._pending = 0
-        if self._direct:
-            data = self._write_direct(data)
-            if not data:
-                return
+        if self._sock is not None and self._write_direct(data, len(chunks)):
+            return
+        self._to_tornado(data, len(chunks))
+
+    def _write_direct(self, data: bytes, frames: int) -> bool:
+        """Hand `data` (nothing else is queued in the outbox) straight to the socket, unless
+        Tornado still holds bytes of its own (a pong, a close frame, an earlier remainder: they
+        go first). True when it is dealt with: all in the kernel, or the tail given to Tornado."""
+        if self._wbuf._size:
+            return False
+        try:
+            sent = self._sock.send(data)
+        except OSError:  # would block, or an error IOStream.write will meet and handle
+            return False
+        if sent == len(data):
+            self.stalled_since = None
+            if self._rounds is not None:
+                self._rounds.dirty.pop(self._sock, None)  # nothing pending anywhere: clean
+            return True
+        if not sent:
+            return False
+        self._to_tornado(data[sent:], frames)
+        return True
+
+    def _to_tornado(self, data: bytes, frames: int) -> None:
+        """IOStream.write, in pieces, under the bound; the socket stays dirty until a later
+        send finds Tornado's buffer empty."""
+        stream = self._stream
+        if stream is None:
+            self._dropped(frames)
+            return
+        if self._rounds is not None:
+            self._rounds.dirty[self._sock] = self
         piece = self._piece
         try:
             if len(data) <= piece:
@@ -176,11 +303,11 @@ class Outbox:
                 for start in range(0, len(data), piece):
                     stream.write(view[start:start + piece])
         except StreamBufferFullError:
-            self._dropped(len(chunks))  # at most: pieces already handed over may still go out
+            self._dropped(frames)  # at most: pieces already handed over may still go out
             self._overflow()
             return
         except StreamClosedError:
-            self._dropped(len(chunks))
+            self._dropped(frames)
             self.detach()
             return
         if stream.writing():
@@ -188,21 +315,6 @@ class Outbox:
                 self.stalled_since = time.monotonic()
         else:
             self.stalled_since = None
-
-    def _write_direct(self, data: bytes) -> bytes:
-        """Hand `data` straight to the socket, unless Tornado still holds bytes of its own (a
-        pong, a close frame, an earlier remainder: they go first, so this queues behind them).
-        Returns what is left for IOStream.write: b"" when the kernel took it all."""
-        if self._wbuf._size:
-            return data
-        try:
-            sent = self._sock.send(data)
-        except OSError:  # would block, or an error IOStream.write will meet and handle
-            sent = 0
-        if sent == len(data):
-            self.stalled_since = None
-            return b""
-        return data[sent:] if sent else data
 
     def stalled_for(self, now: float) -> float:
         """Seconds this socket's writes have gone undrained (0 when it keeps up)."""
@@ -230,5 +342,16 @@ class Outbox:
         self._stream = None
         self._chunks = []
         self._pending = 0
+        if self._rounds is not None:
+            self._rounds.dirty[self._sock] = self  # the fan-out's frames come here, and are dropped
         if stream is not None:
             stream.max_write_buffer_size = None
+
+    def release(self) -> None:
+        """Leave the rounds' register (the socket is closed and in no topic any more)."""
+        self.detach()
+        rounds = self._rounds
+        if rounds is not None:
+            self._rounds = None
+            rounds.owners.pop(self._sock, None)
+            rounds.dirty.pop(self._sock, None)

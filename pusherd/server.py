@@ -84,11 +84,11 @@ class Daemon:
         self.origins = OriginPolicy(settings.allowed_origins)
         self.publish_secrets = (settings.publish_secret,)
         self.broker = broker if broker is not None else build_broker(settings)
-        self.hub = Hub(on_first=self.broker.subscribe, on_last=self.broker.unsubscribe)
+        self.flush_queue = FlushQueue()
+        self.hub = Hub(on_first=self.broker.subscribe, on_last=self.broker.unsubscribe, rounds=self.flush_queue)
         self.sockets = set()
         self.draining = False
         self.stats = collections.Counter()
-        self.flush_queue = FlushQueue()
         self.fast = speedups.fast_paths()
         self.gc_freezer = speedups.GcFreezer()
         self._tasks = set()
@@ -218,7 +218,6 @@ class Daemon:
     def deliver(self, broadcast: Broadcast) -> None:
         counters = self.counters
         counters.messages_received += 1
-        self.flush_queue.broadcast_begins()
         if self.hub.broadcast(broadcast):
             counters.latency.observe(time.time() - broadcast.published_at)
 

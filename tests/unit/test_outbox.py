@@ -285,3 +285,250 @@ def test_a_reader_that_stops_is_cut_at_the_bound_with_rounds_too():
         stream.close()
         b.close()
     asyncio.run(main())
+
+
+# -- the rounds' fan-out: straight to clean sockets, through the outbox for the others ----------
+
+class _Member:
+    """A hub subscriber over a real socket pair, as SocketHandler is one: a serializer and an outbox."""
+
+    def __init__(self, rounds, max_bytes=1 << 22, small_buffer=False):
+        from pusherd.protocol import V2
+        a, self.peer = _pair()
+        if small_buffer:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.stream = IOStream(a)
+        self.serializer = V2
+        self.overflowed = []
+        self.dropped = []
+        self.outbox = Outbox(self.stream, rounds.add, max_bytes, lambda: self.overflowed.append(True),
+                             on_drop=self.dropped.append, direct=True, rounds=rounds)
+
+    def send_frame(self, frame):
+        self.outbox.send(frame)
+
+    def waiting(self) -> bytes:
+        """What the kernel already holds for the peer (without waiting)."""
+        self.peer.setblocking(False)
+        try:
+            return self.peer.recv(1 << 20)
+        except BlockingIOError:
+            return b""
+        finally:
+            self.peer.setblocking(True)
+
+    def close(self):
+        self.stream.close()
+        self.peer.close()
+
+
+def _hub_over(members_count, **kw):
+    from pusherd.hub import Hub
+    rounds = FlushQueue()
+    hub = Hub(rounds=rounds)
+    members = [_Member(rounds, **kw) for _ in range(members_count)]
+    for m in members:
+        hub.subscribe("public:a", m)
+    return rounds, hub, members
+
+
+def _event(n):
+    from pusherd.broker import Broadcast
+    return Broadcast("public:a", "e", {"n": n})
+
+
+def _frame_of(member, n):
+    return text_frame(member.serializer.encode_broadcast("public:a", "e", {"n": n}, None).encode("utf-8"))
+
+
+def test_fan_out_writes_each_clean_socket_at_once_and_coalesces_the_rest_of_the_round():
+    async def main():
+        rounds, hub, members = _hub_over(3)
+        assert not rounds.dirty and len(rounds.owners) == 3
+        assert hub.broadcast(_event(1)) == 3
+        first = _frame_of(members[0], 1)
+        for m in members:
+            assert m.waiting() == first  # in the kernel before the loop turns: no outbox involved
+            assert not m.outbox._chunks
+        assert hub.broadcast(_event(2)) == 3  # the same round: queued in every outbox
+        assert hub.broadcast(_event(3)) == 3
+        for m in members:
+            assert m.waiting() == b""
+            assert len(m.outbox._chunks) == 2
+        assert set(rounds.dirty) == {m.stream.socket for m in members}
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        rest = _frame_of(members[0], 2) + _frame_of(members[0], 3)
+        for m in members:
+            assert _read(m.peer, len(rest)) == rest
+        assert not rounds.dirty  # all written: clean again, the next round goes straight out
+        hub.broadcast(_event(4))
+        for m in members:
+            assert m.waiting() == _frame_of(m, 4)
+            m.close()
+    asyncio.run(main())
+
+
+def test_fan_out_goes_behind_a_reply_queued_in_one_outbox_and_straight_to_the_others():
+    async def main():
+        rounds, hub, (busy, idle) = _hub_over(2)
+        busy.outbox.send(text_frame(b"reply"))  # a join reply, queued until the end of the iteration
+        assert set(rounds.dirty) == {busy.stream.socket}
+        hub.broadcast(_event(1))
+        assert idle.waiting() == _frame_of(idle, 1)
+        assert busy.waiting() == b""
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        want = text_frame(b"reply") + _frame_of(busy, 1)
+        assert _read(busy.peer, len(want)) == want
+        busy.close()
+        idle.close()
+    asyncio.run(main())
+
+
+def test_a_short_fan_out_write_hands_the_tail_to_tornado_before_anything_else_is_written():
+    """A pong written by Tornado right after a short write must not land inside the frame."""
+    async def main():
+        rounds, hub, (slow,) = _hub_over(1, small_buffer=True)
+        big = {"x": "A" * 300000}
+        from pusherd.broker import Broadcast
+        hub.broadcast(Broadcast("public:a", "e", big))  # far more than the socket buffer takes
+        assert slow.stream.writing()  # the tail is in Tornado's buffer already
+        assert slow.stream.socket in rounds.dirty
+        pong = b"\x8a\x00"
+        slow.outbox.tornado_writes()
+        slow.stream.write(pong)  # what Tornado's protocol does for a ping
+        await asyncio.sleep(0)
+        hub.broadcast(_event(2))  # a new round: dirty, so through the outbox, behind the pong
+        frame = text_frame(slow.serializer.encode_broadcast("public:a", "e", big, None).encode("utf-8"))
+        want = frame + pong + _frame_of(slow, 2)
+        assert await _receive(slow.peer, len(want)) == want
+        slow.close()
+    asyncio.run(main())
+
+
+def test_a_socket_tornado_writes_to_is_dirty_until_its_outbox_sees_the_buffer_empty():
+    async def main():
+        rounds, hub, (m,) = _hub_over(1, small_buffer=True)
+        m.outbox.tornado_writes()
+        m.stream.write(b"\x8a\x00" + b"P" * 1000000)  # Tornado's own bytes, more than the kernel takes
+        assert m.stream.socket in rounds.dirty
+        hub.broadcast(_event(1))  # must queue behind Tornado's bytes
+        want = b"\x8a\x00" + b"P" * 1000000 + _frame_of(m, 1)
+        assert await _receive(m.peer, len(want)) == want
+        await asyncio.sleep(0)
+        hub.broadcast(_event(2))  # through the outbox once more, which finds everything written
+        assert m.stream.socket not in rounds.dirty
+        assert m.waiting() == _frame_of(m, 2)
+        m.close()
+    asyncio.run(main())
+
+
+def test_a_detached_outbox_gets_no_fan_out_bytes_and_counts_them_dropped_and_release_forgets_it():
+    async def main():
+        rounds, hub, (gone, alive) = _hub_over(2)
+        gone.outbox.detach()
+        assert gone.stream.socket in rounds.dirty
+        hub.broadcast(_event(1))
+        assert gone.waiting() == b""
+        assert gone.dropped == [1]
+        assert alive.waiting() == _frame_of(alive, 1)
+        hub.unsubscribe("public:a", gone)
+        gone.outbox.release()
+        assert gone.stream.socket not in rounds.owners and gone.stream.socket not in rounds.dirty
+        assert gone.outbox.fast_sock is None
+        gone.close()
+        alive.close()
+    asyncio.run(main())
+
+
+def test_fan_out_to_a_peer_that_stops_reading_cuts_it_at_the_bound_and_keeps_serving_the_others():
+    async def main():
+        rounds, hub, (stuck, fine) = _hub_over(2, max_bytes=64 * 1024)
+        got = b""
+        for n in range(3000):
+            hub.broadcast(_event(n))
+            got += fine.waiting()
+            if stuck.overflowed:
+                break
+            await asyncio.sleep(0)
+        assert stuck.overflowed == [True]
+        hub.broadcast(_event(-1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        want = b"".join(_frame_of(fine, i) for i in range(n + 1)) + _frame_of(fine, -1)
+        assert got + _read(fine.peer, len(want) - len(got)) == want
+        stuck.close()
+        fine.close()
+    asyncio.run(main())
+
+
+def test_fan_out_to_a_closed_socket_fails_nothing_else():
+    async def main():
+        rounds, hub, (broken, fine) = _hub_over(2)
+        sock = broken.stream.socket
+        broken.peer.close()
+        sock.shutdown(socket.SHUT_WR)  # every write now fails (EPIPE)
+        hub.broadcast(_event(1))
+        assert fine.waiting() == _frame_of(fine, 1)
+        assert sock in rounds.dirty  # the frame went to the outbox, whose Tornado write meets the error
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert broken.stream.closed()  # Tornado closed the stream: SocketHandler.on_close follows
+        assert sock in rounds.dirty
+        hub.broadcast(_event(2))
+        assert fine.waiting() == _frame_of(fine, 2)
+        broken.stream.close()
+        fine.close()
+    asyncio.run(main())
+
+
+def test_a_pong_tornado_writes_for_a_socket_handler_marks_the_socket_dirty():
+    """SocketHandler's protocol tells the outbox before Tornado writes a frame of its own, so the
+    fan-out never writes into the middle of a pong or a close frame Tornado has not finished."""
+    import tornado.httpserver
+    import tornado.websocket
+
+    from pusherd import config, server
+
+    async def main():
+        settings = config.from_mapping({"test": {"guardian_secret": "a" * 32, "publish_secret": "b" * 32}},
+                                       "test", "<test>", {}, lambda path: "")
+        daemon = server.Daemon(settings)
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        http = tornado.httpserver.HTTPServer(daemon.make_app())
+        http.add_sockets([listener])
+        url = "ws://127.0.0.1:%d%s/websocket?vsn=2.0.0" % (listener.getsockname()[1], settings.path.rstrip("/"))
+        client = await tornado.websocket.websocket_connect(url)
+        (handler,) = daemon.sockets
+        sock = handler.outbox.fast_sock
+        assert sock is not None and sock in daemon.flush_queue.owners
+        assert sock not in daemon.flush_queue.dirty
+        daemon.hub.subscribe("public:a", handler)
+        client.ping(b"hi")
+        for _ in range(100):
+            if sock in daemon.flush_queue.dirty:
+                break
+            await asyncio.sleep(0.01)
+        assert sock in daemon.flush_queue.dirty  # Tornado wrote the pong
+        daemon.deliver(_event(1))  # through the outbox, which finds the pong written: clean again
+        assert sock not in daemon.flush_queue.dirty
+        message = await asyncio.wait_for(client.read_message(), 5)
+        assert message == V2_frame_text(1)
+        client.close()
+        for _ in range(100):
+            if not daemon.sockets:
+                break
+            await asyncio.sleep(0.01)
+        assert not daemon.sockets
+        assert sock not in daemon.flush_queue.owners and sock not in daemon.flush_queue.dirty  # released
+        http.stop()
+    asyncio.run(main())
+
+
+def V2_frame_text(n):
+    from pusherd.protocol import V2
+    return V2.encode_broadcast("public:a", "e", {"n": n}, None)
