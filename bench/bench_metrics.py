@@ -7,6 +7,7 @@ sockets), so the numbers are the Python work only.
 """
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -71,5 +72,9 @@ def main():
         len(daemon.hub.topics), sum(len(m) for m in daemon.hub.topics.values()), per_scrape * 1e3, len(text)))
 
 
+async def in_loop():
+    main()  # the broadcast rounds take their loop callbacks from the running loop
+
+
 if __name__ == "__main__":
-    main()
+    asyncio.run(in_loop())
