@@ -47,6 +47,9 @@ class FlushQueue:
     now (bytes queued in the outbox or in Tornado's buffer, or the outbox detached). A socket
     outside ``dirty`` has nothing pending anywhere, so a frame written straight to it cannot
     overtake or split anything.
+
+    One object for the three because an outbox consults all of them on its writes: a second
+    one would cost every socket another slot.
     """
 
     __slots__ = ("_pending", "_call_soon", "epoch", "_in_round", "owners", "dirty")
