@@ -204,6 +204,13 @@ class FakePhoenixServer:
         self.http.add_sockets(sockets)
         self._ready.set()
         self.ioloop.start()
+        # Writes still pending (write_message's Tasks) end here, not in a closed loop, where
+        # they would be garbage as never-awaited coroutines (a RuntimeWarning at random).
+        loop = self.ioloop.asyncio_loop
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.ioloop.close(all_fds=True)
 
     def start(self):
