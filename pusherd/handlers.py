@@ -407,8 +407,6 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         daemon = self.daemon
         daemon.sockets.discard(self)
         daemon.gc_freezer.on_close()
-        if self.outbox is not None:
-            self.outbox.detach()
         session = self.session
         if session is not None:
             for topic in list(session.channels):
@@ -425,7 +423,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     bytes in Tornado's buffer is not clean."""
 
     def _write_frame(self, fin, opcode, data, flags=0):
-        outbox = getattr(self.handler, "outbox", None)
+        outbox = self.handler.outbox
         if outbox is not None:
             outbox.tornado_writes()
         return super()._write_frame(fin, opcode, data, flags)

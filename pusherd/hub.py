@@ -33,10 +33,11 @@ class Group:
     def __init__(self, serializer, subscribers: list, rounds: Optional[FlushQueue]):
         self.serializer = serializer
         boxes = tuple(getattr(sub, "outbox", None) for sub in subscribers)
-        if rounds is not None and all(box is not None and box.fast_sock is not None for box in boxes):
+        socks = tuple(box and box.fast_sock for box in boxes)
+        if rounds is not None and None not in socks:
             self.sends = None
             self.boxes = boxes
-            self.socks = tuple(box.fast_sock for box in boxes)
+            self.socks = socks
         else:
             self.sends = tuple(sub.send_frame for sub in subscribers)
             self.boxes = self.socks = None

@@ -104,27 +104,19 @@ class FlushQueue:
         size = len(frame)
         dirty = self.dirty
         failed = 0
-        if not dirty:
-            for sock in socks:
-                try:
-                    sent = send(sock, frame)
-                except OSError:  # would block, or an error the outbox's Tornado write will meet
-                    sent = 0
-                if sent != size:
-                    failed += self._unsent(sock, frame, sent)
-            return failed
         for sock in socks:
-            box = dirty.get(sock)
-            if box is not None:
-                try:
-                    box.send(frame)
-                except Exception:
-                    failed += 1
-                    log.exception("delivery to one socket failed")
-                continue
+            if dirty:  # usually empty: then no lookup per socket
+                box = dirty.get(sock)
+                if box is not None:
+                    try:
+                        box.send(frame)
+                    except Exception:
+                        failed += 1
+                        log.exception("delivery to one socket failed")
+                    continue
             try:
                 sent = send(sock, frame)
-            except OSError:
+            except OSError:  # would block, or an error the outbox's Tornado write will meet
                 sent = 0
             if sent != size:
                 failed += self._unsent(sock, frame, sent)
@@ -201,7 +193,7 @@ class Outbox:
         if self._rounds is not None:
             rounds.owners[self._sock] = self
             if stream.writing():  # the handshake's last bytes: no direct write before them
-                rounds.dirty[self._sock] = self
+                self._mark_dirty()
         stream.max_write_buffer_size = max_bytes
 
     @property
@@ -229,8 +221,8 @@ class Outbox:
         if stream is None:
             self._dropped(1)
             return
-        if not self._pending and self._rounds is not None:
-            self._rounds.dirty[self._sock] = self
+        if not self._pending:
+            self._mark_dirty()
         self._pending += len(frame)
         self._chunks.append(frame)
         if self._pending >= self._max:
@@ -252,6 +244,10 @@ class Outbox:
     def tornado_writes(self) -> None:
         """Tornado is about to write a frame of its own (a pong, a close frame): until the outbox
         sees its buffer empty again, nothing may be written to the socket directly."""
+        self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        """Out of the fan-out's direct writes until `_write_direct` finds nothing pending."""
         if self._rounds is not None:
             self._rounds.dirty[self._sock] = self
 
@@ -295,8 +291,7 @@ class Outbox:
         if stream is None:
             self._dropped(frames)
             return
-        if self._rounds is not None:
-            self._rounds.dirty[self._sock] = self
+        self._mark_dirty()
         piece = self._piece
         try:
             if len(data) <= piece:
@@ -345,8 +340,7 @@ class Outbox:
         self._stream = None
         self._chunks = []
         self._pending = 0
-        if self._rounds is not None:
-            self._rounds.dirty[self._sock] = self  # the fan-out's frames come here, and are dropped
+        self._mark_dirty()  # the fan-out's frames come here, and are dropped
         if stream is not None:
             stream.max_write_buffer_size = None
 
