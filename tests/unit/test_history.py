@@ -17,7 +17,10 @@ def test_parse_position():
         assert parse_position(bad) is None
 
 
-@given(st.text(min_size=1, alphabet=st.characters(blacklist_characters=":")), st.integers(0, 10**15))
+# Epochs up to the length whose positions stay within parse_position's 200 characters (the 16
+# digits of 10**15 and the colon); longer texts are refused by design (test_parse_position).
+@given(st.text(min_size=1, max_size=183, alphabet=st.characters(blacklist_characters=":")),
+       st.integers(0, 10**15))
 @settings(max_examples=100, deadline=None)
 def test_position_round_trip(epoch, offset):
     assert parse_position(format_position(epoch, offset)) == (epoch, offset)
