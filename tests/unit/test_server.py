@@ -1,6 +1,7 @@
 """server.py's lifecycle helpers without a running daemon: which inherited sockets serve what,
 which settings changed on a reload, the open files limit, and how the drain spreads its 1001
-closes (on stand-in sockets, in an event loop, no network)."""
+closes (on stand-in sockets, in an event loop, no network); and one SocketHandler in-process
+over loopback, for what only a real Tornado protocol object shows."""
 
 import asyncio
 import dataclasses
@@ -217,3 +218,46 @@ def test_a_join_reply_waits_for_the_broker_and_held_broadcasts_follow_it(left_me
         assert [(b"REPLY" in f, b"early" in f, b"live" in f) for f in frames] == \
             [(True, False, False), (False, True, False), (False, False, True)]
         assert hub.members("public:x") == 1
+
+
+# --------------------------------------------------------------------------- the fan-out's register
+
+
+async def eventually(predicate, seconds=1.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+def test_a_pong_tornado_writes_for_a_socket_handler_marks_the_socket_dirty():
+    """SocketHandler's protocol tells the outbox before Tornado writes a frame of its own, so the
+    fan-out never writes into the middle of a pong or a close frame Tornado has not finished."""
+    import tornado.httpserver
+    import tornado.websocket
+
+    async def run():
+        daemon = server.Daemon(settings())
+        sock = listener()
+        sock.setblocking(False)
+        http = tornado.httpserver.HTTPServer(daemon.make_app())
+        http.add_sockets([sock])
+        url = "ws://127.0.0.1:%d%s/websocket?vsn=2.0.0" % (sock.getsockname()[1], daemon.settings.path.rstrip("/"))
+        client = await tornado.websocket.websocket_connect(url)
+        (handler,) = daemon.sockets
+        register = daemon.flush_queue
+        fast = handler.outbox.fast_sock
+        assert fast is not None and fast in register.owners
+        assert fast not in register.dirty
+        daemon.hub.subscribe("public:a", handler)
+        client.ping(b"hi")
+        assert await eventually(lambda: fast in register.dirty)  # Tornado wrote the pong
+        daemon.deliver(Broadcast("public:a", "e", {"n": 1}))  # through the outbox, which finds the pong written
+        assert fast not in register.dirty
+        message = await asyncio.wait_for(client.read_message(), 5)
+        assert message == V2.encode_broadcast("public:a", "e", {"n": 1}, None)
+        client.close()
+        assert await eventually(lambda: not daemon.sockets)
+        assert fast not in register.owners and fast not in register.dirty  # released at close
+        http.stop()
+    asyncio.run(run())
