@@ -268,6 +268,11 @@ when asked: unlike PhxClient's background reader, it lets the server's writes ba
         assert op == OP_TEXT, (op, data)
         return json.loads(data)
 
+    def join(self, topic):
+        """A V2 phx_join (no params); returns the reply frame as a list."""
+        self.send_text(json.dumps(["1", "1", topic, "phx_join", {}]))
+        return self.recv_json()
+
     def close_outcome(self, timeout=5.0):
         """Read until the server ends the connection: ("close", code) or ("dropped", None)."""
         deadline = time.monotonic() + timeout

@@ -160,8 +160,7 @@ class PingingReader(threading.Thread):
     def __init__(self, port):
         super().__init__(daemon=True)
         self.ws = RawWS(port, rcvbuf=4096, timeout=30)
-        self.ws.send_text('["1","1","public:firehose","phx_join",{}]')
-        reply = self.ws.recv_json()
+        reply = self.ws.join("public:firehose")
         assert reply[3] == "phx_reply" and reply[4]["status"] == "ok", reply
         self.seen, self.pings, self.pongs, self.error = [], [], [], None
 
