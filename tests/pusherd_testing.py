@@ -200,7 +200,7 @@ class Pusherd:
         return status, parsed
 
 
-OP_TEXT, OP_BINARY, OP_CLOSE = 0x1, 0x2, 0x8
+OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 class RawWS:

@@ -1,8 +1,8 @@
 """Helpers for the hostile-input tests: RSS of a process, a liveness probe, and (from
 pusherd_testing) the raw WebSocket client that can send what real clients won't."""
 
-from pusherd_testing import (GUARDIAN_SECRET, OP_BINARY, OP_CLOSE, OP_TEXT, PUBLISH_SECRET,  # noqa: F401
-                             PhxClient, Pusherd, RawWS, rails_token, require)
+from pusherd_testing import (GUARDIAN_SECRET, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT,  # noqa: F401
+                             PUBLISH_SECRET, PhxClient, Pusherd, RawWS, rails_token, require)
 
 
 def rss_kib(pid: int) -> int:

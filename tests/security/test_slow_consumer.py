@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sec_helpers import OP_TEXT, PUBLISH_SECRET, PhxClient, RawWS, rss_kib, still_serving
+from sec_helpers import OP_PING, OP_PONG, OP_TEXT, PUBLISH_SECRET, PhxClient, RawWS, rss_kib, still_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -147,9 +147,6 @@ def test_writes_stalled_too_long_are_dropped(pusherd_factory):
     finally:
         stalled.close()
         readers[0].client.close()
-
-
-OP_PING, OP_PONG = 0x9, 0xA
 
 
 class PingingReader(threading.Thread):
