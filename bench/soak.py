@@ -220,6 +220,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=float, default=0.3, help="share of the run treated as warm-up (default 0.3)")
     p.add_argument("--url", help="host:port of a running pusherd instead of starting one")
     p.add_argument("--pid", type=int, help="pid of that pusherd, for RSS")
+    p.add_argument("--summary-json", metavar="FILE", help="also write the end figures to FILE as JSON")
     args = p.parse_args(argv)
 
     raise_nofile(args.sockets * 2 + 512)
@@ -262,7 +263,8 @@ def main(argv=None):
             now = time.monotonic()
             if now >= next_report:
                 rss = rss_kib(pid) if pid else 0
-                samples.append((now - start, rss))
+                if now - start <= seconds:  # not once the clients are winding down
+                    samples.append((now - start, rss))
                 errors = {k: v for k, v in totals.items() if ":" in k and not k.startswith("closed_by_server:1001")}
                 try:
                     conns = connections(base)
@@ -283,10 +285,15 @@ def main(argv=None):
     print()
     print("totals: %s" % dict(sorted(totals.items())))
     print("publish requests: %d, failed: %d" % (publishes, publish_errors))
+    summary = {"totals": dict(totals.items()), "publishes": publishes, "publish_errors": publish_errors,
+               "samples": samples, "warm_samples": len(warm), "slope_mib_per_min": None}
     if warm:
         rss = [r / 1024 for _, r in warm]
+        summary["slope_mib_per_min"] = slope_mib_per_min(warm)
         print("RSS after warm-up (%d samples): min %.1f MiB, max %.1f MiB, last %.1f MiB, slope %+.2f MiB/min"
-              % (len(warm), min(rss), max(rss), rss[-1], slope_mib_per_min(warm)))
+              % (len(warm), min(rss), max(rss), rss[-1], summary["slope_mib_per_min"]))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary))
     return 0
 
 

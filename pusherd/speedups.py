@@ -74,17 +74,19 @@ class GcFreezer:
         self.closed += 1
 
     def maybe_refreeze(self, live: int) -> bool:
-        bound = max(self._min_batch, live // 4)
-        if self.closed >= bound:
+        if self.closed >= max(self._min_batch, live // 4):
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-        elif self.opened >= self._min_batch // 4 or (self.opened and self.opened >= live // 16):
+            self.opened = self.closed = 0
+            return True
+        if self.opened >= self._min_batch // 4 or (self.opened and self.opened >= live // 16):
             # A full pass, but over the unfrozen objects only: what was made since the last
-            # freeze. Garbage must go before freezing, or it would stay for good.
+            # freeze. Garbage must go before freezing, or it would stay for good. `closed` keeps
+            # counting: only the unfreezing pass above reclaims the cycles of sockets that were
+            # frozen and closed since (resetting it here, under steady churn, meant never).
             gc.collect()
             gc.freeze()
-        else:
-            return False
-        self.opened = self.closed = 0
-        return True
+            self.opened = 0
+            return True
+        return False

@@ -51,3 +51,31 @@ def test_freezer_freezes_after_joins_and_reclaims_frozen_cycles_after_closes():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_freezer_reclaims_frozen_cycles_under_steady_churn():
+    """Sockets open and close in every sweep (a reconnecting population): the young-only
+    freezes must not keep postponing the pass that reclaims closed sockets' frozen cycles."""
+    gc.unfreeze()
+    try:
+        freezer = speedups.GcFreezer(min_batch=8)
+        closed_refs = []
+        live = [Node() for _ in range(40)]
+        for _ in live:
+            freezer.on_open()
+        freezer.maybe_refreeze(live=len(live))
+        for sweep in range(20):
+            # two sockets close, two new ones open, every sweep
+            for _ in range(2):
+                gone = live.pop(0)
+                closed_refs.append(weakref.ref(gone))
+                del gone
+                freezer.on_close()
+                live.append(Node())
+                freezer.on_open()
+            freezer.maybe_refreeze(live=len(live))
+        # 40 closes with a bound of max(8, 40 // 4) = 10: every closed socket but the last
+        # few (closed since the last unfreezing pass) has been reclaimed.
+        assert sum(ref() is not None for ref in closed_refs) < 10
+    finally:
+        gc.unfreeze()
