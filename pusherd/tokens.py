@@ -184,8 +184,19 @@ class Verifier:
             raise AuthError(CSRF_MISMATCH, "token has aud csrf but no s_csrf claim")
         if not isinstance(csrf_token, str) or not csrf_token:
             raise AuthError(CSRF_MISMATCH, "csrf_token missing from join payload")
+        if not _encodable(csrf_token):  # a lone surrogate ("\ud800"): no page's csrf token
+            raise AuthError(CSRF_MISMATCH, "csrf_token is not valid UTF-8 text")
         if not hmac.compare_digest(s_csrf(secret, csrf_token).encode(), expected.encode("utf-8", "replace")):
             raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf")
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (JSON lets a client send lone surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -127,6 +127,17 @@ def test_csrf_token_wrong_type(pusherd_server, phx_connect):
             ("error", {"reason": "csrf_mismatch"})
 
 
+def test_lone_surrogate_csrf_token_is_an_ordinary_refusal(pusherd_server, phx_connect):
+    """``"csrf_token": "\\ud800"`` is valid JSON that no UTF-8 text holds: refused as a mismatch,
+    on a socket that stays open, without a traceback in the log."""
+    c = phx_connect(pusherd_server.ws_url)
+    c.send_raw('["1","1","private:room","phx_join",{"guardian_token":"%s","csrf_token":"\\ud800"}]' % GOOD)
+    reply = c.expect(topic="private:room", event="phx_reply", ref="1")
+    assert reply["payload"] == {"status": "error", "response": {"reason": "csrf_mismatch"}}
+    assert c.join("private:room", {"guardian_token": GOOD, "csrf_token": CSRF})[:2] == ("ok", {})
+    assert "Traceback" not in pusherd_server.log() and "UnicodeEncodeError" not in pusherd_server.log()
+
+
 def test_expired_token_ends_the_channel_on_an_open_socket(pusherd_server, phx_connect):
     token, csrf = rails_token(listen=["private:expiring"], ttl=2)
     c = phx_connect(pusherd_server.ws_url)
