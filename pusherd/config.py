@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from .origins import OriginPolicy
+from .redact import MASK, mask_url
 
 __all__ = [
     "ConfigError",
@@ -64,7 +65,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Config keys whose change only takes effect after a restart (everything else reloads).
 RESTART_KEYS = ("listen", "path", "broker", "broker_prefix", "reuse_port", "metrics")
 
-MASK = "***"
 
 
 class ConfigError(Exception):
@@ -143,7 +143,7 @@ class Settings:
             if f.repr:
                 value = getattr(self, f.name)
                 if f.name in _URL_FIELDS:
-                    value = _mask_url(value)
+                    value = mask_url(value)
                 parts.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(parts)})"
 
@@ -158,7 +158,7 @@ class Settings:
             elif f.name in _SECRET_FIELDS:
                 out[f.name] = _mask(value)
             elif f.name in _URL_FIELDS:
-                out[f.name] = _mask_url(value)
+                out[f.name] = mask_url(value)
             elif f.name == "metrics":
                 out[f.name] = value.masked() if value is not None else None
             elif f.name == "history":
@@ -661,24 +661,6 @@ def _interpolate(value: Any, environ: Mapping[str, str], errors: List[str]) -> A
 
 def _mask(value: Any) -> Optional[str]:
     return MASK if value else None
-
-
-def _mask_url(url: Optional[str]) -> Optional[str]:
-    """The URL with any password (in the authority or a ``password=`` query) replaced by ***."""
-    if not url or url == "memory":
-        return url
-    try:
-        parts = urlsplit(url)
-        netloc, query = parts.netloc, parts.query
-        if "@" in netloc:
-            userinfo, hostport = netloc.rsplit("@", 1)
-            if ":" in userinfo:
-                userinfo = userinfo.split(":", 1)[0] + ":" + MASK
-            netloc = f"{userinfo}@{hostport}"
-        query = re.sub(r"(?i)(^|&)(password=)[^&]*", lambda m: m.group(1) + m.group(2) + MASK, query)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return MASK
 
 
 class _Section:

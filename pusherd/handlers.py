@@ -115,11 +115,13 @@ class NotFoundHandler(JSONHandler):
 class HealthHandler(JSONHandler):
     def get(self):
         daemon = self.daemon
-        healthy = daemon.broker.healthy()
-        body = {"status": "ok" if healthy else "unavailable", "broker": daemon.broker.describe(),
+        broker = daemon.broker
+        healthy = broker.healthy()
+        # The broker's kind only: its address is for --check-config and the metrics endpoint.
+        body = {"status": "ok" if healthy else "unavailable", "broker": broker.name,
                 "connections": len(daemon.sockets)}
         if not healthy:
-            body["error"] = "broker %s is unavailable" % daemon.broker.describe()
+            body["error"] = "broker %s is unavailable" % broker.name
         self.send_json(200 if healthy else 503, body)
 
 
@@ -142,7 +144,9 @@ async def answer_publish(daemon: "Daemon", authorizations: List[str], body: byte
     try:
         positions = [await daemon.publish(b) for b in broadcasts]
     except BrokerUnavailable as exc:
-        return 503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())}, (("Retry-After", "1"),)
+        # The cause (masked) goes to the log; the publisher learns the kind of broker only.
+        log.debug("publish refused (503): %s", exc or daemon.broker.describe())
+        return 503, {"error": "broker unavailable: %s" % daemon.broker.name}, (("Retry-After", "1"),)
     answer = {"status": "ok", "published": len(broadcasts)}
     if len(broadcasts) == 1 and positions[0] is not None:
         answer["position"] = positions[0]

@@ -5,7 +5,7 @@ a subdomain wildcard ``https://*.example.com`` (any subdomain, not the bare doma
 port wildcard ``http://localhost:*``. Comparison is on scheme, host and port, case-insensitive.
 """
 
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -26,8 +26,8 @@ def _split(origin: str) -> Optional[Tuple[str, str, str]]:
             port = rest[1:] if rest.startswith(":") else ""
         else:
             host, _, port = netloc.partition(":")
-        if not host:
-            return None
+        if not host or (port and not (port.isascii() and port.isdigit())):
+            return None  # "http://localhost:evil.com" has no port: it is not an origin
         if not port:
             port = str(_DEFAULT_PORTS.get(scheme, ""))
         return scheme, host, port
@@ -49,13 +49,12 @@ class OriginPolicy:
                 raise ValueError("not an origin pattern: %r" % text)
             scheme, host, port = split
             bare = host[2:] if host.startswith("*.") else host
-            if "*" in bare or not bare or (port and not port.isdigit()):
+            if "*" in bare or not bare:
                 raise ValueError("not an origin pattern: %r" % text)
             self._rules.append((scheme, host, None if wildcard_port else port))
 
     def allows(self, origin: Optional[str]) -> bool:
-        """Whether a browser page from `origin` may connect (an empty origin is refused here;
-        a request with no Origin header at all is not a browser, and Tornado never asks)."""
+        """Whether a browser page from `origin` may connect (an empty origin is refused)."""
         if self.any:
             return True
         if not origin:
@@ -73,3 +72,22 @@ class OriginPolicy:
             elif r_host == host:
                 return True
         return False
+
+
+def upgrade_allowed(policy: OriginPolicy, headers: Mapping[str, str]) -> Tuple[bool, Optional[str]]:
+    """pusherd's own decision on a WebSocket upgrade, whatever the web framework thinks of it:
+    ``(allowed, origin)``.
+
+    A browser always sends ``Origin`` on a WebSocket upgrade (``Sec-WebSocket-Origin`` from
+    pre-RFC 6455 drafts counts the same): it must be allowed by `policy`, even when it names the
+    very host the request went to (a DNS-rebinding page over ``ws://``) or the request carries
+    ``Sec-Fetch-Site: same-origin`` or ``none`` (Tornado 6.6 lets both through without asking).
+    A request without any origin is not a browser page, unless it carries ``Sec-Fetch-Site``
+    (only browsers send it): then it is refused, as a browser that hid its origin.
+    """
+    origin = headers.get("Origin")
+    if origin is None:
+        origin = headers.get("Sec-WebSocket-Origin")
+    if origin is None:
+        return headers.get("Sec-Fetch-Site") is None, None
+    return policy.allows(origin), origin

@@ -60,7 +60,6 @@ import random
 import secrets
 import time
 from typing import Dict, Iterable, List, Optional, Set, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
@@ -69,6 +68,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .broker import Broadcast, Broker, Deliver
 from .errors import BrokerUnavailable
+from .redact import mask_url
 from .history import Entry, Recovery, Rules, decide, format_position, new_epoch, parse_position
 
 log = logging.getLogger("pusherd.broker")
@@ -161,16 +161,6 @@ def decode_envelope(data: bytes):
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         ts = None
     return origin, Broadcast(topic, event, payload, ts, pos if isinstance(pos, str) else None)
-
-
-def masked_url(url: str) -> str:
-    """The broker URL for logs and /healthz: any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc="%s:***@%s" % (user, netloc)))
 
 
 def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
@@ -445,7 +435,7 @@ class RedisBroker(Broker):
         return self._healthy
 
     def describe(self) -> str:
-        return masked_url(self.url)
+        return mask_url(self.url)
 
     def _unavailable(self) -> str:
         if self._closing:

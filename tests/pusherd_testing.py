@@ -469,9 +469,10 @@ class TcpProxy:
 class RedisServer:
     """A private redis-server on a free loopback port, no persistence; stop/start keep the port."""
 
-    def __init__(self, tmp: Path, port=None):
+    def __init__(self, tmp: Path, port=None, args=()):
         self.tmp = tmp
         self.port = port or free_port()
+        self.args = list(args)  # extra redis-server options, e.g. ["--requirepass", "pw"]
         self.proc = None
 
     @property
@@ -481,7 +482,7 @@ class RedisServer:
     def start(self, timeout=10.0):
         self.proc = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.tmp), "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", str(self.tmp), "--protected-mode", "no"] + self.args,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -490,7 +491,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return self
             except OSError:
                 pass
