@@ -215,9 +215,10 @@ when asked: unlike PhxClient's background reader, it lets the server's writes ba
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
-                 "Connection: Upgrade", "Sec-WebSocket-Key: " + key, "Sec-WebSocket-Version: 13"]
-        lines += ["%s: %s" % kv for kv in (headers or {}).items()]
+        fields = {"Host": "127.0.0.1:%d" % port, "Upgrade": "websocket", "Connection": "Upgrade",
+                  "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
+        fields.update(headers or {})  # a test may replace Host, too
+        lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % kv for kv in fields.items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:

@@ -39,6 +39,43 @@ def test_origin_check_on_upgrade(pusherd_server, origin, status):
         ws.close()
 
 
+@pytest.mark.parametrize("path", ["/events/websocket", "/events"])
+@pytest.mark.parametrize("attack,headers", [pytest.param(*row, id=row[0]) for row in [
+    # A DNS-rebinding page served over ws:// from the name the daemon answers to: Origin equals Host.
+    ("origin-equals-host", lambda port: {"Origin": "http://127.0.0.1:%d" % port, "Host": "127.0.0.1:%d" % port}),
+    ("origin-equals-host-by-name", lambda port: {"Origin": "http://rebind.evil:%d" % port,
+                                                  "Host": "rebind.evil:%d" % port}),
+    # Sec-Fetch-Site claims same-origin or a direct navigation: Tornado 6.6 skips check_origin for both.
+    ("sec-fetch-same-origin", lambda port: {"Origin": "https://evil.com", "Sec-Fetch-Site": "same-origin"}),
+    ("sec-fetch-none", lambda port: {"Origin": "https://evil.com", "Sec-Fetch-Site": "none"}),
+    ("sec-fetch-cross-site", lambda port: {"Origin": "https://evil.com", "Sec-Fetch-Site": "cross-site"}),
+    # A browser that hides its origin: Sec-Fetch-Site without any Origin.
+    ("sec-fetch-without-origin", lambda port: {"Sec-Fetch-Site": "same-origin"}),
+    # Pre-RFC 6455 drafts sent the origin in Sec-WebSocket-Origin.
+    ("sec-websocket-origin", lambda port: {"Sec-WebSocket-Origin": "https://evil.com"}),
+]])
+def test_origins_are_decided_by_pusherd_not_tornado(pusherd_server, attack, headers, path):
+    """Every upgrade's origin is checked against allowed_origins by pusherd itself, whatever the
+    installed Tornado considers same-origin (6.6 lets the first four through unasked)."""
+    ws = RawWS(pusherd_server.port, path=path, headers=headers(pusherd_server.port))
+    try:
+        assert ws.status == 403
+    finally:
+        ws.close()
+    assert still_serving(pusherd_server)
+
+
+def test_localhost_port_wildcard_takes_only_a_numeric_port(pusherd_factory):
+    d = pusherd_factory({"allowed_origins": ["http://localhost:*"]})
+    for origin, status in [("http://localhost:8080", 101), ("http://localhost:evil.com", 403),
+                           ("http://localhost:80x", 403), ("http://localhost:\u0661\u0662", 403)]:
+        ws = RawWS(d.port, headers={"Origin": origin})
+        try:
+            assert ws.status == status, origin
+        finally:
+            ws.close()
+
+
 def test_upgrade_without_origin_is_not_a_browser_and_is_allowed(pusherd_server):
     ws = RawWS(pusherd_server.port)
     try:
