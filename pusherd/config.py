@@ -120,6 +120,7 @@ class Settings:
     max_topic_length: int = 255
     client_push_rate: float = 10.0
     client_push_burst: int = 20
+    client_events: Tuple[str, ...] = ("msg",)
     max_outbox_bytes: int = 1048576
     slow_consumer_seconds: float = 30.0
     drain_seconds: float = 5.0
@@ -351,7 +352,7 @@ _KNOWN_KEYS = (
     "guardian_public_key", "guardian_public_key_file", "guardian_algorithm", "issuer",
     "allowed_origins", "heartbeat_timeout", "max_frame_bytes", "max_publish_bytes",
     "max_connections", "max_channels_per_socket", "max_topic_length", "client_push_rate",
-    "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
+    "client_push_burst", "client_events", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
     "http_header_timeout", "http_body_timeout",
     "broker", "broker_prefix", "reuse_port", "metrics", "demo", "demo_assets", "history", "max_recovery",
     "log_level", "access_log",
@@ -493,6 +494,17 @@ def _bool(value: Any) -> bool:
 def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid(f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _event_pattern(value: Any) -> str:
+    """An entry of client_events: an event name, ``prefix*`` or ``*``; never a reserved name."""
+    from .protocol import is_reserved_event, is_valid_event
+    if not isinstance(value, str) or not is_valid_event(value) or " " in value or "*" in value[:-1]:
+        raise _Invalid(f"expected an event name, 'prefix*' or '*', got {_show(value)}")
+    if value != "*" and is_reserved_event(value.rstrip("*")):
+        raise _Invalid(f"{value!r} is reserved (phx_*, chan_reply_*, presence_state, presence_diff are the "
+                       "server's own events)")
     return value
 
 
@@ -901,6 +913,17 @@ def from_mapping(
     for key in ("max_connections", "max_channels_per_socket", "max_topic_length", "client_push_burst"):
         v[key] = s.get(key, _count(1))
     v["client_push_rate"] = s.get("client_push_rate", _positive_number)
+    events = s.items("client_events", accept_string=True)
+    if events == []:
+        s.add("client_events", "must not be empty (clients that may not push anything: use a name no page sends)")
+        events = _FAILED
+    if events is _UNSET:
+        events = _FIELD_DEFAULTS["client_events"]
+    elif events is not _FAILED:
+        events = s.each(events, _event_pattern)
+        if events is not _FAILED:
+            events = tuple(dict.fromkeys(events))
+    v["client_events"] = events
     v["slow_consumer_seconds"] = s.get("slow_consumer_seconds", _duration())
     v["drain_seconds"] = s.get("drain_seconds", _duration(allow_zero=True))
     v["http_header_timeout"] = s.get("http_header_timeout", _duration())

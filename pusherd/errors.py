@@ -17,6 +17,7 @@ TOO_MANY_CHANNELS = "too_many_channels"
 RATE_LIMITED = "rate_limited"
 MALFORMED_MESSAGE = "malformed_message"
 INVALID_EVENT = "invalid_event"
+EVENT_NOT_ALLOWED = "event_not_allowed"      # a valid name, but not in client_events
 INVALID_PAYLOAD = "invalid_payload"
 UNSUPPORTED_BINARY = "binary_not_supported"
 UNAVAILABLE = "unavailable"

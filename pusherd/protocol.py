@@ -90,6 +90,19 @@ def too_deep(value, limit: int) -> bool:
     return False
 
 
+#: Event names phoenix.js gives a meaning of its own: ``phx_*`` (join, leave, reply, close,
+#: error), ``chan_reply_<ref>`` (how 1.2 to 1.8 route the reply to a pending push with that
+#: ref) and Presence's two events. Only the server sends them.
+RESERVED_PREFIXES = ("phx_", "chan_reply_")
+RESERVED_EVENTS = frozenset(("presence_state", "presence_diff"))
+
+
+def is_reserved_event(event: str) -> bool:
+    """True for a name phoenix.js would take as the server's own (a client or publisher sending
+    it could forge another member's push reply or presence list)."""
+    return event.startswith(RESERVED_PREFIXES) or event in RESERVED_EVENTS
+
+
 def is_valid_event(event: Any) -> bool:
     """A non-empty printable string of at most MAX_EVENT_LENGTH characters."""
     return isinstance(event, str) and 0 < len(event) <= MAX_EVENT_LENGTH and event.isprintable()

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from .broker import Broadcast
 from .errors import TOKEN_EXPIRED, AuthError, PublishError
-from .protocol import is_valid_event, loads
+from .protocol import is_reserved_event, is_valid_event, loads
 from .tokens import looks_like_jwt, verify_publish_token
 from .topics import TopicPattern, any_match, is_valid_topic
 
@@ -161,8 +161,10 @@ def _validate(item, where: str, max_topic_length: int) -> List[Broadcast]:
     event = item.get("event")
     if not isinstance(event, str) or not event:
         raise PublishError(400, where + "missing or invalid event")
-    if not is_valid_event(event) or event.startswith("phx_"):
-        raise PublishError(400, where + "invalid event")  # printable, 1-255 characters, not phx_*
+    if not is_valid_event(event):
+        raise PublishError(400, where + "invalid event")  # printable, 1-255 characters
+    if is_reserved_event(event):
+        raise PublishError(400, where + "invalid event: a name phoenix.js reserves (phx_*, chan_reply_*, presence_*)")
     payload = item.get("payload", {})
     if payload is None:
         payload = {}

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import tornado.netutil
 import tornado.web
 
+from .access import compile_event_patterns
 from .broker import Broadcast, Broker, MemoryBroker
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .errors import StartupError
@@ -58,7 +59,8 @@ def build_verifier(settings) -> Verifier:
 def build_limits(settings) -> Limits:
     return Limits(heartbeat_timeout=settings.heartbeat_timeout, max_topic_length=settings.max_topic_length,
                   max_channels=settings.max_channels_per_socket, push_rate=settings.client_push_rate,
-                  push_burst=settings.client_push_burst)
+                  push_burst=settings.client_push_burst,
+                  client_events=compile_event_patterns(settings.client_events))
 
 
 def build_broker(settings) -> Broker:

@@ -9,13 +9,13 @@ be tested by feeding frames to a session and looking at the actions.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Counter, Dict, List, Optional
+from typing import Any, Counter, Dict, List, Optional, Tuple
 
 from . import errors
-from .access import may_listen, may_publish
+from .access import EventPattern, may_listen, may_publish, may_push_event
 from .errors import AuthError
 from .protocol import (HEARTBEAT, PHOENIX_TOPIC, PHX_CLOSE, PHX_JOIN, PHX_LEAVE, MalformedFrame,
-                       Message, Serializer, UndecodableFrame, is_valid_event)
+                       Message, Serializer, UndecodableFrame, is_reserved_event, is_valid_event)
 from .tokens import Claims, Verifier
 from .topics import is_public, is_valid_topic
 
@@ -109,6 +109,7 @@ class Limits:
     push_rate: float = 10.0          # client pushes per second (token bucket refill)
     push_burst: int = 20             # bucket size
     flood_strikes: int = 50          # rate-limited pushes in a row before the socket is closed
+    client_events: Tuple[EventPattern, ...] = (EventPattern("msg"),)   # what clients may push
 
 
 class Policy:
@@ -190,7 +191,7 @@ class Session:
             return self._join(msg, now)
         if msg.event == PHX_LEAVE:
             return self._leave(msg)
-        if msg.event.startswith("phx_") or not is_valid_event(msg.event):
+        if not is_valid_event(msg.event) or is_reserved_event(msg.event):
             return [self._error_reply(msg.join_ref, msg.ref, msg.topic, errors.INVALID_EVENT)]
         return self._push(msg, now)
 
@@ -250,6 +251,10 @@ class Session:
             return [self._error_reply(None, msg.ref, msg.topic, errors.UNMATCHED_TOPIC)]
         if channel.expires_at is not None and channel.expires_at <= now:
             return self._expire(channel) + [self._error_reply(None, msg.ref, msg.topic, errors.TOKEN_EXPIRED)]
+        if not may_push_event(msg.event, self.policy.limits.client_events):
+            log.info("%s: push refused topic=%.200s event=%.100s reason=event_not_allowed", self.peer, msg.topic,
+                     msg.event)
+            return [self._error_reply(channel.join_ref, msg.ref, msg.topic, errors.EVENT_NOT_ALLOWED)]
         if not may_publish(msg.topic, channel.claims):
             log.info("%s: push refused topic=%.200s event=%.100s reason=forbidden", self.peer, msg.topic, msg.event)
             return [self._error_reply(channel.join_ref, msg.ref, msg.topic, errors.FORBIDDEN)]

@@ -173,8 +173,8 @@ def test_client_push_needs_publish_claim_on_private_topics(pusherd_server, phx_c
     watcher.assert_silent(0.3)
     p = phx_connect(pusherd_server.ws_url)
     _, _, jr = p.join("private:ticker", {"guardian_token": publisher_token, "csrf_token": csrf2})
-    assert p.push("private:ticker", "alert", {"x": 2}, join_ref=jr) == ("ok", {})
-    assert watcher.expect(event="alert")["payload"] == {"x": 2}
+    assert p.push("private:ticker", "msg", {"x": 2}, join_ref=jr) == ("ok", {})
+    assert watcher.expect(event="msg")["payload"] == {"x": 2}
 
 
 @pytest.mark.parametrize("frame", [

@@ -84,7 +84,8 @@ def test_publish_wrong_secret_exits_1_with_the_servers_reason(daemon, phx_connec
 
 @pytest.mark.parametrize("args, reason", [
     (("bad topic", "e"), "400 invalid topic"),
-    (("public:x", "phx_join"), "400 invalid event"),
+    (("public:x", "bad\tevent"), "400 invalid event"),
+    (("public:x", "phx_join"), "400 invalid event: a name phoenix.js reserves (phx_*, chan_reply_*, presence_*)"),
     (("public:x", "e", "[1, 2]"), "400 payload must be a JSON object"),
 ])
 def test_publish_refused_by_the_server_prints_its_reason(daemon, args, reason):

@@ -41,8 +41,8 @@ def events(client, event, n, timeout=5.0):
 
 @pytest.fixture
 def pair(redis_server, pusherd_factory):
-    a = pusherd_factory({"broker": redis_server.url})
-    b = pusherd_factory({"broker": redis_server.url})
+    a = pusherd_factory({"broker": redis_server.url, "client_events": ["msg", "m"]})
+    b = pusherd_factory({"broker": redis_server.url, "client_events": ["msg", "m"]})
     return a, b
 
 
@@ -57,9 +57,9 @@ def test_publish_on_one_process_reaches_members_on_both(pair, phx_connect):
     assert ca.expect(event="news")["payload"] == {"n": 1}
     assert cb.expect(event="news")["payload"] == {"n": 1}
     # A client push on b reaches the member on a (and the sender itself), once each.
-    assert cb.push("public:room", "chat", {"body": "hi"}, join_ref=join_ref) == ("ok", {})
-    assert ca.expect(event="chat")["payload"] == {"body": "hi"}
-    assert cb.expect(event="chat")["payload"] == {"body": "hi"}
+    assert cb.push("public:room", "msg", {"body": "hi"}, join_ref=join_ref) == ("ok", {})
+    assert ca.expect(event="msg")["payload"] == {"body": "hi"}
+    assert cb.expect(event="msg")["payload"] == {"body": "hi"}
     # Per-topic order for one publisher, across processes.
     for i in range(30):
         assert b.publish("public:room", "seq", {"i": i})[0] == 200

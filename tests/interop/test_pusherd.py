@@ -263,7 +263,7 @@ def test_leave_and_duplicate_join(phx, phx_version, pusherd_server):
     assert (state["old"]["state"], state["new"]["state"]) == ("closed", "joined"), state
 
     # the surviving channel can push and still leaves cleanly
-    reply = push_reply(c, "new", "ping", {}, tag="p")
+    reply = push_reply(c, "new", "msg", {}, tag="p")
     assert (reply["status"], reply["response"]) == ("error", {"reason": "forbidden"}), reply
     c.leave("new")
     c.expect(type="channel_close", id="new")

@@ -51,15 +51,15 @@ def test_phoenix_clients_on_two_processes_share_publishes_pushes_and_outages(red
         assert c.expect(type="event", id="c1", event="new_version")["payload"] == {"version": "abc"}
 
     # A client push on B reaches the member on A (and B's own member).
-    on_b.push("c1", "chat", {"body": "hi"}, tag="p1")
+    on_b.push("c1", "msg", {"body": "hi"}, tag="p1")
     assert on_b.expect(type="push_reply", tag="p1")["status"] == "ok"
     for c in (on_a, on_b):
-        assert c.expect(type="event", id="c1", event="chat")["payload"] == {"body": "hi"}
+        assert c.expect(type="event", id="c1", event="msg")["payload"] == {"body": "hi"}
 
     # Redis dies: the push is refused with "unavailable"; the sockets stay open.
     redis_server.kill()
     wait_health(b, 503)
-    on_b.push("c1", "chat", {"body": "lost"}, tag="p2")
+    on_b.push("c1", "msg", {"body": "lost"}, tag="p2")
     reply = on_b.expect(type="push_reply", tag="p2")
     assert (reply["status"], reply["response"]) == ("error", {"reason": "unavailable"})
     redis_server.start()

@@ -28,7 +28,8 @@ def close(code):
 def daemon(tmp_path_factory):
     from sec_helpers import Pusherd
     d = Pusherd(tmp_path_factory.mktemp("hostile"), {"max_channels_per_socket": 5, "max_topic_length": 64,
-                                                    "client_push_rate": 5, "client_push_burst": 5}).start()
+                                                    "client_push_rate": 5, "client_push_burst": 5,
+                                                    "client_events": ["msg", "x*"]}).start()
     yield d
     d.stop()
 
@@ -184,18 +185,47 @@ def test_push_events_are_validated(daemon, phx_connect):
     assert c.expect(event="x" * 255)["payload"] == {}
 
 
+@pytest.mark.parametrize("event", ["chan_reply_7", "presence_state", "presence_diff", "phx_reply"])
+def test_clients_cannot_impersonate_the_server(pusherd_factory, phx_connect, event):
+    """An anonymous member of a public topic pushes an event phoenix.js takes as the server's own:
+    ``chan_reply_<ref>`` (the reply to another member's pending push with that ref) or Presence's
+    events (a forged member list). Refused even with ``client_events: ["*"]``, delivered to nobody."""
+    d = pusherd_factory({"client_events": ["*"]})
+    victim = phx_connect(d.ws_url)
+    victim.join("public:imp")
+    attacker = phx_connect(d.ws_url)
+    _, _, join_ref = attacker.join("public:imp")
+    forged = {"status": "ok", "response": {"forged": True}} if event.startswith("chan_reply") else {"joins": {}}
+    assert attacker.push("public:imp", event, forged, join_ref) == ("error", {"reason": "invalid_event"})
+    victim.assert_silent(0.3)
+    assert attacker.push("public:imp", "anything", {}, join_ref) == ("ok", {})   # "*" allows the rest
+    assert victim.expect(event="anything")["payload"] == {}
+
+
+def test_client_events_default_to_msg_only(pusherd_server, phx_connect):
+    """Without client_events only ``msg`` (the one event the original service relayed) is relayed."""
+    other = phx_connect(pusherd_server.ws_url)
+    other.join("public:defaults")
+    c = phx_connect(pusherd_server.ws_url)
+    _, _, join_ref = c.join("public:defaults")
+    assert c.push("public:defaults", "typing", {}, join_ref) == ("error", {"reason": "event_not_allowed"})
+    other.assert_silent(0.3)
+    assert c.push("public:defaults", "msg", {"body": "hi"}, join_ref) == ("ok", {})
+    assert other.expect(event="msg")["payload"] == {"body": "hi"}
+
+
 def test_push_payload_checks(daemon, phx_connect):
     """What a client pushes reaches the others as valid UTF-8 JSON; too deep never reaches them."""
     c = phx_connect(daemon.ws_url)
     other = phx_connect(daemon.ws_url)
     _, _, join_ref = c.join("public:payloads")
     other.join("public:payloads")
-    c.send_raw('["%s","9","public:payloads","odd",{"a":[[[]]],"s":"\\ud800"}]' % join_ref)
+    c.send_raw('["%s","9","public:payloads","msg",{"a":[[[]]],"s":"\\ud800"}]' % join_ref)
     c.expect(event="phx_reply", ref="9")
     raw = other.ws.recv(timeout=5)
     assert "\\ud800" in raw                       # written escaped, as it came
     assert json.loads(raw)[4] == {"a": [[[]]], "s": "\ud800"}
-    c.send_raw('["%s","10","public:payloads","deep",{"a":%s%s}]' % (join_ref, "[" * 80, "]" * 80))
+    c.send_raw('["%s","10","public:payloads","msg",{"a":%s%s}]' % (join_ref, "[" * 80, "]" * 80))
     assert c.close_code() == 1007
     other.assert_silent(0.3)
 
@@ -272,7 +302,7 @@ def test_push_flood_is_rate_limited_then_closed(daemon, phx_connect):
     # arrival over time (the bucket refills meanwhile); the server may close before we finish.
     try:
         for i in range(600):
-            c.send(join_ref, "p%d" % i, "public:pushflood", "spam", {"i": i})
+            c.send(join_ref, "p%d" % i, "public:pushflood", "msg", {"i": i})
     except ConnectionClosed:
         pass
     statuses = []
@@ -292,7 +322,7 @@ def test_push_flood_is_rate_limited_then_closed(daemon, phx_connect):
     delivered = []
     try:
         while True:
-            delivered.append(observer.expect(event="spam", timeout=0.5)["payload"]["i"])
+            delivered.append(observer.expect(event="msg", timeout=0.5)["payload"]["i"])
     except AssertionError:
         pass
     assert 5 <= len(delivered) <= 5 + 5 * elapsed + 1, (delivered, elapsed)  # burst 5, refill 5/s

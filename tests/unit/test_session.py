@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pusherd import errors
 from pusherd.protocol import LEGACY, V1, V2
+from pusherd.access import compile_event_patterns
 from pusherd.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
 from pusherd.tokens import Verifier, mint_token
 from pusherd.topics import is_public
@@ -332,7 +333,7 @@ def test_push_after_leave_is_unmatched():
 
 def test_push_to_unjoined_topic_is_unmatched_with_null_join_ref():
     s = make_session(V2)
-    actions = s.receive('["3","7","room:lobby","new_msg",{"body":"hi"}]', NOW)
+    actions = s.receive('["3","7","room:lobby","msg",{"body":"hi"}]', NOW)
     assert actions[0].text == \
         '[null,"7","room:lobby","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]'
     assert len(actions) == 1
@@ -340,11 +341,11 @@ def test_push_to_unjoined_topic_is_unmatched_with_null_join_ref():
 
 def test_push_allowed_on_public_topic():
     s = joined_session("public:a", ref="3")
-    actions = s.receive('["3","7","public:a","new_msg",{"body":"hi"}]', NOW)
+    actions = s.receive('["3","7","public:a","msg",{"body":"hi"}]', NOW)
     push = only(actions)
     assert isinstance(push, Publish)
     assert (push.topic, push.event, push.payload, push.join_ref, push.ref) == \
-        ("public:a", "new_msg", {"body": "hi"}, "3", "7")
+        ("public:a", "msg", {"body": "hi"}, "3", "7")
     assert s.push_ok(push).text == '["3","7","public:a","phx_reply",{"status":"ok","response":{}}]'
     assert_error(s.push_error(push, errors.UNAVAILABLE), "7", errors.UNAVAILABLE, join_ref="3", topic="public:a")
 
@@ -352,13 +353,13 @@ def test_push_allowed_on_public_topic():
 def test_push_allowed_with_publish_claim():
     tok = token(listen=["private:a"], publish=["private:a"])
     s = joined_session("private:a", auth(tok), ref="1")
-    push = only(s.receive(frame(V2, "1", "2", "private:a", "typing", {"x": 1}), NOW))
+    push = only(s.receive(frame(V2, "1", "2", "private:a", "msg", {"x": 1}), NOW))
     assert isinstance(push, Publish) and push.join_ref == "1" and push.ref == "2"
 
 
 def test_push_v1_publish_carries_the_join_ref_and_replies_v1():
     s = joined_session("public:a", serializer=V1, ref="3")
-    push = only(s.receive(frame(V1, None, "7", "public:a", "new_msg", {"a": 1}), NOW))
+    push = only(s.receive(frame(V1, None, "7", "public:a", "msg", {"a": 1}), NOW))
     assert isinstance(push, Publish) and push.join_ref == "3" and push.ref == "7"
     assert s.push_ok(push).text == \
         '{"topic":"public:a","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"7"}'
@@ -367,24 +368,39 @@ def test_push_v1_publish_carries_the_join_ref_and_replies_v1():
 def test_push_forbidden_without_publish_claim():
     tok = token(listen=["private:a"])
     s = joined_session("private:a", auth(tok), ref="1")
-    actions = s.receive(frame(V2, "1", "2", "private:a", "typing"), NOW)
+    actions = s.receive(frame(V2, "1", "2", "private:a", "msg"), NOW)
     assert_error(actions, "2", errors.FORBIDDEN, join_ref="1", topic="private:a")
     assert "private:a" in s.channels
 
 
-@pytest.mark.parametrize("event", ["phx_reply", "phx_close", "phx_error", "phx_custom", "phx_"])
-def test_phx_events_from_the_client_are_invalid(event):
-    s = joined_session("public:a", ref="1")
+@pytest.mark.parametrize("event", ["phx_reply", "phx_close", "phx_error", "phx_custom", "phx_",
+                                   "chan_reply_7", "chan_reply_", "presence_state", "presence_diff"])
+def test_reserved_events_from_the_client_are_invalid(event):
+    """Names phoenix.js takes as the server's own: refused even when client_events allows any name."""
+    s = joined_session("public:a", ref="1", limits=Limits(client_events=compile_event_patterns(["*"])))
     assert_error(s.receive(frame(V2, "1", "2", "public:a", event), NOW), "2", errors.INVALID_EVENT, join_ref="1")
     assert_error(s.receive(frame(V2, None, "3", "public:b", event), NOW), "3", errors.INVALID_EVENT)
     assert "public:a" in s.channels
 
 
+@pytest.mark.parametrize("patterns,event,allowed", [
+    (None, "msg", True), (None, "typing", False), (["chat_*"], "chat_typing", True), (["chat_*"], "msg", False),
+    (["*"], "anything", True), (["msg", "typing"], "typing", True)])
+def test_client_events_decide_which_names_clients_push(patterns, event, allowed):
+    limits = Limits() if patterns is None else Limits(client_events=compile_event_patterns(patterns))
+    s = joined_session("public:a", ref="1", limits=limits)
+    actions = s.receive(frame(V2, "1", "2", "public:a", event), NOW)
+    if allowed:
+        assert isinstance(only(actions), Publish)
+    else:
+        assert_error(actions, "2", errors.EVENT_NOT_ALLOWED, join_ref="1", topic="public:a")
+
+
 def test_push_on_expired_channel_closes_it():
     tok = token(listen=["private:a"], publish=["private:a"], exp=NOW + 30)
     s = joined_session("private:a", auth(tok), ref="1")
-    assert isinstance(only(s.receive(frame(V2, "1", "2", "private:a", "ev"), NOW + 29)), Publish)
-    actions = s.receive(frame(V2, "1", "3", "private:a", "ev"), NOW + 30)
+    assert isinstance(only(s.receive(frame(V2, "1", "2", "private:a", "msg"), NOW + 29)), Publish)
+    actions = s.receive(frame(V2, "1", "3", "private:a", "msg"), NOW + 30)
     assert len(actions) == 3
     assert_close_frame(actions[0], "1", "private:a")
     assert isinstance(actions[1], Unsubscribe) and actions[1].topic == "private:a"
@@ -398,7 +414,7 @@ LIMITS = Limits(push_rate=10.0, push_burst=20, flood_strikes=50)
 
 
 def push(s, ref, now):
-    return s.receive(frame(V2, "1", str(ref), "public:a", "ev"), now)
+    return s.receive(frame(V2, "1", str(ref), "public:a", "msg"), now)
 
 
 def test_bucket_allows_a_burst_then_refuses():
