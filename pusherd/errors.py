@@ -36,10 +36,16 @@ class PusherdError(Exception):
     """Base of every error pusherd raises on purpose."""
 
 
+#: A refusal's detail is for the log: cut to this length (a library's error text can quote a
+#: client's input at length, e.g. PyJWT's for a ``crit`` header).
+MAX_DETAIL = 200
+
+
 class AuthError(PusherdError):
     """A token was refused. `reason` is one of the stable reasons above; `detail` is for the log."""
 
     def __init__(self, reason: str, detail: str = ""):
+        detail = detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "..."
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -49,6 +55,7 @@ class ProtocolError(PusherdError):
     """A client frame could not be understood."""
 
     def __init__(self, reason: str, detail: str = ""):
+        detail = detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "..."
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail

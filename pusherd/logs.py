@@ -31,6 +31,7 @@ __all__ = [
     "syslog_priority",
     "JournalFormatter",
     "HumanFormatter",
+    "escape",
 ]
 
 PACKAGE_LOGGER = "pusherd"
@@ -87,7 +88,33 @@ def stream_is_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-class JournalFormatter(logging.Formatter):
+#: Longest message a log line carries; the rest is cut (a client can make a message long).
+MAX_MESSAGE = 2000
+
+
+def escape(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` fit for one log line: no raw control character (a newline and a fake line, ANSI
+    escapes, a NUL), no bidi override or lone surrogate; each is written as its Python escape
+    (``\\n``, ``\\x1b``, ``\\u202e``), and the whole is cut at `limit` characters."""
+    if len(text) > limit:
+        text = "%s... (%d more characters)" % (text[:limit], len(text) - limit)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Every message escaped (`escape`) before it is formatted: client bytes quoted in a message
+    (a topic, an origin, a path, a library's error text) cannot start a line of their own. The
+    traceback of ``log.exception`` is the formatter's own text and keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(_EscapingFormatter):
     """``<N>LEVEL logger: message``; every line of a multi-line record (tracebacks)
     gets the prefix, or journald would file continuation lines as info."""
 
@@ -100,7 +127,7 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines() or [""])
 
 
-class HumanFormatter(logging.Formatter):
+class HumanFormatter(_EscapingFormatter):
     """``2024-05-01 12:00:00.123 WARNING pusherd.hub: message``"""
 
     default_msec_format = "%s.%03d"

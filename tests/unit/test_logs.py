@@ -206,3 +206,37 @@ def test_parse_level(name, expected):
 ])
 def test_syslog_priority(levelno, priority):
     assert logs.syslog_priority(levelno) == priority
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("plain topic", "plain topic"),
+    ("a\nFAKE LINE", "a\\nFAKE LINE"),
+    ("\x1b[31mred", "\\x1b[31mred"),
+    ("\u202ertl", "\\u202ertl"),
+    ("lone \ud800", "lone \\ud800"),
+    ("tab\there", "tab\\there"),
+    ("é中", "é中"),
+])
+def test_escape_leaves_no_raw_control_character(text, shown):
+    from pusherd.logs import escape
+    assert escape(text) == shown
+
+
+def test_escape_bounds_the_message():
+    from pusherd.logs import escape
+    assert escape("x" * 50, limit=10) == "x" * 10 + "... (40 more characters)"
+
+
+def test_formatters_escape_messages_but_keep_tracebacks():
+    from pusherd.logs import HumanFormatter, JournalFormatter
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("pusherd", logging.ERROR, __file__, 1, "topic=%s", ("a\nFAKE",), exc_info)
+    human = HumanFormatter().format(record)
+    assert "topic=a\\nFAKE" in human and "\nFAKE" not in human
+    assert "Traceback (most recent call last):\n" in human       # the formatter's own lines stay
+    journal = JournalFormatter().format(record)
+    assert all(line.startswith("<3>") for line in journal.splitlines())
