@@ -66,6 +66,18 @@ class Claims:
             self.sub, [p.text for p in self.listen], [p.text for p in self.publish], self.exp)
 
 
+def _check_header(token: str) -> None:
+    """Refuse what the header may demand that pusherd does not do: a ``crit`` list names
+    extensions the verifier must understand (RFC 7515 4.1.11); pusherd understands none. PyJWT
+    refuses them itself only from 2.10 on: decided here, the same on every supported PyJWT."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
+        raise AuthError(INVALID_TOKEN, "%s: %s" % (type(exc).__name__, exc)) from None
+    if "crit" in header:
+        raise AuthError(INVALID_TOKEN, "crit header: no extension is supported")
+
+
 def _pattern_claim(claims: dict, name: str) -> Tuple[TopicPattern, ...]:
     value = claims.get(name, [])
     if value is None:
@@ -98,6 +110,7 @@ class Verifier:
         """Return the token's claims, or raise AuthError with a stable reason (never echoing the token)."""
         if not isinstance(token, str) or not token or len(token) > 16384:
             raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
+        _check_header(token)
         claims, key_secret = self._decode(token, now)
         exp = claims.get("exp")
         if exp is None:
@@ -212,6 +225,7 @@ def verify_publish_token(token: str, secrets: Sequence[str], now: Optional[float
     now = time.time() if now is None else now
     if not isinstance(token, str) or not token or len(token) > 16384:
         raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
+    _check_header(token)
     options = {"verify_aud": False, "verify_sub": False, "verify_jti": False, "verify_iss": False,
                "verify_exp": False, "verify_iat": False, "verify_nbf": False, "require": ["exp"]}
     bad: Optional[Exception] = None

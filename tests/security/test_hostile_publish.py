@@ -78,7 +78,10 @@ HEADER_TRICKS = [
     ("no-authorization", [], 401),
     ("long-authorization-10k", [b"Authorization: Bearer " + b"a" * 10000], 401),
     ("very-long-header-20k", [b"Authorization: Bearer " + PUBLISH_SECRET.encode(), b"X-Pad: " + b"a" * 20000], 431),
-    ("header-line-folding", [b"Authorization: Bearer", b" " + PUBLISH_SECRET.encode()], 400),
+    ("header-line-folding-wrong-secret", [b"Authorization: Bearer", b" wrong"], (400, 401)),
+    # RFC 9112 5.2: a server refuses obs-fold or unfolds it into a space. Tornado 6.6 refuses;
+    # 6.5 unfolds, and then the credential is the genuine one. Either way nothing is ambiguous.
+    ("header-line-folding", [b"Authorization: Bearer", b" " + PUBLISH_SECRET.encode()], (400, 200)),
 ]
 
 
@@ -90,6 +93,8 @@ def test_authorization_header_tricks(pusherd_server, phx_connect, lines, status)
     if status == 431:
         # Tornado answers an over-long header block with a bare 400 (or drops it): never a publish.
         assert got in (400, 431, None), (got, body)
+    elif isinstance(status, tuple):
+        assert got in status, body
     else:
         assert got == status, body
     if got == 200:

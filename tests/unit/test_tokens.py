@@ -548,3 +548,18 @@ def test_signed_tokens_with_arbitrary_claims_raise_only_auth_error(claims, csrf,
         return
     assert "exp" in claims
     assert all(isinstance(p, TopicPattern) for p in result.listen + result.publish)
+
+
+@pytest.mark.parametrize("crit", [["exp"], ["b64"], ["x" * 3000]])
+def test_crit_header_is_refused_on_every_pyjwt(verifier, crit):
+    """RFC 7515: a verifier must understand every extension `crit` names; pusherd knows none.
+    PyJWT refuses some only from 2.10 on; pusherd refuses all, on 2.8 as on the newest."""
+    token = jwt.encode({"exp": NOW + 3600, "listen": ["private:a"]}, SECRET, algorithm="HS256",
+                       headers={"crit": crit})
+    with pytest.raises(AuthError) as info:
+        verifier.verify(token, now=NOW)
+    assert info.value.reason == INVALID_TOKEN and len(info.value.detail) <= 203
+    from pusherd.tokens import verify_publish_token
+    publisher = jwt.encode({"exp": NOW + 60, "publish": ["a:*"]}, SECRET, algorithm="HS256", headers={"crit": crit})
+    with pytest.raises(AuthError):
+        verify_publish_token(publisher, [SECRET], now=NOW)
