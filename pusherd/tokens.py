@@ -2,14 +2,16 @@
 
 The Rails side signs ``{aud: "csrf", sub: {...} | {}, iss, exp, s_csrf, listen, publish}`` with
 HS256 and the shared secret; ``s_csrf`` is base64url-without-padding of
-HMAC-SHA256(secret, csrf_token). The page sends the token and the raw csrf token on join.
+HMAC-SHA256(secret, csrf_token). The page sends the token and the raw csrf token on join, or Rails'
+masked authenticity token (``<meta name="csrf-token">``, different on every render): then
+``s_csrf`` is HMAC-SHA256(secret, the 32 bytes it unmasks to), see ``rails_csrf``.
 
 Rules (Guardian 0.1-0.3 semantics, minus its bugs):
 - the algorithm comes from configuration, never from the token header;
 - ``exp`` is required and enforced; ``iat``/``nbf`` in the future are refused;
 - ``iss`` is checked only when issuers are configured;
 - ``sub`` may be any JSON value (PyJWT >= 2.10 rejects non-strings unless told not to);
-- when ``aud`` is ``"csrf"``, the csrf token must match ``s_csrf`` (constant-time compare);
+- when ``aud`` is ``"csrf"``, the csrf token (as sent, or unmasked) must match ``s_csrf`` (constant-time);
 - several secrets may verify (rotation); the one that verified the signature keys the csrf HMAC.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import jwt
 
+from . import rails_csrf
 from .errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
 from .topics import TopicPattern, compile_patterns
 
@@ -199,8 +202,14 @@ class Verifier:
             raise AuthError(CSRF_MISMATCH, "csrf_token missing from join payload")
         if not _encodable(csrf_token):  # a lone surrogate ("\ud800"): no page's csrf token
             raise AuthError(CSRF_MISMATCH, "csrf_token is not valid UTF-8 text")
-        if not hmac.compare_digest(s_csrf(secret, csrf_token).encode(), expected.encode("utf-8", "replace")):
-            raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf")
+        claimed = expected.encode("utf-8", "replace")
+        matches = hmac.compare_digest(s_csrf(secret, csrf_token).encode(), claimed)
+        unmasked = rails_csrf.unmask(csrf_token)
+        if unmasked is not None:  # also Rails' masked authenticity token: s_csrf is over what it unmasks to
+            matches |= hmac.compare_digest(s_csrf(secret, unmasked).encode(), claimed)
+        if not matches:
+            raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf" if unmasked is None else
+                            "csrf_token matches s_csrf neither as sent nor unmasked as a Rails authenticity token")
 
 
 def _encodable(text: str) -> bool:

@@ -1,22 +1,24 @@
-"""The Ruby in docs/rails.md, run as written (ruby + ruby-jwt), against a real pusherd: the token helper's
+"""The Ruby in docs/rails.md, run as written (ruby + ruby-jwt), against a real pusherd: the token helpers'
 tokens join, and the publisher delivers, fails with the server's reason, and gives up when pusherd is down.
 
-Only Rails itself is stood in for (Rails.env, Rails.configuration, 30.days.from_now, a user record).
+The helper bound to Rails' own CSRF token runs inside real Rails (Debian's ruby-actionpack): a
+controller with a session renders the guide's <head>, csrf_meta_tags and all, and the page's masked
+token joins. Elsewhere only Rails itself is stood in for (Rails.env, Rails.configuration,
+30.days.from_now, a user record).
 """
 
 import json
 import os
-import re
 import shutil
 import subprocess
 
 import pytest
 
-from pusherd_testing import GUARDIAN_SECRET, PUBLISH_SECRET, ROOT, Pusherd, free_port, require
+from pusherd.rails_csrf import unmask
+from pusherd_testing import GUARDIAN_SECRET, PUBLISH_SECRET, Pusherd, free_port, require
+from rails_app import guide_block, rails_app_script, render_rails_pages
 
 pytestmark = pytest.mark.integration
-
-GUIDE = ROOT / "docs" / "rails.md"
 
 RAILS_STANDIN = r'''
 require "json"
@@ -63,21 +65,14 @@ end
 '''
 
 
-def ruby_block(name: str) -> str:
-    for block in re.findall(r"```ruby\n(.*?)```", GUIDE.read_text(), re.S):
-        if name in block:
-            return block
-    raise AssertionError("no ruby block with %s in docs/rails.md" % name)
-
-
 @pytest.fixture(scope="module")
 def ruby_script(tmp_path_factory):
     ruby = shutil.which("ruby")
     require(ruby is not None and subprocess.run([ruby, "-rjwt", "-e", ""], capture_output=True).returncode == 0,
             "ruby with ruby-jwt is not installed (apt-get install ruby ruby-jwt)")
     path = tmp_path_factory.mktemp("rails") / "guide.rb"
-    path.write_text("\n".join([RAILS_STANDIN, ruby_block("module PusherHelper"), ruby_block("module PusherPublisher"),
-                               SCRIPT]))
+    path.write_text("\n".join([RAILS_STANDIN, guide_block("def pusher_credentials"),
+                               guide_block("module PusherPublisher"), SCRIPT]))
     return path
 
 
@@ -141,3 +136,48 @@ def test_the_publisher_gives_up_when_pusherd_is_down(ruby_script):
                       url="http://127.0.0.1:%d" % free_port())
     assert result.returncode == 1
     assert result.stderr.startswith("pusherd unreachable: Errno::ECONNREFUSED")
+
+
+# --- the helper bound to Rails' own CSRF token, inside real Rails --------------------------------
+
+@pytest.fixture(scope="module")
+def rails_app(tmp_path_factory):
+    return rails_app_script(tmp_path_factory.mktemp("rails-app"))
+
+
+def changed(masked: str, index: int) -> str:
+    """One Base64 character replaced by another of the same alphabet (still well-formed)."""
+    return masked[:index] + ("B" if masked[index] == "A" else "A") + masked[index + 1:]
+
+
+@pytest.mark.parametrize("urlsafe", [False, True], ids=["strict-base64", "urlsafe_csrf_tokens"])
+def test_rails_masked_tokens_join_with_the_guides_pusher_token(rails_app, daemon, phx_connect, urlsafe):
+    pages, rails_accepts = render_rails_pages(rails_app, urlsafe)
+    alice, bob = pages["alice"], pages["bob"]
+    # What Rails did: a new mask on every render, in the configured Base64; it accepts each of
+    # alice's tokens in her session and refuses bob's there.
+    masked = [p["csrf-token"] for p in alice]
+    assert len(set(masked)) == 3
+    assert {len(p["csrf-token"]) for p in alice + bob} == {86 if urlsafe else 88}
+    assert rails_accepts == {"alice_own": [True, True, True], "alice_given_bobs": [False, False]}
+    assert len({unmask(m) for m in masked}) == 1 and unmask(bob[0]["csrf-token"]) != unmask(masked[0])
+
+    def params(page, csrf=None):
+        return {"guardian_token": page["pusher-token"], "csrf_token": csrf or page["csrf-token"]}
+
+    for i, page in enumerate(alice):
+        c = phx_connect(daemon.ws_url)
+        assert c.join("private:user-7", params(page))[:2] == ("ok", {})
+        # the token of another render of the same session: the same bytes under another pad
+        assert c.join("deploys:web", params(page, alice[(i + 1) % 3]["csrf-token"]))[:2] == ("ok", {})
+
+    for index in (10, 60):  # a changed token is still a well-formed masked token, of other bytes
+        assert unmask(changed(masked[0], index)) not in (None, unmask(masked[0]))
+    c = phx_connect(daemon.ws_url)
+    refusals = [params(alice[0], bob[0]["csrf-token"]), params(alice[0], bob[1]["csrf-token"]),
+                params(bob[0], masked[0]),
+                params(alice[0], changed(masked[0], 10)),    # in the pad
+                params(alice[0], changed(masked[0], 60))]    # in the masked bytes
+    for join_params in refusals:
+        assert c.join("private:user-7", join_params)[:2] == ("error", {"reason": "csrf_mismatch"}), join_params
+    assert c.join("private:user-7", params(alice[0], masked[2]))[:2] == ("ok", {})

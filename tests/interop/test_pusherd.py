@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from pusherd_testing import rails_token
+from rails_app import rails_app_script, render_rails_pages
 
 pytestmark = pytest.mark.interop
 
@@ -113,6 +114,35 @@ def test_join_with_rails_token_and_receive_rails_publish(phx, phx_version, pushe
         client.expect_none(type="event", within=0.2)  # delivered exactly once
         assert len(client.events(id)) == 1
         client.expect_none(type="close", within=0)
+
+
+@pytest.fixture(scope="module")
+def rails_pages(tmp_path_factory):
+    """Pages rendered by real Rails (Debian's actionpack) with docs/rails.md's pusher_token and
+    csrf_meta_tags: alice's session three times, bob's twice (tests/rails_app.py)."""
+    return render_rails_pages(rails_app_script(tmp_path_factory.mktemp("rails-app")), urlsafe=True)[0]
+
+
+def test_join_with_rails_own_authenticity_token(phx, phx_version, pusherd_server, rails_pages):
+    """docs/rails.md §4's page: phoenix.js joins with the csrf-token meta tag Rails rendered as
+    csrf_token; another session's meta tag is refused."""
+    alice, bob = rails_pages["alice"], rails_pages["bob"]
+
+    def params(page, csrf_page):
+        return {"guardian_token": page["pusher-token"], "csrf_token": csrf_page["csrf-token"]}
+
+    intruder = open_client(phx, phx_version, pusherd_server.ws_url, **NO_RETRY)
+    intruder.join("bobs", "private:user-7", params(alice[0], bob[0]))
+    reply = intruder.expect(type="join", id="bobs")
+    assert (reply["status"], reply["response"]) == ("error", {"reason": "csrf_mismatch"}), reply
+    c = open_client(phx, phx_version, pusherd_server.ws_url, **NO_RETRY)
+    join_ok(c, "own", "private:user-7", params(alice[0], alice[0]))
+    join_ok(c, "other_render", "deploys:web", params(alice[1], alice[2]))   # same session, other mask
+
+    pusherd_server.publish("private:user-7", "notification", {"text": "hi"})
+    assert c.expect(type="event", id="own", event="notification")["payload"] == {"text": "hi"}
+    intruder.expect_none(type="event", within=0.2)   # its socket was never subscribed
+    c.expect_none(lambda l: l.get("type") in ("close", "error"), within=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ Rows of docs/security.md, table "Tokens".
 """
 
 import base64
+import hashlib
 import json
 import time
 
 import jwt
 import pytest
 
+from pusherd.rails_csrf import mask
 from pusherd.tokens import mint_token, s_csrf
 from sec_helpers import GUARDIAN_SECRET, rails_token
 
@@ -125,6 +127,47 @@ def test_csrf_token_wrong_type(pusherd_server, phx_connect):
     for csrf in (5, None, ["x"], {"a": 1}, ""):
         assert c.join("private:room", {"guardian_token": GOOD, "csrf_token": csrf})[:2] == \
             ("error", {"reason": "csrf_mismatch"})
+
+
+RAILS_VALUE = hashlib.sha256(b"this session's global csrf token").digest()   # what its masked tokens unmask to
+RAILS_MASKED = mask(RAILS_VALUE, bytes(range(32)))                           # URL-safe, 86 characters
+assert RAILS_MASKED.endswith("A") and RAILS_MASKED.count("-") == 2
+
+
+def one_char_changed(text, index):
+    return text[:index] + ("B" if text[index] == "A" else "A") + text[index + 1:]
+
+
+HOSTILE_MASKED = [
+    ("another-session", mask(hashlib.sha256(b"another session").digest(), bytes(range(32)))),
+    ("changed-in-pad", one_char_changed(RAILS_MASKED, 5)),
+    ("changed-in-masked-bytes", one_char_changed(RAILS_MASKED, 70)),
+    ("spare-bits-set", RAILS_MASKED[:85] + "B"),      # it ends in "A": the 4 bits Base64 ignores, set
+    ("mixed-alphabets", RAILS_MASKED.replace("-", "+", 1)),     # it has two "-"
+    ("truncated", RAILS_MASKED[:85]),
+    ("padded-wrong", RAILS_MASKED + "A="),
+    ("the-value-unmasked", base64.b64encode(RAILS_VALUE).decode()),
+    ("non-ascii", RAILS_MASKED[:85] + "\u00e9"),
+]
+
+
+def test_rails_masked_csrf_tokens(pusherd_server, phx_connect):
+    """Rails' masked authenticity token: any mask of the session's value joins (both Base64 forms);
+    another session's, a changed or a malformed one is an ordinary ``csrf_mismatch``."""
+    token = hs(claims(s_csrf=s_csrf(GUARDIAN_SECRET, RAILS_VALUE)))
+    assert len({masked for _, masked in HOSTILE_MASKED} | {RAILS_MASKED}) == len(HOSTILE_MASKED) + 1
+    c = phx_connect(pusherd_server.ws_url)
+    for name, masked in HOSTILE_MASKED:
+        assert c.join("private:room", {"guardian_token": token, "csrf_token": masked})[:2] == \
+            ("error", {"reason": "csrf_mismatch"}), name
+    assert c.join("private:room", {"guardian_token": token, "csrf_token": RAILS_MASKED})[:2] == ("ok", {})
+    for pad in (bytes(range(32)), bytes(32), b"\xff" * 32):
+        for urlsafe in (True, False):
+            genuine = phx_connect(pusherd_server.ws_url)
+            assert genuine.join("private:room", {"guardian_token": token,
+                                                 "csrf_token": mask(RAILS_VALUE, pad, urlsafe=urlsafe)})[:2] == \
+                ("ok", {})
+    assert "Traceback" not in pusherd_server.log()
 
 
 def test_lone_surrogate_csrf_token_is_an_ordinary_refusal(pusherd_server, phx_connect):

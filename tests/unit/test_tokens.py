@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from pusherd import rails_csrf
 from pusherd.errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
 from pusherd.tokens import Claims, Verifier, looks_like_jwt, mint_token, parse_ttl, s_csrf
 from pusherd.topics import TopicPattern
@@ -321,6 +322,58 @@ def test_audience_list_containing_csrf_is_checked(verifier):
     token = signed({"alg": "HS256"}, claims, SECRET)
     assert verifier.verify(token, CSRF, now=NOW)
     refused(verifier, token, CSRF_MISMATCH, csrf="wrong")
+
+
+# --- csrf: Rails' masked authenticity token ----------------------------------------------------
+# Two renders of form_authenticity_token by Rails 6.1.7 for one session, and what they unmask to
+# (how they were printed: tests/unit/test_rails_csrf.py).
+RAILS_GLOBAL = bytes.fromhex("93ad6614d824910483cc2d3c58ab60f6a6e1c9efea7491bb3fbc737a3054b8ab")
+RAILS_MASKED = ["JLmjWp78FGC3LE04dKuAXoqmwKoXs8z1xIMq+y6Xv/i3FMVORtiFZDTgYAQsAOCoLEcJRf3HXU77P1mBHsMHUw==",
+                "yiYYVUguiYv4309v8lXhNjHvHWgs-cvRXRm8is34NuJZi35BkAoYj3sTYlOq_oHAlw7Uh8aNWmpipc_w_ayOSQ"]
+
+
+def rails_session_token(value=RAILS_GLOBAL, secret=SECRET) -> str:
+    # docs/rails.md: Base64.urlsafe_encode64(OpenSSL::HMAC.digest("SHA256", secret, unmasked_csrf_token)).delete("=")
+    return signed({"alg": "HS256"}, rails_claims(s_csrf=b64url(hmac.new(secret.encode(), value, hashlib.sha256)
+                                                                .digest())), secret)
+
+
+def test_rails_masked_tokens_match_s_csrf_over_what_they_unmask_to(verifier):
+    token = rails_session_token()
+    for masked in RAILS_MASKED + [rails_csrf.mask(RAILS_GLOBAL, bytes(range(32)))]:
+        assert verifier.verify(token, masked, now=NOW).sub == SUB
+
+
+def test_a_masked_token_of_another_session_is_refused(verifier):
+    other = rails_csrf.mask(hashlib.sha256(b"another session").digest(), bytes(32), urlsafe=False)
+    error = refused(verifier, rails_session_token(), CSRF_MISMATCH, csrf=other)
+    assert "Rails" in error.detail
+
+
+@pytest.mark.parametrize("index", [0, 20, 50, 80])
+def test_a_tampered_masked_token_is_refused(verifier, index):
+    masked = RAILS_MASKED[1]
+    tampered = masked[:index] + ("A" if masked[index] != "A" else "B") + masked[index + 1:]
+    refused(verifier, rails_session_token(), CSRF_MISMATCH, csrf=tampered)
+
+
+def test_the_unmasked_value_itself_is_not_a_masked_token(verifier):
+    # what Rails 4.1 printed (the stored token, unmasked) or the value's own Base64: neither unmasks
+    for text in (base64.b64encode(RAILS_GLOBAL).decode(), b64url(RAILS_GLOBAL), RAILS_GLOBAL.hex()):
+        refused(verifier, rails_session_token(), CSRF_MISMATCH, csrf=text)
+
+
+def test_a_masked_token_signed_as_text_keeps_the_exact_text_rule(verifier):
+    """s_csrf over a masked token's text (today's rule) binds that text, not its value."""
+    token = rails_token(csrf=RAILS_MASKED[0])
+    assert verifier.verify(token, RAILS_MASKED[0], now=NOW)
+    refused(verifier, token, CSRF_MISMATCH, csrf=RAILS_MASKED[1])
+
+
+def test_the_masked_token_hmac_is_keyed_by_the_verifying_secret():
+    token = signed({"alg": "HS256"}, rails_claims(s_csrf=b64url(hmac.new(OLD_SECRET.encode(), RAILS_GLOBAL,
+                                                                          hashlib.sha256).digest())), SECRET)
+    refused(Verifier([SECRET, OLD_SECRET]), token, CSRF_MISMATCH, csrf=RAILS_MASKED[0])
 
 
 # --- listen / publish claims ------------------------------------------------------------------
