@@ -57,3 +57,18 @@ run pattern pusherd/topics.py "        return len(topic) > len(self._prefix) and
 run body_413 pusherd/routes.py 'limit = self.daemon.settings.max_publish_bytes' 'limit = 10**12' "tests/security/test_hostile_publish.py -k oversized"
 run heartbeat pusherd/session.py "if now - self.last_seen > self.policy.limits.heartbeat_timeout:" "if False:" "tests/security/test_hostile_frames.py -k silent_socket"
 run binary pusherd/protocol.py "            return MalformedFrame(\"undecodable binary frame\")" "            raise ValueError" "tests/security/test_hostile_frames.py -k binary"
+# hardening, second round (issue 13)
+run origin_by_pusherd pusherd/handlers.py "allowed, origin = upgrade_allowed(daemon.origins, self.request.headers)" "allowed, origin = True, None" "tests/security/test_origins_limits.py -k decided_by_pusherd"
+run numeric_origin_port pusherd/origins.py "if not host or (port and not (port.isascii() and port.isdigit())):" "if not host:" "tests/security/test_origins_limits.py -k numeric_port"
+run mask_query_password pusherd/redact.py "    query = _SECRET_PARAM.sub(lambda m: m.group(1) + m.group(2) + MASK, parts.query)" "    query = parts.query" "tests/security/test_secrets_shown.py"
+run healthz_kind_only pusherd/handlers.py '"broker": broker.name,' '"broker": broker.describe(),' "tests/security/test_secrets_shown.py"
+run reserved_events pusherd/session.py "if not is_valid_event(msg.event) or is_reserved_event(msg.event):" "if not is_valid_event(msg.event):" "tests/security/test_hostile_frames.py -k impersonate"
+run client_events pusherd/session.py "if not may_push_event(msg.event, self.policy.limits.client_events):" "if False:" "tests/security/test_hostile_frames.py -k default_to_msg"
+run csrf_surrogate pusherd/tokens.py "if not _encodable(csrf_token):" "if False:" "tests/security/test_hostile_tokens.py -k surrogate"
+run crit_header pusherd/tokens.py '    if "crit" in header:' '    if False:' "tests/unit/test_tokens.py -k crit"
+run log_escape pusherd/logs.py "        record.message = escape(record.message)" "        pass" "tests/security/test_log_forging.py"
+run gc_churn pusherd/speedups.py "            self.opened = 0
+            return True
+        return False" "            self.opened = self.closed = 0
+            return True
+        return False" "tests/unit/test_speedups.py -k churn"
