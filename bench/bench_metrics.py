@@ -16,8 +16,8 @@ import timeit
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pusherd import config  # noqa: E402
-from pusherd.broker import Broadcast  # noqa: E402
-from pusherd.protocol import V2  # noqa: E402
+from pusherd.core.broadcast import Broadcast  # noqa: E402
+from pusherd.core.protocol import V2  # noqa: E402
 from pusherd.server import Daemon  # noqa: E402
 
 

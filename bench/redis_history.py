@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pusherd.broker import Broadcast  # noqa: E402
+from pusherd.core.broadcast import Broadcast  # noqa: E402
 from pusherd.config import HistoryRule  # noqa: E402
-from pusherd.history import Rules  # noqa: E402
+from pusherd.core.history import Rules  # noqa: E402
 from pusherd.redis_broker import RedisBroker  # noqa: E402
 
 

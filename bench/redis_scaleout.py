@@ -396,7 +396,7 @@ def receive_cost_us(redis_url: str, n: int = 20000) -> float:
     """
     sys.path.insert(0, str(ROOT))
     import threading
-    from pusherd.broker import Broadcast
+    from pusherd.core.broadcast import Broadcast
     from pusherd.redis_broker import RedisBroker, encode_envelope
 
     async def measure_it():

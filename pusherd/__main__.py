@@ -59,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from .logs import setup_logging
-    from .errors import StartupError
+    from .core.errors import StartupError
     from .server import serve
     setup_logging(settings.log_level)
     import logging

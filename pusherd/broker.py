@@ -7,25 +7,9 @@ delivers it to its own sockets through the hub. The broker never sees sockets.
 import time
 from typing import Any, Callable, Optional
 
-from .errors import BrokerUnavailable
-from .history import Recovery, Rules, Store
-
-
-class Broadcast:
-    """One event for every member of a topic."""
-
-    __slots__ = ("topic", "event", "payload", "published_at", "position")
-
-    def __init__(self, topic: str, event: str, payload: dict, published_at: Optional[float] = None,
-                 position: Optional[str] = None):
-        self.topic = topic
-        self.event = event
-        self.payload = payload
-        self.published_at = time.time() if published_at is None else published_at
-        self.position = position
-
-    def __repr__(self):
-        return "Broadcast(%r, %r, %r)" % (self.topic, self.event, self.payload)
+from .core.broadcast import Broadcast
+from .core.errors import BrokerUnavailable
+from .core.history import Recovery, Rules, Store
 
 
 Deliver = Callable[[Broadcast], Any]

@@ -133,15 +133,15 @@ def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdo
 
 
 def run_token(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
-    from . import tokens
+    from .config.values import Invalid, seconds
     args = token_parser().parse_args(argv)
     try:
         sub = json.loads(args.sub) if args.sub is not None else {}
     except ValueError as exc:
         raise UsageError("--sub is not valid JSON: %s" % exc) from None
     try:
-        ttl = tokens.parse_ttl(args.ttl)
-    except ValueError:
+        ttl = seconds(args.ttl)
+    except Invalid:
         raise UsageError("--ttl: expected seconds or a duration like 30d, 12h, 15m, 45s, got %r" % args.ttl) from None
     if ttl <= 0:
         raise UsageError("--ttl must be positive")

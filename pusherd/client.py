@@ -171,6 +171,7 @@ def mint_token(secret: str, sub: Any = None, listen: Iterable[str] = (), publish
                issuer: Optional[str] = None) -> str:
     """A join token exactly as the Rails helper mints it (HS256; ``aud: "csrf"`` and ``s_csrf``
     when ``csrf_token`` is given; ``ttl`` in seconds or ``"30d"``, ``"12h"``, ``"15m"``)."""
-    from . import tokens  # PyJWT (and cryptography) only when tokens are minted
+    from .config.values import seconds
+    from .core import tokens  # PyJWT (and cryptography) only when tokens are minted
     return tokens.mint_token(secret, sub=sub, listen=list(listen), publish=list(publish),
-                             ttl=tokens.parse_ttl(ttl), csrf_token=csrf_token, issuer=issuer)
+                             ttl=seconds(ttl), csrf_token=csrf_token, issuer=issuer)

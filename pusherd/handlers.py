@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, List, Optional
 import tornado.web
 import tornado.websocket
 
-from . import errors
+from .core import errors
 from .broker import Broadcast
-from .errors import BrokerUnavailable, PublishError
+from .core.errors import BrokerUnavailable, PublishError
 from .framing import text_frame
-from .origins import upgrade_allowed
+from .core.origins import upgrade_allowed
 from .outbox import Outbox, lean_stream
-from .protocol import serializer_for_vsn
-from .publish import authorize, parse_body
-from .session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
+from .core.protocol import serializer_for_vsn
+from .core.publish import authorize, parse_body
+from .core.session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon

@@ -18,9 +18,9 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from . import errors
-from .errors import PusherdError
-from .publish import bearer_value
+from .core import errors
+from .core.errors import PusherdError
+from .core.publish import bearer_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Daemon

@@ -67,9 +67,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .broker import Broadcast, Broker, Deliver
-from .errors import BrokerUnavailable
-from .redact import mask_url
-from .history import Entry, Recovery, Rules, decide, format_position, new_epoch, parse_position
+from .core.errors import BrokerUnavailable
+from .config.values import mask_url
+from .core.history import Entry, Recovery, Rules, decide, format_position, new_epoch, parse_position
 
 log = logging.getLogger("pusherd.broker")
 

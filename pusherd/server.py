@@ -14,21 +14,21 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import tornado.netutil
 import tornado.web
 
-from .access import compile_event_patterns
+from .core.access import compile_event_patterns
 from .broker import Broadcast, Broker, MemoryBroker
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
-from .errors import StartupError
-from .history import Rules, parse_position, pending_after
+from .core.errors import StartupError
+from .core.history import Rules, parse_position, pending_after
 from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, install_log_redaction,
                        log_request)
 from .hub import Hub
 from .metrics import Counters
 from .outbox import FlushQueue
 from . import speedups
-from .origins import OriginPolicy
+from .core.origins import OriginPolicy
 from .front import PublishConnections, Server
-from .session import Limits, Policy
-from .tokens import Verifier
+from .core.session import Limits, Policy
+from .core.tokens import Verifier
 
 log = logging.getLogger("pusherd")
 
@@ -41,8 +41,6 @@ TASK_GRACE_SECONDS = 5.0
 HTTP_GRACE_SECONDS = 2.0
 #: How long close frames get to leave before the process exits.
 CLOSE_WAIT_SECONDS = 2.0
-#: Settings that config.RESTART_KEYS does not list but this daemon only reads at start.
-NOT_APPLIED_LIVE = ("history", "max_recovery")
 #: Ceiling for the soft RLIMIT_NOFILE when the hard limit is "unlimited".
 NOFILE_CEILING = 1 << 20
 #: STATUS= goes out every STATUS_EVERY_SECONDS, and within STATUS_POLL_SECONDS of the broker
@@ -215,12 +213,14 @@ class Daemon:
 
     async def publish(self, broadcast: Broadcast) -> Optional[str]:
         """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it."""
+        if broadcast.published_at is None:
+            broadcast.published_at = time.time()
         return await self.broker.publish(broadcast)
 
     def deliver(self, broadcast: Broadcast) -> None:
         counters = self.counters
         counters.messages_received += 1
-        if self.hub.broadcast(broadcast):
+        if self.hub.broadcast(broadcast) and broadcast.published_at is not None:
             counters.latency.observe(time.time() - broadcast.published_at)
 
     async def confirm_join(self, handler, reply, action, join_ref) -> None:
@@ -298,8 +298,6 @@ class Daemon:
         if hasattr(boot, "restart_required"):
             # against what was started: a listen change stays pending until a restart
             restart = boot.restart_required(settings)
-            # the broker's history store is built once, at start
-            restart += [k for k in NOT_APPLIED_LIVE if getattr(boot, k) != getattr(settings, k)]
         self.policy.verifier, self.policy.limits = policy.verifier, policy.limits
         self.origins = origins
         self.publish_secrets = (settings.publish_secret,)
@@ -408,17 +406,6 @@ def split_inherited(inherited: Sequence[Tuple[str, socket.socket]]):
     return http, metrics
 
 
-def changed_keys(old, new) -> List[str]:
-    """Names of the settings that differ (secrets by name only, never their values)."""
-    if not dataclasses.is_dataclass(old) or not dataclasses.is_dataclass(new):
-        return []
-    names = []
-    for f in dataclasses.fields(old):
-        if f.name != "source" and getattr(old, f.name, None) != getattr(new, f.name, None):
-            names.append("guardian_secret" if f.name == "guardian_secrets" else f.name)
-    return names
-
-
 async def serve(settings, reload_settings: Optional[Callable[[], object]] = None,
                 stop_event: Optional[asyncio.Event] = None) -> int:
     """Run until SIGTERM/SIGINT; reload on SIGHUP. Returns the process exit code.
@@ -471,7 +458,7 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
             systemd.ready(_status(daemon, "reload refused, see the log"))
             return
         old_level = logs.parse_level(daemon.settings.log_level)
-        changed = changed_keys(daemon.settings, new)
+        changed = daemon.settings.changed_keys(new)
         restart = daemon.reload(new)
         live = [k for k in changed if k not in restart]
         # the summary is logged at the more verbose of the old and the new level

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pusherd.tokens import mint_token  # noqa: E402
+from pusherd.core.tokens import mint_token  # noqa: E402
 
 GUARDIAN_SECRET = "test-guardian-secret-0123456789abcdef"
 PUBLISH_SECRET = "test-publish-secret-0123456789"

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from brokerkit import Node, redis_py, run
-from pusherd.broker import Broadcast, MemoryBroker
-from pusherd.errors import BrokerUnavailable
+from pusherd.core.broadcast import Broadcast
+from pusherd.broker import MemoryBroker
+from pusherd.core.errors import BrokerUnavailable
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -116,7 +117,7 @@ def test_describe_names_the_broker(make_broker):
 # -- history and recovery: memory and Redis decide alike --------------------------------------
 
 from pusherd.config import HistoryRule  # noqa: E402
-from pusherd.history import Rules, parse_position  # noqa: E402
+from pusherd.core.history import Rules, parse_position  # noqa: E402
 
 
 @pytest.fixture(params=["memory", "redis"])

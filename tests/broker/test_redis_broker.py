@@ -13,13 +13,13 @@ import pytest
 
 from brokerkit import Node, redis_py, run, wait_until
 from pusherd_testing import RedisServer, free_port, require
-from pusherd.broker import Broadcast
-from pusherd.errors import BrokerUnavailable
+from pusherd.core.broadcast import Broadcast
+from pusherd.core.errors import BrokerUnavailable
 
 redis_py()
 from pusherd import redis_broker  # noqa: E402
 from pusherd.redis_broker import RedisBroker, backoff_delay, decode_envelope, encode_envelope  # noqa: E402
-from pusherd.redact import mask_url  # noqa: E402
+from pusherd.config.values import mask_url  # noqa: E402
 
 FAST = dict(backoff_base=0.02, backoff_cap=0.2, connect_timeout=0.5, command_timeout=1.0)
 
@@ -284,7 +284,7 @@ def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
     import sys
     from types import SimpleNamespace
     from pusherd import server
-    from pusherd.errors import StartupError
+    from pusherd.core.errors import StartupError
     monkeypatch.setitem(sys.modules, "pusherd.redis_broker", None)   # as if redis-py were missing
     with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
         server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
@@ -294,7 +294,7 @@ def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
 # -- history on Redis: one epoch and one offset sequence for every process --------------------
 
 from pusherd.config import HistoryRule  # noqa: E402
-from pusherd.history import Rules, parse_position, pending_after  # noqa: E402
+from pusherd.core.history import Rules, parse_position, pending_after  # noqa: E402
 
 RULES = Rules([HistoryRule("deploys:*", 50, 3600.0)])
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pusherd.errors import PublishError  # noqa: E402
-from pusherd.protocol import LEGACY, V1, V2, Message, ProtocolError  # noqa: E402
-from pusherd.publish import authorize, parse_body  # noqa: E402
-from pusherd.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe  # noqa: E402
-from pusherd.tokens import Verifier, mint_token  # noqa: E402
-from pusherd.topics import is_public, is_valid_topic  # noqa: E402
+from pusherd.core.errors import PublishError  # noqa: E402
+from pusherd.core.protocol import LEGACY, V1, V2, Message, ProtocolError  # noqa: E402
+from pusherd.core.publish import authorize, parse_body  # noqa: E402
+from pusherd.core.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe  # noqa: E402
+from pusherd.core.tokens import Verifier, mint_token  # noqa: E402
+from pusherd.core.topics import is_public, is_valid_topic  # noqa: E402
 
 SECRET = "fuzz-guardian-secret-0123456789abcdef"
 PUBLISH_SECRET = "fuzz-publish-secret-0123456789abcdef"

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from pusherd.access import may_listen, may_publish
-from pusherd.errors import AuthError
-from pusherd.protocol import LEGACY, V1, V2, MalformedFrame, Message, ProtocolError, UndecodableFrame
-from pusherd.session import Limits, Policy, Send, Session, Subscribe
-from pusherd.tokens import Claims, Verifier, mint_token, verify_publish_token
-from pusherd.topics import TopicPattern, compile_patterns, is_valid_topic
+from pusherd.core.access import may_listen, may_publish
+from pusherd.core.errors import AuthError
+from pusherd.core.protocol import LEGACY, V1, V2, MalformedFrame, Message, ProtocolError, UndecodableFrame
+from pusherd.core.session import Limits, Policy, Send, Session, Subscribe
+from pusherd.core.tokens import Claims, Verifier, mint_token, verify_publish_token
+from pusherd.core.topics import TopicPattern, compile_patterns, is_valid_topic
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -214,7 +214,7 @@ def test_two_daemons_in_one_process_have_their_own_registries(tmp_path):
         assert b.metrics.bound == [inherited.getsockname()]
         try:
             for _ in range(3):
-                from pusherd.broker import Broadcast
+                from pusherd.core.broadcast import Broadcast
                 await a.publish(Broadcast("public:x", "e", {}))
             loop = asyncio.get_running_loop()
             texts = []

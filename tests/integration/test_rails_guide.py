@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from pusherd.rails_csrf import unmask
+from pusherd.core.rails_csrf import unmask
 from pusherd_testing import GUARDIAN_SECRET, PUBLISH_SECRET, Pusherd, free_port, require
 from rails_app import guide_block, rails_app_script, render_rails_pages
 

@@ -11,8 +11,8 @@ import time
 import jwt
 import pytest
 
-from pusherd.rails_csrf import mask
-from pusherd.tokens import mint_token, s_csrf
+from pusherd.core.rails_csrf import mask
+from pusherd.core.tokens import mint_token, s_csrf
 from sec_helpers import GUARDIAN_SECRET, rails_token
 
 pytestmark = pytest.mark.integration

@@ -1,10 +1,10 @@
-"""pusherd.access: who may listen to and publish on a topic."""
+"""pusherd.core.access: who may listen to and publish on a topic."""
 
 import pytest
 
-from pusherd.access import may_listen, may_publish
-from pusherd.tokens import Claims
-from pusherd.topics import compile_patterns
+from pusherd.core.access import may_listen, may_publish
+from pusherd.core.tokens import Claims
+from pusherd.core.topics import compile_patterns
 
 
 def claims(listen=(), publish=()):

@@ -462,7 +462,7 @@ def test_escaped_and_malformed_references():
 @given(st.text(alphabet=st.characters(blacklist_characters="$"), min_size=1))
 def test_strings_without_dollar_are_unchanged(text):
     errors = []
-    assert config._expand(text, {}, errors) == text and errors == []
+    assert config.sources.expand(text, {}, errors) == text and errors == []
 
 
 # ---------------------------------------------------------------- secrets
@@ -727,13 +727,17 @@ def test_restart_required():
     a = prod()
     assert a.restart_required(a) == []
     b = dataclasses.replace(a, heartbeat_timeout=1.0, allowed_origins=("*",), log_level="debug",
-                            guardian_secrets=("x",), history=(HistoryRule("a", 1, 1.0),))
+                            guardian_secrets=("x",))
     assert a.restart_required(b) == []
     c = dataclasses.replace(a, port=1, path="/socket", broker="redis://h", broker_prefix="p",
-                            reuse_port=True, metrics=MetricsSettings("127.0.0.1", 9))
-    assert a.restart_required(c) == ["listen", "path", "broker", "broker_prefix", "reuse_port", "metrics"]
+                            reuse_port=True, metrics=MetricsSettings("127.0.0.1", 9),
+                            history=(HistoryRule("a", 1, 1.0),), max_recovery=5)
+    assert a.restart_required(c) == ["listen", "path", "broker", "broker_prefix", "reuse_port", "metrics",
+                                     "history", "max_recovery"]
     assert a.restart_required(dataclasses.replace(a, host="::1")) == ["listen"]
-    assert config.RESTART_KEYS == ("listen", "path", "broker", "broker_prefix", "reuse_port", "metrics")
+    # derived from the declarations (settings.key(restart=True)): the broker and its history are built at start
+    assert config.RESTART_KEYS == ("listen", "path", "broker", "broker_prefix", "reuse_port", "metrics",
+                                   "history", "max_recovery")
 
 
 def test_warnings():
@@ -792,7 +796,7 @@ def test_example_file_production_with_systemd_credentials(tmp_path):
 
 
 def test_example_file_staging_reads_secret_files(tmp_path):
-    doc = config._parse_yaml(EXAMPLE.read_text(), str(EXAMPLE))
+    doc = config.sources.parse_yaml(EXAMPLE.read_text(), str(EXAMPLE))
     files = {"/etc/pusherd/guardian_secret": "g\n", "/etc/pusherd/publish_secret": "p\n"}
     s = from_mapping(doc, "staging", str(EXAMPLE), {}, files_reader(files))
     assert (s.host, s.port) == ("0.0.0.0", 4000)
@@ -805,3 +809,19 @@ def test_load_reads_secret_file_relative_to_config(tmp_path):
     (tmp_path / "g.txt").write_text("from-file\n")
     s = load(str(tmp_path / "pusher.yml"), "production", environ={})
     assert s.guardian_secrets == ("from-file",)
+
+
+@pytest.mark.parametrize("text,seconds", [("30d", 30 * 86400), ("12h", 43200), ("15m", 900), ("45s", 45),
+                                          ("2w", 1209600), ("90", 90), (60, 60), (1.5, 1.5), (" 1d ", 86400),
+                                          ("250ms", 0.25), ("1.5 h", 5400)])
+def test_one_duration_parser_for_config_and_the_command_line(text, seconds):
+    """config keys and ``pusherd token --ttl`` read durations with the same parser (and units)."""
+    from pusherd.config.values import seconds as parse
+    assert parse(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["\u00b2s", "\u0663d", "1x", "", "-5s", "inf", "nan"])
+def test_durations_are_ascii_digits_and_a_known_unit(text):
+    from pusherd.config.values import Invalid, seconds as parse
+    with pytest.raises(Invalid):
+        parse(text)

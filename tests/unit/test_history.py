@@ -5,9 +5,10 @@ import asyncio
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pusherd.broker import Broadcast, MemoryBroker
+from pusherd.core.broadcast import Broadcast
+from pusherd.broker import MemoryBroker
 from pusherd.config import HistoryRule
-from pusherd.history import Rules, Store, Stream, format_position, parse_position, pending_after
+from pusherd.core.history import Rules, Store, Stream, format_position, parse_position, pending_after
 
 
 def test_parse_position():
@@ -103,7 +104,7 @@ def test_pending_after_drops_what_the_replay_covered():
 def test_replay_live_race_is_gapless_and_duplicate_free():
     """Deterministic race: broadcasts published while a join looks up history."""
     from pusherd.hub import Hub
-    from pusherd.protocol import V2
+    from pusherd.core.protocol import V2
 
     class Sock:
         serializer = V2

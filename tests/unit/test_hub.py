@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
-from pusherd.broker import Broadcast
+from pusherd.core.broadcast import Broadcast
 from pusherd.framing import text_frame
 from pusherd.hub import Hub
-from pusherd.protocol import LEGACY, V1, V2
+from pusherd.core.protocol import LEGACY, V1, V2
 
 
 class FakeSocket:

@@ -11,9 +11,9 @@ from pusherd import cli, client, demo
 from pusherd.config import from_mapping
 from pusherd.metrics import OTHER_PREFIX, Histogram, PrefixLabels
 from pusherd.outbox import Outbox
-from pusherd.protocol import V2
-from pusherd.session import Policy, Session
-from pusherd.tokens import Verifier
+from pusherd.core.protocol import V2
+from pusherd.core.session import Policy, Session
+from pusherd.core.tokens import Verifier
 
 
 # -- metrics -----------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def test_every_line_of_a_traceback_is_prefixed(stream):
 
 def test_access_logger_goes_through(stream):
     logs.setup_logging("info", environ=journal_env(stream), stream=stream)
-    logging.getLogger("pusherd.access").info("200 GET /socket/websocket 1.2ms")
-    assert lines_of(stream) == ["<6>INFO pusherd.access: 200 GET /socket/websocket 1.2ms"]
+    logging.getLogger("pusherd.core.access").info("200 GET /socket/websocket 1.2ms")
+    assert lines_of(stream) == ["<6>INFO pusherd.core.access: 200 GET /socket/websocket 1.2ms"]
 
 
 @pytest.mark.parametrize("kind", ["unset", "other-inode", "malformed", "empty"])

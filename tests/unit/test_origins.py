@@ -1,9 +1,9 @@
-"""pusherd.origins: which browser origins may open a WebSocket."""
+"""pusherd.core.origins: which browser origins may open a WebSocket."""
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pusherd.origins import OriginPolicy
+from pusherd.core.origins import OriginPolicy
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

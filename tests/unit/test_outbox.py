@@ -293,7 +293,7 @@ class _Member:
     """A hub subscriber over a real socket pair, as SocketHandler is one: a serializer and an outbox."""
 
     def __init__(self, rounds, max_bytes=1 << 22, small_buffer=False):
-        from pusherd.protocol import V2
+        from pusherd.core.protocol import V2
         a, self.peer = _pair()
         if small_buffer:
             a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -333,7 +333,7 @@ def _hub_over(members_count, **kw):
 
 
 def _event(n):
-    from pusherd.broker import Broadcast
+    from pusherd.core.broadcast import Broadcast
     return Broadcast("public:a", "e", {"n": n})
 
 
@@ -391,7 +391,7 @@ def test_a_short_fan_out_write_hands_the_tail_to_tornado_before_anything_else_is
     async def main():
         rounds, hub, (slow,) = _hub_over(1, small_buffer=True)
         big = {"x": "A" * 300000}
-        from pusherd.broker import Broadcast
+        from pusherd.core.broadcast import Broadcast
         hub.broadcast(Broadcast("public:a", "e", big))  # far more than the socket buffer takes
         assert slow.stream.writing()  # the tail is in Tornado's buffer already
         assert slow.stream.socket in rounds.dirty

@@ -1,4 +1,4 @@
-"""pusherd.protocol: golden frames for V1, V2 and the 2015 (legacy) serializers, decoding of every
+"""pusherd.core.protocol: golden frames for V1, V2 and the 2015 (legacy) serializers, decoding of every
 wrong shape, vsn negotiation, the binary push header, and Hypothesis round trips.
 
 Golden strings are copied from reference/phoenix-protocol.md §2-§4 (compact JSON, key order as
@@ -10,8 +10,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pusherd.errors import MALFORMED_MESSAGE, UNSUPPORTED_BINARY, ProtocolError
-from pusherd.protocol import (LEGACY, V1, V2, LegacyV1Serializer, MalformedFrame, Message, UndecodableFrame,
+from pusherd.core.errors import MALFORMED_MESSAGE, UNSUPPORTED_BINARY, ProtocolError
+from pusherd.core.protocol import (LEGACY, V1, V2, LegacyV1Serializer, MalformedFrame, Message, UndecodableFrame,
                               V1Serializer, V2Serializer, serializer_for_vsn)
 
 SETTINGS = settings(max_examples=100, deadline=None)

@@ -1,4 +1,4 @@
-"""pusherd.publish: the HTTP publish API without HTTP (authorization and body parsing)."""
+"""pusherd.core.publish: the HTTP publish API without HTTP (authorization and body parsing)."""
 
 import json
 from urllib.parse import urlencode
@@ -6,9 +6,9 @@ from urllib.parse import urlencode
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pusherd.errors import PublishError
-from pusherd.protocol import V1, V2
-from pusherd.publish import MAX_BATCH, bearer_value, parse_body, secret_matches
+from pusherd.core.errors import PublishError
+from pusherd.core.protocol import V1, V2
+from pusherd.core.publish import MAX_BATCH, bearer_value, parse_body, secret_matches
 
 SETTINGS = settings(max_examples=100, deadline=None)
 JSON = "application/json"

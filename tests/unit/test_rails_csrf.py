@@ -1,4 +1,4 @@
-"""pusherd.rails_csrf: unmasking Rails' masked authenticity tokens, and nothing else.
+"""pusherd.core.rails_csrf: unmasking Rails' masked authenticity tokens, and nothing else.
 
 The vectors come from Rails itself (Debian's actionpack 6.1.7.10), printed by:
 
@@ -19,7 +19,7 @@ import hmac
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pusherd.rails_csrf import mask, unmask
+from pusherd.core.rails_csrf import mask, unmask
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

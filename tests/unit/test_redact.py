@@ -1,9 +1,9 @@
-"""redact.mask_url: every password form a broker URL can carry is masked; the rest is kept."""
+"""config.values.mask_url: every password form a broker URL can carry is masked; the rest is kept."""
 
 import pytest
 from hypothesis import given, strategies as st
 
-from pusherd.redact import MASK, mask_url
+from pusherd.config.values import MASK, mask_url
 
 
 @pytest.mark.parametrize("url,shown", [

@@ -20,9 +20,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pusherd import config, server  # noqa: E402
-from pusherd.broker import Broadcast, MemoryBroker  # noqa: E402
-from pusherd.protocol import V2  # noqa: E402
-from pusherd.session import Send, Subscribe  # noqa: E402
+from pusherd.core.broadcast import Broadcast  # noqa: E402
+from pusherd.broker import MemoryBroker  # noqa: E402
+from pusherd.core.protocol import V2  # noqa: E402
+from pusherd.core.session import Send, Subscribe  # noqa: E402
 
 
 def listener():
@@ -79,9 +80,9 @@ def settings(**overrides):
 def test_changed_keys_names_secrets_without_values():
     old = settings()
     new = settings(guardian_secrets=("c" * 32,), allowed_origins=("https://x.test",), log_level="debug")
-    keys = server.changed_keys(old, new)
+    keys = old.changed_keys(new)
     assert keys == ["guardian_secret", "allowed_origins", "log_level"]
-    assert server.changed_keys(old, dataclasses.replace(old, source="other.yml")) == []
+    assert old.changed_keys(dataclasses.replace(old, source="other.yml")) == []
 
 
 def test_daemon_reload_reports_restart_keys_against_the_start():

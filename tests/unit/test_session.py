@@ -1,4 +1,4 @@
-"""pusherd.session: feed Phoenix frames to a Session and assert on the actions it returns.
+"""pusherd.core.session: feed Phoenix frames to a Session and assert on the actions it returns.
 
 No socket, no event loop: every call passes an explicit `now`.
 """
@@ -9,12 +9,12 @@ from unittest.mock import ANY
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pusherd import errors
-from pusherd.protocol import LEGACY, V1, V2
-from pusherd.access import compile_event_patterns
-from pusherd.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
-from pusherd.tokens import Verifier, mint_token
-from pusherd.topics import is_public
+from pusherd.core import errors
+from pusherd.core.protocol import LEGACY, V1, V2
+from pusherd.core.access import compile_event_patterns
+from pusherd.core.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
+from pusherd.core.tokens import Verifier, mint_token
+from pusherd.core.topics import is_public
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,4 +1,4 @@
-"""pusherd.tokens: the Rails-minted Guardian-style join token, verified with an explicit clock.
+"""pusherd.core.tokens: the Rails-minted Guardian-style join token, verified with an explicit clock.
 
 Most tokens here are built by hand (base64url + hmac), byte for byte as ruby-jwt writes them,
 so the tests do not trust pusherd's own `mint_token`.
@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from pusherd import rails_csrf
-from pusherd.errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
-from pusherd.tokens import Claims, Verifier, looks_like_jwt, mint_token, parse_ttl, s_csrf
-from pusherd.topics import TopicPattern
+from pusherd.core import rails_csrf
+from pusherd.core.errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
+from pusherd.core.tokens import Claims, Verifier, looks_like_jwt, mint_token, s_csrf
+from pusherd.core.topics import TopicPattern
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -510,12 +510,6 @@ def test_hs256_deployment_refuses_asymmetric_tokens(verifier, rsa_keys):
 
 # --- small helpers ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,seconds", [("30d", 30 * 86400), ("12h", 43200), ("15m", 900), ("45s", 45),
-                                          ("2w", 1209600), ("90", 90), (60, 60), (1.5, 1.5), (" 1d ", 86400)])
-def test_parse_ttl(text, seconds):
-    assert parse_ttl(text) == seconds
-
-
 def test_looks_like_jwt():
     assert looks_like_jwt(rails_token())
     for value in ("", "a.b", "a..c", "a.b.c.d", "a.b.c=", "a b.c.d", "secret"):
@@ -612,7 +606,7 @@ def test_crit_header_is_refused_on_every_pyjwt(verifier, crit):
     with pytest.raises(AuthError) as info:
         verifier.verify(token, now=NOW)
     assert info.value.reason == INVALID_TOKEN and len(info.value.detail) <= 203
-    from pusherd.tokens import verify_publish_token
+    from pusherd.core.tokens import verify_publish_token
     publisher = jwt.encode({"exp": NOW + 60, "publish": ["a:*"]}, SECRET, algorithm="HS256", headers={"crit": crit})
     with pytest.raises(AuthError):
         verify_publish_token(publisher, [SECRET], now=NOW)

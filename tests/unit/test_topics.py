@@ -1,9 +1,9 @@
-"""pusherd.topics: topic validation and the patterns tokens grant (literal text + trailing ":*")."""
+"""pusherd.core.topics: topic validation and the patterns tokens grant (literal text + trailing ":*")."""
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pusherd.topics import TopicPattern, any_match, compile_patterns, is_public, is_valid_topic
+from pusherd.core.topics import TopicPattern, any_match, compile_patterns, is_public, is_valid_topic
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

@@ -11,7 +11,7 @@ import hmac
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs
 
-from .broker import Broadcast
+from .broadcast import Broadcast
 from .errors import TOKEN_EXPIRED, AuthError, PublishError
 from .protocol import is_reserved_event, is_valid_event, loads
 from .tokens import looks_like_jwt, verify_publish_token

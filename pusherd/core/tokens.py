@@ -277,17 +277,6 @@ def mint_publish_token(secret: str, publish: Sequence[str], ttl: float = 300, no
     return jwt.encode(dict(extra, exp=int(now + ttl), publish=list(publish)), secret, algorithm="HS256")
 
 
-def parse_ttl(text) -> float:
-    """'30d', '12h', '15m', '45s' or a number of seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    text = str(text).strip()
-    if text and text[-1] in units:
-        return float(text[:-1]) * units[text[-1]]
-    return float(text)
-
-
 def mint_token(secret: str, sub: Any = None, listen: Sequence[str] = (), publish: Sequence[str] = (),
                ttl: float = 30 * 86400, csrf_token: Optional[str] = None, issuer: Optional[str] = None,
                now: Optional[float] = None, algorithm: str = "HS256", private_key: Optional[str] = None) -> str:
