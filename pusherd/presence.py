@@ -32,17 +32,23 @@ Pieces, for one process:
 How the pieces are meant to be driven (the caller owns time, randomness, I/O):
 
 1. join: ``identify(rule, sub)`` → ``tp.track(member, os.urandom(REF_BYTES), time.time())``;
-   keep the `Tracked` handle; push ``tp.state.payload()`` as ``presence_state``.
+   keep the `Tracked` handle; push ``tp.state.payload()`` as ``presence_state`` (it is cached
+   per ``tp.state.version``: encode it once per serializer per version). The joiner's own
+   entry is not in it yet: it arrives, to everyone alike, in the next diff.
 2. leave, close, token expiry, eviction: ``tp.untrack(handle)`` (idempotent); drain:
    ``tp.untrack_all()``.
-3. window end (when ``tp.pending``): ``diff = tp.flush()``; write it to the broker and publish
-   it as this node's ``presence_diff``.
+3. window end (when ``tp.pending``): ``diff = tp.flush()``; write it to the broker's hash
+   (`encode_entry` / `entry_field`) and publish it as this node's ``presence_diff`` (the node id
+   travels in the broker's envelope, not in the payload clients see).
 4. every ``presence_diff`` arriving from the broker (this node's own included, when it comes
    back): ``effective = tp.state.apply_diff(node, diff)``; deliver ``effective`` if not None.
    Apply each diff once, in broker order: either on the echo, or at flush and then drop
    the echo. Doing both can undo a later leave.
-5. a node found dead: ``tp.state.remove_node(node)`` → deliver the leaves it returns.
-6. after a broker outage: ``local, correction = tp.resync(snapshot_entries)``; deliver
+5. a node found dead: ``tp.state.remove_node(node)`` → deliver the leaves it returns; from then
+   on drop that node's diffs (a late one would bring its entries back for good), so node ids
+   must never be reused (a random id per process start).
+6. after a broker outage: resubscribe, then ``snapshot = [decode_entry(f, v) ...]`` (skip the
+   Nones and dead nodes), ``local, correction = tp.resync(snapshot)``; deliver
    ``local`` here, write ``correction`` to the broker and publish it as this node's diff.
    Only the real differences are sent.
 
@@ -82,6 +88,10 @@ BAD_KEY = "bad_key"          # the key is not a short string or integer, or a re
 BAD_META = "bad_meta"        # a listed field is not a JSON scalar, or the fields are too big
 TOPIC_FULL = "topic_full"    # the topic holds `limit` entries
 
+Meta = Dict[str, Any]
+Presences = Dict[str, Dict[str, List[Meta]]]     # {key: {"metas": [meta, ...]}}
+Diff = Dict[str, Presences]                      # {"joins": Presences, "leaves": Presences}
+
 
 class PresenceRule:
     """One ``presence:`` config entry: where presence is tracked and what a member shows.
@@ -96,7 +106,7 @@ class PresenceRule:
             raise ValueError("topics must be a topic pattern (a non-empty string)")
         if not isinstance(key, str) or not key:
             raise ValueError("key must be the name of a sub field")
-        if isinstance(meta, str) or not all(isinstance(f, str) and f for f in meta):
+        if not isinstance(meta, (list, tuple)) or not all(isinstance(f, str) and f for f in meta):
             raise ValueError("meta must be a list of sub field names")
         meta = tuple(meta)
         if len(set(meta)) != len(meta):
@@ -117,7 +127,8 @@ class PresenceRule:
         return self.pattern.matches(topic)
 
     def __repr__(self):
-        return "PresenceRule(%r, key=%r, meta=%r, limit=%r)" % (self.pattern.text, self.key, self.meta, self.limit)
+        return "PresenceRule(%r, key=%r, meta=%r, limit=%r)" % (
+            self.pattern.text, self.key, self.meta, self.limit)
 
 
 class PresenceRules:
@@ -153,7 +164,7 @@ class NotTracked(NamedTuple):
 class Tracked(NamedTuple):
     """A tracked connection's entry: the handle its session keeps to untrack it."""
     key: str
-    meta: Dict[str, Any]
+    meta: Meta
 
     @property
     def phx_ref(self) -> str:
@@ -164,7 +175,7 @@ class Entry(NamedTuple):
     """One entry as stored in the broker and in a replica."""
     node: str
     key: str
-    meta: Dict[str, Any]
+    meta: Meta
 
 
 def valid_key(key) -> bool:
@@ -226,7 +237,7 @@ def _json_scalar(value) -> bool:
     return False
 
 
-def new_meta(member: Member, random: bytes, now: float) -> Dict[str, Any]:
+def new_meta(member: Member, random: bytes, now: float) -> Meta:
     """A fresh meta for `member`: ``phx_ref`` from `random` (`REF_BYTES` bytes), ``online_at``
     from `now` (unix seconds), then the member's fields."""
     if not isinstance(random, (bytes, bytearray)) or len(random) != REF_BYTES:
@@ -236,11 +247,8 @@ def new_meta(member: Member, random: bytes, now: float) -> Dict[str, Any]:
     return meta
 
 
-Diff = Dict[str, Dict[str, Dict[str, List[Dict[str, Any]]]]]
-
-
-def _group(pairs: Iterable[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
-    grouped: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
+def _group(pairs: Iterable[Tuple[str, Meta]]) -> Presences:
+    grouped: Presences = {}
     for key, meta in pairs:
         presence = grouped.get(key)
         if presence is None:
@@ -250,7 +258,7 @@ def _group(pairs: Iterable[Tuple[str, Dict[str, Any]]]) -> Dict[str, Dict[str, L
     return grouped
 
 
-def make_diff(joins: Iterable[Tuple[str, Dict[str, Any]]], leaves: Iterable[Tuple[str, Dict[str, Any]]]) -> Optional[Diff]:
+def make_diff(joins: Iterable[Tuple[str, Meta]], leaves: Iterable[Tuple[str, Meta]]) -> Optional[Diff]:
     """A ``presence_diff`` payload from ``(key, meta)`` pairs, or None when both are empty."""
     joins, leaves = _group(joins), _group(leaves)
     if not joins and not leaves:
@@ -278,6 +286,40 @@ def _iter_metas(section) -> Iterator[Tuple[str, Any]]:
                 yield key, meta
 
 
+ENTRY_VERSION = 1
+
+
+def entry_field(node: str, phx_ref: str) -> str:
+    """An entry's field in the broker's hash for its topic: ``<node>|<phx_ref>``."""
+    return "%s|%s" % (node, phx_ref)
+
+
+def encode_entry(entry: Entry) -> Tuple[str, str]:
+    """``(field, value)`` for the broker's hash; the value is versioned JSON."""
+    value = json.dumps({"v": ENTRY_VERSION, "key": entry.key, "meta": entry.meta},
+                       ensure_ascii=False, separators=(",", ":"))
+    return entry_field(entry.node, entry.meta["phx_ref"]), value
+
+
+def decode_entry(field, value) -> Optional[Entry]:
+    """The entry a broker hash field holds (str or bytes), or None when it is not one. Never raises."""
+    try:
+        if isinstance(field, bytes):
+            field = field.decode("utf-8")
+        doc = json.loads(value)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    if not isinstance(field, str) or not isinstance(doc, dict) or doc.get("v") != ENTRY_VERSION:
+        return None
+    node, _, ref = field.rpartition("|")
+    key, meta = doc.get("key"), doc.get("meta")
+    if not node or not valid_key(key) or _ref_of(meta) != ref:
+        return None
+    if not all(_json_scalar(v) for v in meta.values()):
+        return None
+    return Entry(node, key, meta)
+
+
 class PresenceState:
     """One topic's entries from every node: the replica a process serves ``presence_state`` from.
 
@@ -290,7 +332,7 @@ class PresenceState:
     __slots__ = ("_keys", "_refs", "_nodes", "version", "_payload")
 
     def __init__(self, entries: Iterable[Entry] = ()):
-        self._keys: Dict[str, Dict[str, Dict[str, Any]]] = {}   # key -> {phx_ref: meta}
+        self._keys: Dict[str, Dict[str, Meta]] = {}   # key -> {phx_ref: meta}
         self._refs: Dict[str, Tuple[str, str]] = {}             # phx_ref -> (node, key)
         self._nodes: Dict[str, int] = {}                        # node -> number of entries
         self.version = 0          # bumped on every change: key an encoded presence_state cache on it
@@ -318,10 +360,12 @@ class PresenceState:
             for ref, meta in metas.items():
                 yield Entry(refs[ref][0], key, meta)
 
-    def add(self, node: str, key: str, meta: Dict[str, Any]) -> bool:
+    def add(self, node: str, key: str, meta: Meta) -> bool:
         """Add one entry; False (and no change) when it is malformed or its phx_ref is here already."""
         ref = _ref_of(meta)
         if ref is None or ref in self._refs or not isinstance(node, str) or not valid_key(key):
+            return False
+        if not all(_json_scalar(v) for v in meta.values()):
             return False
         metas = self._keys.get(key)
         if metas is None:
@@ -332,7 +376,7 @@ class PresenceState:
         self._changed()
         return True
 
-    def remove(self, node: str, key: str, phx_ref: str) -> Optional[Dict[str, Any]]:
+    def remove(self, node: str, key: str, phx_ref: str) -> Optional[Meta]:
         """Remove the entry `phx_ref` of `node` under `key`; its meta, or None if there is none."""
         if not isinstance(phx_ref, str) or self._refs.get(phx_ref) != (node, key):
             return None
@@ -373,7 +417,7 @@ class PresenceState:
                 left.append((key, stored))
         return make_diff(joined, left)
 
-    def payload(self) -> Dict[str, Dict[str, List[Dict[str, Any]]]]:
+    def payload(self) -> Presences:
         """The ``presence_state`` payload, built once per version. Do not mutate it."""
         if self._payload is None:
             self._payload = {key: {"metas": list(metas.values())} for key, metas in self._keys.items()}
@@ -425,20 +469,20 @@ class DiffBuffer:
     __slots__ = ("_joins", "_leaves")
 
     def __init__(self):
-        self._joins: Dict[str, Tuple[str, Dict[str, Any]]] = {}    # phx_ref -> (key, meta)
-        self._leaves: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+        self._joins: Dict[str, Tuple[str, Meta]] = {}    # phx_ref -> (key, meta)
+        self._leaves: Dict[str, Tuple[str, Meta]] = {}
 
     def __len__(self) -> int:
         return len(self._joins) + len(self._leaves)
 
-    def join(self, key: str, meta: Dict[str, Any]) -> None:
+    def join(self, key: str, meta: Meta) -> None:
         ref = meta["phx_ref"]
         if ref in self._leaves:
             # One diff cannot carry a leave and a join of one ref: phoenix.js would drop both.
             raise ValueError("phx_ref joined after it left: a phx_ref joins once")
         self._joins[ref] = (key, meta)
 
-    def leave(self, key: str, meta: Dict[str, Any]) -> None:
+    def leave(self, key: str, meta: Meta) -> None:
         ref = meta["phx_ref"]
         if self._joins.pop(ref, None) is None:
             self._leaves[ref] = (key, meta)

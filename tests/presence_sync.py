@@ -16,7 +16,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from pusherd.presence import Entry, Member, TopicPresence, Tracked
 
@@ -344,17 +344,19 @@ class Cluster:
 def ops_strategy(st, versions=VERSIONS, min_ops=20, max_ops=100):
     """Hypothesis strategy: a random sequence of Cluster operations (the common ones more often)."""
     node = st.integers(0, 2)
-    track = st.tuples(st.just("track"), node, st.integers(0, 20))
-    untrack = st.tuples(st.just("untrack"), node, st.integers(0, 50))
-    flush = st.tuples(st.just("flush"), node)
-    consume = st.tuples(st.just("consume"), node, st.integers(1, 4))
-    client = st.tuples(st.just("join_client"), node, st.sampled_from(versions))
-    op = st.one_of(
-        track, track, track, untrack, untrack, flush, flush, consume, consume, consume, client, client,
-        st.tuples(st.just("rejoin_client"), st.integers(0, 30), node),
-        st.tuples(st.just("kill"), node),
-        st.tuples(st.just("drain"), node),
-        st.tuples(st.just("outage"), node),
-        st.tuples(st.just("recover"), node, st.floats(0, 1)),
-    )
+    args = {
+        "track": st.tuples(node, st.integers(0, 20)),
+        "untrack": st.tuples(node, st.integers(0, 50)),
+        "flush": st.tuples(node),
+        "consume": st.tuples(node, st.integers(1, 8)),
+        "join_client": st.tuples(node, st.sampled_from(versions)),
+        "rejoin_client": st.tuples(st.integers(0, 30), node),
+        "kill": st.tuples(node),
+        "drain": st.tuples(node),
+        "outage": st.tuples(node),
+        "recover": st.tuples(node, st.floats(0, 1)),
+    }
+    weights = {"track": 12, "untrack": 5, "flush": 8, "consume": 10, "join_client": 5, "rejoin_client": 2}
+    names = [name for name in args for _ in range(weights.get(name, 1))]
+    op = st.sampled_from(names).flatmap(lambda name: args[name].map(lambda a: (name,) + a))
     return st.lists(op, min_size=min_ops, max_size=max_ops)

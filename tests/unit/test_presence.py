@@ -11,7 +11,7 @@ from presence_sync import Cluster, canonical, ops_strategy, port_replay, sync_di
 from pusherd.presence import (
     ANONYMOUS, BAD_KEY, BAD_META, MAX_KEY_CHARS, MAX_META_BYTES, REF_BYTES, TOPIC_FULL,
     DiffBuffer, Entry, Member, NotTracked, PresenceRule, PresenceRules, PresenceState,
-    TopicPresence, Tracked, identify, make_diff, new_meta,
+    TopicPresence, Tracked, decode_entry, encode_entry, identify, make_diff, new_meta,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -51,6 +51,8 @@ def test_first_matching_rule_wins_with_topic_pattern_semantics():
     (dict(topics="a:*", key=""), "key"),
     (dict(topics="a:*", key=3), "key"),
     (dict(topics="a:*", meta="name"), "meta"),
+    (dict(topics="a:*", meta=None), "meta"),
+    (dict(topics="a:*", meta=["name", 1]), "meta"),
     (dict(topics="a:*", meta=["name", "name"]), "twice"),
     (dict(topics="a:*", meta=["phx_ref"]), "reserved"),
     (dict(topics="a:*", meta=["online_at"]), "reserved"),
@@ -222,6 +224,30 @@ def test_replace_sends_only_the_difference_and_keeps_the_order_clients_have():
     assert s.diff_to(PresenceState(truth)) is None
 
 
+def test_broker_entries_round_trip_and_garbage_is_skipped():
+    entry = Entry("node|a1", "Zoë", meta("r1", name="Zoë"))
+    field, value = encode_entry(entry)
+    assert field == "node|a1|r1"
+    assert decode_entry(field, value) == entry
+    assert decode_entry(field.encode(), value.encode()) == entry
+    for bad_field, bad_value in [
+        (field, "not json"), (field, "[" * 100000), (field, None), (b"\xff", value), (None, value),
+        ("|r1", value), ("n|r2", value), ("r1", value),
+        (field, json.dumps({"v": 2, "key": "Zoë", "meta": meta("r1")})),
+        (field, json.dumps({"v": 1, "key": "constructor", "meta": meta("r1")})),
+        (field, json.dumps({"v": 1, "key": "a", "meta": meta("r1", avatar={"x": 1})})),
+        (field, '{"v": 1, "key": "a", "meta": {"phx_ref": "r1", "name": "\\ud800"}}'),
+    ]:
+        assert decode_entry(bad_field, bad_value) is None, (bad_field, bad_value)
+
+
+def test_a_meta_that_is_not_flat_json_scalars_is_not_added():
+    s = PresenceState()
+    assert not s.add("n1", "a", meta("r1", avatar={"x": 1}))
+    assert not s.add("n1", "a", meta("r2", score=float("nan")))
+    assert len(s) == 0
+
+
 # --- the coalescing window ------------------------------------------------------------------------
 
 def test_join_and_leave_inside_one_window_cancel_out():
@@ -357,3 +383,16 @@ def test_the_port_differs_between_12_and_18_where_phoenix_does():
     assert len(sync_diff(state, again, dedup=True)["a"]["metas"]) == 1
     assert sync_state(state, {}) == {}
     assert json.dumps(make_diff([], [])) == "null"
+
+
+def test_the_module_is_pure_no_clock_randomness_or_io_imported():
+    import ast
+    import pusherd.presence as module
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    relative = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert imported <= {"base64", "json", "math", "typing"}, imported
+    assert relative <= {"topics"}, relative
