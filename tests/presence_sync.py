@@ -1,4 +1,4 @@
-"""Test helpers for pusherd/presence.py: what phoenix.js does with our payloads.
+"""Test helpers for pusherd/core/presence.py: what phoenix.js does with our payloads.
 
 * `sync_state`, `sync_diff`, `ClientPresence`: a Python port of phoenix.js's presence sync,
   for tests only, in both semantics: ``dedup=False`` is 1.2 (``syncDiff`` prepends every old
@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from pusherd.presence import Entry, Member, TopicPresence, Tracked
+from pusherd.core.presence import Entry, Member, TopicPresence, Tracked
 
 INTEROP_DIR = Path(__file__).resolve().parent / "interop"
 SYNC_JS = INTEROP_DIR / "presence_sync.js"

@@ -1,12 +1,12 @@
 """The real phoenix.js presence code (1.2, 1.4, 1.5, 1.8, unmodified, under Node) fed with
-pusherd/presence.py's presence_state and diffs ends with the server's list; and the Python
+pusherd/core/presence.py's presence_state and diffs ends with the server's list; and the Python
 port the unit tests rely on (tests/presence_sync.py) does exactly what the real one does."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from presence_sync import VERSIONS, Cluster, NodeReplayer, canonical, ops_strategy, port_replay
-from pusherd.presence import JS_PROTOTYPE_NAMES, PresenceRule, identify
+from pusherd.core.presence import JS_PROTOTYPE_NAMES, PresenceRule, identify
 
 pytestmark = pytest.mark.interop
 

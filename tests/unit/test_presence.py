@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from presence_sync import Cluster, canonical, ops_strategy, port_replay, sync_diff, sync_state, wire
-from pusherd.presence import (
+from pusherd.core.presence import (
     ANONYMOUS, BAD_KEY, BAD_META, MAX_KEY_CHARS, MAX_META_BYTES, REF_BYTES, TOPIC_FULL,
     DiffBuffer, Entry, Member, NotTracked, PresenceRule, PresenceRules, PresenceState,
     TopicPresence, Tracked, decode_entry, encode_entry, identify, make_diff, new_meta,
@@ -387,7 +387,7 @@ def test_the_port_differs_between_12_and_18_where_phoenix_does():
 
 def test_the_module_is_pure_no_clock_randomness_or_io_imported():
     import ast
-    import pusherd.presence as module
+    import pusherd.core.presence as module
     tree = ast.parse(open(module.__file__, encoding="utf-8").read())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
