@@ -1,7 +1,9 @@
 """The per-socket Phoenix Channels state machine: frames in, actions out, no I/O.
 
 ``Session.receive(frame, now)`` and ``Session.tick(now)`` return a list of actions for the
-socket adapter to carry out in order (`Send`, `Subscribe`, `Unsubscribe`, `Publish`, `Close`).
+adapter to carry out in order (`Send`, `Join`, `Subscribe`, `Unsubscribe`, `Publish`, `Close`).
+A join is answered in two steps, so that the whole join flow is decided here: `Join` says what
+the broker must do first, `Session.joined` what follows once it has (reply, replay, subscribe).
 Client input never raises: a bad frame becomes an error reply with a stable reason, or a close.
 That is what keeps one bad client from disturbing anyone else, and it lets the whole protocol
 be tested by feeding frames to a session and looking at the actions.
@@ -9,11 +11,12 @@ be tested by feeding frames to a session and looking at the actions.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Counter, Dict, List, Optional, Tuple
+from typing import Any, Counter, Dict, List, Optional, Sequence, Tuple
 
 from . import errors
 from .access import EventPattern, may_listen, may_publish, may_push_event
 from .errors import AuthError
+from .history import Recovery, format_position, parse_position, pending_after
 from .protocol import (HEARTBEAT, PHOENIX_TOPIC, PHX_CLOSE, PHX_JOIN, PHX_LEAVE, MalformedFrame,
                        Message, Serializer, UndecodableFrame, is_reserved_event, is_valid_event)
 from .tokens import Claims, Verifier
@@ -72,20 +75,27 @@ class Publish:
         return "Publish(%r, %r, %r)" % (self.topic, self.event, self.payload)
 
 
-class Recover:
-    """Join with ``since``: replay what the client missed, then go live (see history.py).
+class Join:
+    """A join the session accepted: the channel is open, the reply is not sent yet.
 
-    The adapter asks the broker what was missed after `since`, answers the join with
-    ``session.join_reply(self, {"recovered": ..., "position": ...})``, sends the missed
-    broadcasts in order, then subscribes: no gap, no duplicate.
+    The adapter makes the broker ready for it — reads the history after ``since`` when it is a
+    string (`recover`), else makes sure broadcasts on the topic reach this process (its
+    subscription confirmed) — while holding the topic's broadcasts, then carries out
+    ``session.joined(join, recovery, held)``: the reply, what was missed, what was held, in
+    order, then the subscription. With nothing to wait for it may call ``joined(join)`` at once.
     """
     __slots__ = ("topic", "join_ref", "ref", "since", "params")
 
     def __init__(self, topic, join_ref, ref, since, params):
         self.topic, self.join_ref, self.ref, self.since, self.params = topic, join_ref, ref, since, params
 
+    @property
+    def recover(self) -> bool:
+        """The join carries ``since``: the broker's history decides what it missed."""
+        return self.since is not None
+
     def __repr__(self):
-        return "Recover(%r, since=%r)" % (self.topic, self.since)
+        return "Join(%r%s)" % (self.topic, ", since=%r" % self.since if self.since is not None else "")
 
 
 class Close:
@@ -112,19 +122,18 @@ class Limits:
     client_events: Tuple[EventPattern, ...] = (EventPattern("msg"),)   # what clients may push
 
 
+@dataclass(frozen=True)
 class Policy:
-    """What a session consults on every join/push; the server swaps its fields on reload.
+    """What a session consults on every join and push. Immutable: a reload builds a new one and
+    hands it to every open session (``session.policy = new``).
 
     ``joins``, when given, is a Counter the sessions tally join outcomes in ("ok" or the
-    refusal reason), for metrics.
+    refusal reason), for metrics; the same Counter outlives reloads.
     """
 
-    __slots__ = ("verifier", "limits", "joins")
-
-    def __init__(self, verifier: Verifier, limits: Limits = Limits(), joins: Optional[Counter] = None):
-        self.verifier = verifier
-        self.limits = limits
-        self.joins = joins
+    verifier: Verifier
+    limits: Limits = Limits()
+    joins: Optional[Counter] = None
 
 
 class Channel:
@@ -226,9 +235,7 @@ class Session:
         if self.policy.joins is not None:
             self.policy.joins["ok"] += 1
         since = msg.payload.get("since")
-        if isinstance(since, str):
-            return actions + [Recover(topic, join_ref, msg.ref, since, msg.payload)]
-        return actions + [self._reply(join_ref, msg.ref, topic, "ok", {}), Subscribe(topic, msg.payload)]
+        return actions + [Join(topic, join_ref, msg.ref, since if isinstance(since, str) else None, msg.payload)]
 
     def _refuse(self, msg: Message, join_ref: Any, reason: str, detail: str) -> Send:
         log.info("%s: join refused topic=%.200s reason=%s (%s)", self.peer, msg.topic, reason, detail)
@@ -278,13 +285,30 @@ class Session:
 
     # -- answers for the adapter ----------------------------------------------------------
 
-    def join_reply(self, recover: Recover, response: dict) -> Send:
-        return self._reply(recover.join_ref, recover.ref, recover.topic, "ok", response)
-
-    def is_current(self, topic: str, join_ref) -> bool:
-        """Still joined to `topic` by the join that started an async step (not left, not rejoined)."""
-        channel = self.channels.get(topic)
-        return channel is not None and channel.join_ref == join_ref
+    def joined(self, join: Join, recovery: Optional[Recovery] = None, held: Sequence = ()) -> List[object]:
+        """The rest of `join`, once the broker is ready: the reply, then (a join with ``since``) the
+        broadcasts it missed, then those `held` while the broker was asked (minus the ones the
+        replay already covered), then the subscription. Nothing if the channel was left, rejoined
+        or closed meanwhile. `recovery`: the broker's answer for a join with ``since`` (None when
+        it could not be asked: the page is told ``recovered: false``)."""
+        channel = self.channels.get(join.topic)
+        if self.closed or channel is None or channel.join_ref != join.join_ref:
+            return []
+        topic, encode = join.topic, self.serializer.encode_broadcast
+        if not join.recover:
+            actions: List[object] = [self._reply(join.join_ref, join.ref, topic, "ok", {})]
+        else:
+            ok = recovery is not None and recovery.recovered
+            actions = [self._reply(join.join_ref, join.ref, topic, "ok",
+                                   {"recovered": ok, "position": recovery.position if recovery else None})]
+            if ok:
+                actions += [Send(encode(topic, e.event, e.payload, format_position(recovery.epoch, e.offset)))
+                            for e in recovery.missed]
+            last = parse_position(recovery.position) if recovery and recovery.position else None
+            held = pending_after(held, last[1] if last else 0)
+        actions += [Send(encode(topic, b.event, b.payload, b.position)) for b in held]
+        actions.append(Subscribe(topic, join.params))
+        return actions
 
     def push_ok(self, push: Publish) -> Send:
         return self._reply(push.join_ref, push.ref, push.topic, "ok", {})

@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pusherd.core import errors
 from pusherd.core.protocol import LEGACY, V1, V2
 from pusherd.core.access import compile_event_patterns
-from pusherd.core.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
+from pusherd.core.history import Entry, Recovery
+from pusherd.core.broadcast import Broadcast
+from pusherd.core.session import Close, Join, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
 from pusherd.core.tokens import Verifier, mint_token
 from pusherd.core.topics import is_public
 
@@ -36,8 +38,22 @@ def auth(tok, csrf=CSRF):
     return payload
 
 
+class ReadySession(Session):
+    """A session whose adapter has a broker that is always ready: every `Join` it returns is
+    settled at once with ``joined(join)`` (reply, then Subscribe), as `Service.join` does when the
+    topic is already delivered here. The two steps themselves are tested in test_join_flow_*."""
+
+    __slots__ = ()
+
+    def receive(self, frame, now):
+        actions = []
+        for action in super().receive(frame, now):
+            actions += self.joined(action) if isinstance(action, Join) else [action]
+        return actions
+
+
 def make_session(serializer=V2, limits=Limits(), now=NOW):
-    return Session(serializer, Policy(Verifier([SECRET]), limits), now, peer="test")
+    return ReadySession(serializer, Policy(Verifier([SECRET]), limits), now, peer="test")
 
 
 # --- frames the client sends ------------------------------------------------------------------
@@ -716,3 +732,56 @@ def test_no_private_subscription_without_a_valid_token(serializer, messages):
         for action in tick:
             if isinstance(action, Unsubscribe):
                 subscribed.discard(action.topic)
+
+
+
+# --- the join flow: Join, then joined() ------------------------------------------------------------
+
+def raw_session(serializer=V2):
+    return Session(serializer, Policy(Verifier([SECRET])), NOW, peer="test")
+
+
+def test_join_flow_a_plain_join_is_answered_once_the_broker_is_ready():
+    s = raw_session()
+    join = only(s.receive('["3","3","public:lobby","phx_join",{"user":"x"}]', NOW))
+    assert isinstance(join, Join) and (join.topic, join.join_ref, join.ref, join.since) == ("public:lobby", "3", "3", None)
+    assert not join.recover and "public:lobby" in s.channels      # joined; the reply waits for the broker
+    held = [Broadcast("public:lobby", "e", {"n": 1}), Broadcast("public:lobby", "e", {"n": 2})]
+    actions = s.joined(join, None, held)
+    assert actions[0].text == '["3","3","public:lobby","phx_reply",{"status":"ok","response":{}}]'
+    assert [json.loads(a.text)[4] for a in actions[1:3]] == [{"n": 1}, {"n": 2}]   # held ones, in order
+    assert isinstance(actions[3], Subscribe) and actions[3].params == {"user": "x"} and len(actions) == 4
+
+
+def test_join_flow_since_replays_what_was_missed_then_what_was_held_without_duplicates():
+    s = raw_session()
+    join = only(s.receive('["1","1","public:web","phx_join",{"since":"e1:2"}]', NOW))
+    assert join.recover and join.since == "e1:2"
+    recovery = Recovery(True, "e1:4", (Entry(3, NOW, "v", {"n": 3}), Entry(4, NOW, "v", {"n": 4})), "e1")
+    held = [Broadcast("public:web", "v", {"n": 4}, position="e1:4"), Broadcast("public:web", "v", {"n": 5}, position="e1:5")]
+    actions = s.joined(join, recovery, held)
+    assert_reply(actions[0], "1", "ok", {"recovered": True, "position": "e1:4"}, join_ref="1", topic="public:web")
+    frames = [json.loads(a.text) for a in actions[1:-1]]
+    assert [(f[1], f[4]) for f in frames] == [("e1:3", {"n": 3}), ("e1:4", {"n": 4}), ("e1:5", {"n": 5})]
+    assert isinstance(actions[-1], Subscribe)
+
+
+def test_join_flow_since_without_an_answer_is_not_recovered_and_replays_nothing():
+    s = raw_session()
+    join = only(s.receive('["1","1","public:web","phx_join",{"since":"e1:2"}]', NOW))
+    actions = s.joined(join, None, [])
+    assert_reply(actions[0], "1", "ok", {"recovered": False, "position": None}, join_ref="1", topic="public:web")
+    assert isinstance(actions[1], Subscribe) and len(actions) == 2
+
+
+@pytest.mark.parametrize("meanwhile", ["leave", "rejoin", "close"])
+def test_join_flow_a_channel_left_rejoined_or_closed_meanwhile_gets_nothing(meanwhile):
+    s = raw_session()
+    join = only(s.receive('["1","1","public:a","phx_join",{}]', NOW))
+    if meanwhile == "leave":
+        s.receive('["1","2","public:a","phx_leave",{}]', NOW)
+    elif meanwhile == "rejoin":
+        s.receive('["5","5","public:a","phx_join",{}]', NOW)
+    else:
+        s.closed = True
+    assert s.joined(join, None, [Broadcast("public:a", "e", {})]) == []

@@ -1,0 +1,191 @@
+"""The service every transport plugs its connections into: it carries out what the sessions decide.
+
+A transport (WebSocket, long-poll) turns bytes into calls of ``session.receive`` and hands the
+actions to `Service.execute`; everything after that is the same for every transport: replies,
+the join flow (broker barrier or history read, held broadcasts, subscription), client pushes
+through the broker, the fan-out through the hub, periodic ticks, reload and drain. So a second
+transport copies none of it.
+
+A connection, as the service sees it (`Connection`), is a hub member (``serializer``, ``wire``,
+``send_frame``) that can also ``send_text`` a message of its own, ``close_with`` a code, and
+``tick``; it has a ``session``.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional, Set
+
+from .broker import Broker
+from .core import errors
+from .core.broadcast import Broadcast
+from .core.errors import BrokerUnavailable
+from .core.fanout import Hub
+from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Unsubscribe
+from .metrics import Counters
+
+log = logging.getLogger("pusherd")
+
+
+class Connection:
+    """What the service needs of a transport's connection (a protocol)."""
+
+    session: Any
+    serializer: Any
+    wire: Any
+
+    def send_frame(self, frame: Any) -> None:  # pragma: no cover - protocol
+        """A broadcast frame, shared with the other members of the topic (hub)."""
+
+    def send_text(self, text: str) -> None:  # pragma: no cover - protocol
+        """A message for this connection alone (a reply, a replayed broadcast)."""
+
+    def close_with(self, code: int, reason: str) -> None:  # pragma: no cover - protocol
+        """End the connection (WebSocket close code; long-poll ends the session)."""
+
+    def tick(self, now: float) -> None:  # pragma: no cover - protocol
+        """The periodic check (the service's sweep calls it)."""
+
+
+class Service:
+    """Sessions' actions carried out against the hub and the broker, for every transport."""
+
+    def __init__(self, broker: Broker, policy: Policy, counters: Optional[Counters] = None,
+                 hub: Optional[Hub] = None):
+        self.broker = broker
+        self.policy = policy
+        self.counters = counters if counters is not None else Counters()
+        self.hub = hub if hub is not None else Hub(broker.subscribe, broker.unsubscribe, counters=self.counters)
+        self.connections: Set[Connection] = set()
+        self.draining = False
+        self.tasks: Set[asyncio.Future] = set()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    def closed(self, conn: Connection) -> None:
+        """The connection is gone: out of every topic, its session ended."""
+        self.connections.discard(conn)
+        session = conn.session
+        if session is not None:
+            for topic in list(session.channels):
+                self.hub.unsubscribe(topic, conn)
+            session.channels.clear()
+            session.closed = True
+
+    def full(self, limit: int) -> bool:
+        """No room for one more connection (``max_connections``), or draining."""
+        return self.draining or len(self.connections) >= limit
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def receive(self, conn: Connection, frame) -> None:
+        """One frame from the client, decided by its session and carried out."""
+        self.counters.frames_received += 1
+        self.execute(conn, conn.session.receive(frame, time.time()))
+
+    def execute(self, conn: Connection, actions) -> None:
+        hub = self.hub
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                conn.send_text(action.text)
+            elif kind is Subscribe:
+                hub.subscribe(action.topic, conn)
+            elif kind is Unsubscribe:
+                hub.unsubscribe(action.topic, conn)
+            elif kind is Join:
+                self.join(conn, action)
+            elif kind is Publish:
+                self.spawn(self._push(conn, action))
+            elif kind is Close:
+                conn.close_with(action.code, action.reason)
+
+    def join(self, conn: Connection, join: Join) -> None:
+        """Answer a join: at once when the broker already delivers the topic here, else once it
+        has confirmed the subscription (or read the history after ``since``)."""
+        if not join.recover and self.broker.active(join.topic):
+            self.execute(conn, conn.session.joined(join))
+        else:
+            self.spawn(self._join_when_ready(conn, join))
+
+    async def _join_when_ready(self, conn: Connection, join: Join) -> None:
+        """The broker step of a join. Broadcasts meanwhile are held and follow the reply: an
+        event published anywhere after the client saw its join reply reaches it, and a replay
+        has no gap and no duplicate."""
+        topic, held = join.topic, []
+        self.hub.hold(topic, held)
+        try:
+            recovery = None
+            if join.recover:
+                try:
+                    recovery = await self.broker.recover(topic, join.since)
+                except Exception as exc:  # e.g. the broker is down: the page must refetch
+                    log.warning("history lookup failed for %.200s: %s", topic, exc)
+                outcome = "recovered" if recovery is not None and recovery.recovered else "not_recovered"
+                self.counters.recoveries[outcome] += 1
+                if outcome == "recovered":
+                    self.counters.replayed += len(recovery.missed)
+            else:
+                try:
+                    await self.broker.activate(topic)
+                except Exception as exc:  # broker down: joined all the same, delivery resumes with it
+                    log.debug("subscription to %.200s not confirmed by the broker: %s", topic,
+                              exc or type(exc).__name__)
+            self.execute(conn, conn.session.joined(join, recovery, held))
+        finally:
+            self.hub.release(topic, held)
+
+    async def _push(self, conn: Connection, push: Publish) -> None:
+        session = conn.session
+        try:
+            await self.publish(Broadcast(push.topic, push.event, push.payload))
+        except BrokerUnavailable:
+            reply = session.push_error(push, errors.UNAVAILABLE)
+        else:
+            reply = session.push_ok(push)
+        conn.send_text(reply.text)
+
+    # -- pub/sub ------------------------------------------------------------------------------
+
+    async def publish(self, broadcast: Broadcast) -> Optional[str]:
+        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it."""
+        if broadcast.published_at is None:
+            broadcast.published_at = time.time()
+        return await self.broker.publish(broadcast)
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        """The broker's callback: a broadcast for this process's members."""
+        counters = self.counters
+        counters.messages_received += 1
+        if self.hub.broadcast(broadcast) and broadcast.published_at is not None:
+            counters.latency.observe(time.time() - broadcast.published_at)
+
+    # -- time, reload, tasks ------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Every connection's periodic check (one timer for all of them)."""
+        for conn in list(self.connections):
+            try:
+                conn.tick(now)
+            except Exception:
+                log.exception("sweep failed for one connection")
+
+    def reload(self, policy: Policy) -> None:
+        """Swap the policy: every open session consults the new one from its next frame on."""
+        self.policy = policy
+        for conn in self.connections:
+            if conn.session is not None:
+                conn.session.policy = policy
+
+    def spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Future) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
