@@ -79,11 +79,13 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class HistoryRule:
-    """Keep the last ``size`` messages of topics matching ``topics`` for ``ttl`` seconds."""
+    """Keep the last ``size`` messages of topics matching ``topics`` for ``ttl`` seconds; client
+    pushes too only with ``client_pushes``."""
 
     topics: str
     size: int
     ttl: float
+    client_pushes: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class Settings:
     demo_assets: Optional[str] = None
     history: Tuple[HistoryRule, ...] = ()
     max_recovery: int = 300
+    max_history_topics: int = 10000
+    max_history_bytes: int = 64 * 1024 * 1024
     log_level: str = "info"
     access_log: bool = True
 
@@ -354,10 +358,11 @@ _KNOWN_KEYS = (
     "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
     "http_header_timeout", "http_body_timeout",
     "broker", "broker_prefix", "reuse_port", "metrics", "demo", "demo_assets", "history", "max_recovery",
-    "log_level", "access_log",
+    "max_history_topics", "max_history_bytes", "log_level", "access_log",
 )
 _METRICS_KEYS = ("listen", "token")
-_HISTORY_KEYS = ("topics", "size", "ttl")
+_HISTORY_KEYS = ("topics", "size", "ttl", "client_pushes")
+_HISTORY_REQUIRED = ("topics", "size", "ttl")
 
 
 def _did_you_mean(key: str, choices) -> str:
@@ -930,6 +935,8 @@ def from_mapping(
     demo_assets = s.get("demo_assets", _string, default=None)
     v["demo_assets"] = s.resolve_path(demo_assets) if isinstance(demo_assets, str) else demo_assets
     v["max_recovery"] = s.get("max_recovery", _count(0))
+    v["max_history_topics"] = s.get("max_history_topics", _count(1))
+    v["max_history_bytes"] = s.get("max_history_bytes", _size)
     v["log_level"] = s.get("log_level", _choice(LOG_LEVELS, aliases={"warn": "warning"}))
     v["access_log"] = s.get("access_log", _bool)
     v["metrics"] = _metrics(s, v["host"], v["port"])
@@ -977,7 +984,7 @@ def _history(s: _Section) -> Any:
         if mapping is None:
             ok = False
             continue
-        missing = [k for k in _HISTORY_KEYS if mapping.get(k) is None]
+        missing = [k for k in _HISTORY_REQUIRED if mapping.get(k) is None]
         for k in missing:
             s.add(f"{label}.{k}", "required")
         if missing:
@@ -986,8 +993,11 @@ def _history(s: _Section) -> Any:
         topics = s.sub(f"{label}.topics", mapping["topics"], _string)
         size = s.sub(f"{label}.size", mapping["size"], _count(1))
         ttl = s.sub(f"{label}.ttl", mapping["ttl"], _duration())
-        if _FAILED in (topics, size, ttl):
+        client_pushes = False
+        if mapping.get("client_pushes") is not None:
+            client_pushes = s.sub(f"{label}.client_pushes", mapping["client_pushes"], _bool)
+        if _FAILED in (topics, size, ttl, client_pushes):
             ok = False
         else:
-            rules.append(HistoryRule(topics=topics, size=size, ttl=ttl))
+            rules.append(HistoryRule(topics=topics, size=size, ttl=ttl, client_pushes=client_pushes))
     return tuple(rules) if ok else _FAILED

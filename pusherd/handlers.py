@@ -140,7 +140,7 @@ async def answer_publish(daemon: "Daemon", authorizations: List[str], body: byte
     except PublishError as exc:
         return exc.status, {"error": exc.reason}, ()
     try:
-        positions = [await daemon.publish(b) for b in broadcasts]
+        positions = await daemon.publish_batch(broadcasts)
     except BrokerUnavailable as exc:
         return 503, {"error": "broker unavailable: %s" % (exc or daemon.broker.describe())}, (("Retry-After", "1"),)
     answer = {"status": "ok", "published": len(broadcasts)}
@@ -368,7 +368,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     async def _publish(self, push: Publish) -> None:
         try:
-            await self.daemon.publish(Broadcast(push.topic, push.event, push.payload))
+            await self.daemon.publish(Broadcast(push.topic, push.event, push.payload), client=True)
         except BrokerUnavailable:
             reply = self.session.push_error(push, errors.UNAVAILABLE)
         else:

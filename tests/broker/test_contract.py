@@ -175,12 +175,15 @@ def test_recover_returns_exactly_the_missed_entries_in_order(make_history_broker
             epoch = parse_position(positions[0])[0]
             zero = await b.recover("deploys:web", epoch + ":0")
             assert zero.recovered and [e.offset for e in zero.missed] == [1, 2, 3, 4, 5]
-            # A topic that never published: a fresh position at offset 0, nothing to replay.
+            # A topic that never published: an empty position, nothing to replay, nothing created.
             fresh = await b.recover("deploys:new", "x:1")
-            assert not fresh.recovered and parse_position(fresh.position)[1] == 0
-            # ... and its first publish continues that epoch.
-            first = await b.publish(Broadcast("deploys:new", "e", {}))
-            assert parse_position(first) == (parse_position(fresh.position)[0], 1)
+            assert not fresh.recovered and fresh.position.startswith("n") and parse_position(fresh.position)[1] == 0
+            again = await b.recover("deploys:new", fresh.position)   # still nothing: nothing missed
+            assert again.recovered and again.missed == () and parse_position(again.position)[1] == 0
+            # ... and a client holding it recovers the topic's first publishes.
+            first = await b.publish(Broadcast("deploys:new", "e", {"n": 1}))
+            r = await b.recover("deploys:new", fresh.position)
+            assert r.recovered and r.position == first and [e.payload for e in r.missed] == [{"n": 1}]
             # No history rule: never recovered.
             assert tuple(await b.recover("public:x", positions[0]))[:3] == (False, None, ())
         finally:

@@ -322,7 +322,7 @@ def test_history_is_shared_by_every_process(redis_server):
             since = next(p for p in got if parse_position(p)[1] == 30)
             ra, rb = await a.broker.recover("deploys:web", since), await b.broker.recover("deploys:web", since)
             assert ra == rb and ra.recovered and [e.offset for e in ra.missed] == list(range(31, 41))
-            keys = sorted(redis_server.client().keys("t:h*"))
+            keys = sorted(redis_server.client().keys("t:h:*") + redis_server.client().keys("t:hm:*"))
             assert keys == [b"t:h:deploys:web", b"t:hm:deploys:web"]
             assert 0 < redis_server.client().ttl("t:h:deploys:web") <= 3600
         finally:
@@ -338,9 +338,13 @@ def test_flushall_loses_the_history_and_starts_a_new_epoch(redis_server):
             before = await a.broker.publish(Broadcast("deploys:web", "e", {}))
             redis_server.client().flushall()
             r = await a.broker.recover("deploys:web", before)
-            assert not r.recovered and parse_position(r.position)[0] != parse_position(before)[0]
+            assert not r.recovered and parse_position(r.position)[1] == 0     # no history: an empty position
             after = await a.broker.publish(Broadcast("deploys:web", "e", {}))
-            assert parse_position(after) == (parse_position(r.position)[0], 1)
+            assert parse_position(after)[0] not in (parse_position(before)[0], parse_position(r.position)[0])
+            assert parse_position(after)[1] == 1
+            # The client told of the loss, back with the empty position, misses nothing after it.
+            again = await a.broker.recover("deploys:web", r.position)
+            assert again.recovered and [e.offset for e in again.missed] == [1]
         finally:
             await a.broker.close()
     run(scenario())
