@@ -323,6 +323,7 @@ class RedisBroker(Broker):
         self.prefix = prefix
         self.origin = secrets.token_hex(8)
         self._own_prefix = ('{"v":%d,"o":"%s"' % (ENVELOPE_VERSION, self.origin)).encode()
+        self._echo_origin = self.origin + ".echo"   # not skipped when it comes back (see _Pending.echo)
         self._channel_prefix = (prefix + ":t:").encode("utf-8")
         self.history_rules = history_rules
         self.max_recovery = max_recovery
@@ -419,7 +420,10 @@ class RedisBroker(Broker):
         if len(broadcasts) == 1:
             return [await self.publish(broadcasts[0])]
         self._admit(len(broadcasts))
-        group = [self._pending(b, False) for b in broadcasts]
+        # With a history topic in it, every item comes back through Redis, so that the batch is
+        # delivered here in its order (history publishes are delivered when Redis echoes them).
+        echo = bool(self.history_rules) and any(self.history_rules.rule_for(b.topic) is not None for b in broadcasts)
+        group = [self._pending(b, False, echo) for b in broadcasts]
         for item in group:
             item.group = group
         self._queue.extend(group)
@@ -437,18 +441,20 @@ class RedisBroker(Broker):
         if len(self._queue) + count > self._max_pending:
             raise BrokerUnavailable("redis publish backlog full (%d)" % self._max_pending)
 
-    def _pending(self, broadcast: Broadcast, client: bool) -> _Pending:
+    def _pending(self, broadcast: Broadcast, client: bool, echo: bool = False) -> _Pending:
         future = asyncio.get_running_loop().create_future()
         broadcast.position = None    # on a history topic Redis assigns it (PUBLISH_SCRIPT)
-        data = encode_envelope(self.origin, broadcast)
         rule = self.history_rules.rule_for(broadcast.topic) if self.history_rules else None
+        echo = echo or rule is not None
+        # An envelope this process delivers when Redis echoes it must not look like its own.
+        data = encode_envelope(self._echo_origin if echo else self.origin, broadcast)
         history = None
         if rule is not None and (not client or rule.client_pushes):
             key = broadcast.topic.encode("utf-8")
             history = (self._meta_prefix + key, self._history_prefix + key, self._registry_key, self._sizes_key,
                        self._info_key, rule.size, _ttl_ms(rule.ttl), key, self.max_topics, self.max_bytes,
                        self.prefix.encode("utf-8"))
-        return _Pending(self.channel(broadcast.topic), data, broadcast, future, history, echo=rule is not None)
+        return _Pending(self.channel(broadcast.topic), data, broadcast, future, history, echo)
 
     def has_history(self, topic: str) -> bool:
         return self.history_rules.rule_for(topic) is not None
@@ -734,8 +740,10 @@ class RedisBroker(Broker):
         if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
             return  # subscribe/unsubscribe confirmations
         data = resp[2]
-        if data.startswith(self._own_prefix) and not self._history_channel(resp[1]):
-            self.stats["own_skipped"] += 1   # already delivered locally when Redis acknowledged it
+        if data.startswith(self._own_prefix):
+            # Already delivered locally when Redis acknowledged it (what this process delivers
+            # when Redis echoes it carries another origin: see _Pending.echo).
+            self.stats["own_skipped"] += 1
             return
         try:
             _origin, broadcast = decode_envelope(data)
@@ -752,12 +760,6 @@ class RedisBroker(Broker):
             return
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
-
-    def _history_channel(self, channel: bytes) -> bool:
-        if not self.history_rules:
-            return False
-        topic = channel[len(self._channel_prefix):].decode("utf-8", "replace")
-        return self.history_rules.rule_for(topic) is not None
 
     def _barrier_answered(self, token: bytes) -> None:
         barrier = self._barriers.pop(token, None)
