@@ -30,10 +30,12 @@ from typing import Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, 
 from .topics import TopicPattern
 
 
-#: Approximate bytes a kept broadcast costs beyond its event name and payload, and a stream
-#: beyond its entries (the objects around them, measured with tracemalloc on CPython 3.11).
-ENTRY_OVERHEAD = 120
-STREAM_OVERHEAD = 200
+#: Approximate bytes a kept broadcast costs beyond the length of its event name and of its
+#: payload's repr, and a stream beyond its entries: the objects around them (the Entry, the
+#: payload's dict and strings, the deque's blocks), measured with tracemalloc on CPython 3.11
+#: (docs/scaling.md, "Global bounds").
+ENTRY_OVERHEAD = 300
+STREAM_OVERHEAD = 1000
 #: The config keys whose bound an eviction enforced (the label of the eviction counters).
 LIMIT_TOPICS = "max_history_topics"
 LIMIT_BYTES = "max_history_bytes"

@@ -86,9 +86,10 @@ SUBSCRIBE_BATCH = 500       # channels per SUBSCRIBE command when resubscribing
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
-#: Approximate Redis memory of one stream entry beyond its envelope (``MEMORY USAGE`` of a full
-#: stream, see docs/scaling.md), for the ``max_history_bytes`` accounting.
-ENTRY_OVERHEAD = 100
+#: Approximate Redis memory of one stream entry beyond its envelope, for the ``max_history_bytes``
+#: accounting (``MEMORY USAGE`` of full streams: 109 bytes an entry with 100-byte payloads, 268
+#: with 1000-byte ones; docs/scaling.md, "Global bounds").
+ENTRY_OVERHEAD = 150
 #: At most this many histories are evicted or forgotten by one publish (a lowered bound is
 #: reached over the following publishes instead of in one long script).
 EVICT_PER_PUBLISH = 100

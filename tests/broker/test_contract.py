@@ -373,10 +373,10 @@ def test_max_history_topics_evicts_the_oldest_history(make_history_broker):
 
 def test_max_history_bytes_evicts_the_oldest_history(make_history_broker):
     async def scenario():
-        node = await Node(make_history_broker(max_bytes=10000)).start()
+        node = await Node(make_history_broker(max_bytes=12000)).start()
         try:
             b = node.broker
-            for i in range(5):              # about 4.1 KiB each (both brokers' accounting): two fit
+            for i in range(5):              # 4.2 KB (Redis) to 5.3 KB (memory) each: two fit
                 await b.publish(Broadcast("deploys:%d" % i, "e", {"pad": "x" * 4000}))
                 await asyncio.sleep(0.002)
             assert history_topics(b) == ["deploys:3", "deploys:4"]

@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from pusherd.broker import Broadcast, MemoryBroker
 from pusherd.config import HistoryRule
-from pusherd.history import (LIMIT_BYTES, LIMIT_TOPICS, Rules, Store, Stream, decide_history, empty_position,
-                             empty_since, format_position, parse_position, pending_after)
+from pusherd.history import (LIMIT_BYTES, LIMIT_TOPICS, STREAM_OVERHEAD, Rules, Store, Stream, decide_history,
+                             empty_position, empty_since, format_position, parse_position, pending_after)
 
 
 def test_parse_position():
@@ -193,15 +193,15 @@ def test_max_topics_evicts_the_history_that_expires_first():
 
 
 def test_max_bytes_evicts_other_topics_then_trims_the_publishing_one():
-    store = Store(Rules([HistoryRule("t:*", 100, 60.0)]), max_bytes=3000)
-    for i in range(5):
+    store = Store(Rules([HistoryRule("t:*", 100, 60.0)]), max_bytes=5000)
+    for i in range(5):           # about 2.1 KB each: two fit
         store.append("t:%d" % i, "e", {"pad": "x" * 800}, 1000.0 + i)
-    assert store.bytes <= 3000 and sorted(store.streams) == ["t:3", "t:4"]
+    assert store.bytes <= 5000 and sorted(store.streams) == ["t:3", "t:4"]
     assert store.evictions[LIMIT_BYTES] == 3
     assert store.bytes == sum(s.bytes for s in store.streams.values())
     for n in range(10):          # one topic alone over the bound keeps its newest entries
         store.append("t:4", "e", {"pad": "y" * 800, "n": n}, 1010.0 + n)
-    assert store.bytes <= 3000 and list(store.streams) == ["t:4"]
+    assert store.bytes <= 5000 and list(store.streams) == ["t:4"]
     assert store.streams["t:4"].entries[-1].payload["n"] == 9
 
 
@@ -210,9 +210,9 @@ def test_byte_accounting_follows_the_ring_expiry_and_sweep():
     for i in range(10):
         store.append("t:a", "e", {"i": i}, 1000.0)
     stream = store.streams["t:a"]
-    assert stream.bytes == 200 + sum(e.size for e in stream.entries) and store.bytes == stream.bytes
+    assert stream.bytes == STREAM_OVERHEAD + sum(e.size for e in stream.entries) and store.bytes == stream.bytes
     store.recover("t:a", stream.position, 1061.0)     # every entry expired
-    assert store.bytes == stream.bytes == 200
+    assert store.bytes == stream.bytes == STREAM_OVERHEAD
     store.sweep(1061.0)
     assert store.bytes == 0 and store.streams == {}
 
