@@ -237,9 +237,6 @@ class Store:
         # millisecond, as the empty positions it gives out do.
         self.intact_since = int(now * 1000) / 1000.0
 
-    def stream(self, topic: str) -> Optional[Stream]:
-        return self.streams.get(topic)
-
     def append(self, topic: str, event: str, payload: dict, now: float, client: bool = False) -> Optional[str]:
         """Keep a broadcast; its position, or None when the topic keeps no history (for it)."""
         stream = self.streams.get(topic)

@@ -9,7 +9,14 @@ Delivery guarantee
   cause a duplicate, never a loss.
 * The publishing process delivers to its own sockets itself, once, right after Redis acknowledged
   (its own copy coming back from Redis is skipped), so its members never depend on its subscriber
-  connection.
+  connection. Except on history topics and in batches holding one: those it delivers when Redis
+  sends them back (their envelopes carry the origin ``<origin>.echo``, not skipped), so that they
+  are delivered in offset order, and a batch in its order.
+* A batch (`publish_batch`) is encoded whole before anything is queued and sent as one
+  ``MULTI``/``EXEC``: Redis runs all of it or none of it, except what it cannot undo (a command
+  failing while ``EXEC`` runs it; a connection lost after ``EXEC`` left): see `publish_batch`.
+* Anything ``protocol.loads`` returns is accepted: a lone surrogate in a payload is written
+  escaped (``\\ud800``), as the memory broker's frames write it.
 * Every other process receives the event **at most once**: Redis pub/sub keeps nothing. A process
   whose subscriber connection is down or reconnecting (Redis restart, network loss,
   ``CLIENT KILL``) misses what is published meanwhile, and pub/sub does not replay it. On a
@@ -24,19 +31,22 @@ Delivery guarantee
 
 History (topics matching a ``history`` rule)
 --------------------------------------------
-Two keys per topic: ``<prefix>:h:<topic>``, a Stream of the recent envelopes (entry ID
-``<offset>-0``, fields ``at`` (Redis clock, ms) and ``d`` (the envelope)), trimmed with
-``MAXLEN ~ size``; and ``<prefix>:hm:<topic>``, a hash with the ``epoch`` and the last ``offset``.
-Both expire ``ttl`` after the topic's last publish. One Lua script per publish (`PUBLISH_SCRIPT`)
-creates the epoch when it is missing (never published, expired, flushed: a new random epoch), takes
-the next offset, adds the entry and PUBLISHes the envelope with its ``"pos"``, atomically: every
-process sees the same positions, and pub/sub order is offset order. On a history topic the
-publishing process also receives its own copy through Redis (it does not deliver at the
-acknowledgement), so every process delivers the topic in offset order.
-`recover` makes the subscription active, reads the stream (`RECOVER_SCRIPT`), then waits for a
-second barrier so that the pub/sub copies of what it read have arrived (and are dropped from the
-replay's hold buffer); decisions are `history.decide`, the same as the memory broker's, with
-``size`` and ``ttl`` enforced exactly on read (``MAXLEN ~`` trims approximately).
+Two keys per topic that was published on: ``<prefix>:h:<topic>``, a Stream of the recent
+envelopes (entry ID ``<offset>-0``, fields ``at`` (Redis clock, ms) and ``d`` (the envelope)),
+trimmed to ``size``; and ``<prefix>:hm:<topic>``, a hash with the ``epoch``, the last ``offset``
+and ``created`` (ms). Both expire ``ttl`` after the topic's last publish. Three keys for all of
+them carry the global bounds (``max_history_topics``, ``max_history_bytes``) across processes:
+``<prefix>:history:topics`` (sorted set, topic -> expiry ms), ``<prefix>:history:bytes`` (hash,
+topic -> bytes) and ``<prefix>:history:info`` (``bytes``, ``created``, ``evicted``). One Lua script
+per publish (`PUBLISH_SCRIPT`) creates the epoch when it is missing (never published, expired,
+evicted, flushed: a new random epoch), takes the next offset, adds the entry, keeps the bounds
+(evicting the histories that expire first) and PUBLISHes the envelope with its ``"pos"``,
+atomically: every process sees the same positions, and pub/sub order is offset order.
+`recover` makes the subscription active, reads the stream (`RECOVER_SCRIPT`, which writes nothing
+for the topic: a join with ``since`` never creates history), then waits for a second barrier so
+that the pub/sub copies of what it read have arrived (and are dropped from the replay's hold
+buffer); decisions are `history.decide_history`, the same as the memory broker's, with ``size``
+and ``ttl`` enforced exactly on read.
 
 Design
 ------
@@ -308,9 +318,10 @@ class RedisBroker(Broker):
     """The Redis pub/sub broker. Guarantee (details in the module docstring): a publish is either
     acknowledged by Redis or refused with BrokerUnavailable; the publishing process delivers
     locally exactly once; other processes receive at most once (nothing is replayed to a process
-    while it reconnects); per-topic order is kept for each publishing process. On history topics,
-    positions come from Redis (the same on every process), every process delivers in offset
-    order, and `recover` replays from the topic's Redis Stream whichever process asks.
+    while it reconnects); per-topic order is kept for each publishing process; a batch is one
+    MULTI/EXEC. On history topics, positions come from Redis (the same on every process), every
+    process delivers in offset order, and `recover` replays from the topic's Redis Stream
+    whichever process asks. The history's global bounds hold for every process on the Redis.
     """
 
     name = "redis"
