@@ -74,3 +74,19 @@ run gc_churn pusherd/speedups.py "            self.opened = 0
         return False" "            self.opened = self.closed = 0
             return True
         return False" "tests/unit/test_speedups.py -k churn"
+# History and the brokers (issue 13): tests/security/test_hostile_history.py runs each on both brokers
+# and both fast paths; -k picks the broker a mutation is on.
+H=tests/security/test_hostile_history.py
+run since_creates_history pusherd/history.py "            return decide_history(None, (), since, now, rule.ttl, self.max_recovery, self.intact_since)" "            return self.streams.setdefault(topic, Stream(rule.size, rule.ttl, now=now)).recover(since, now, self.max_recovery)" "$H -k 'since_join_flood and memory'"
+run since_creates_history_redis pusherd/redis_broker.py "if not meta[1] then" "if not meta[1] then redis.call('HSET', KEYS[1], 'epoch', 'x', 'offset', 0)" "$H -k 'since_join_flood and redis'"
+run client_pushes_kept pusherd/history.py 'if rule is None or (client and not getattr(rule, "client_pushes", False)):' 'if rule is None:' "$H -k 'anonymous_pushes and memory'"
+run client_pushes_kept_redis pusherd/redis_broker.py "if rule is not None and (not client or rule.client_pushes):" "if rule is not None:" "$H -k 'anonymous_pushes and redis'"
+run max_history_topics pusherd/history.py "while len(self.streams) >= self.max_topics and self._evict(None, LIMIT_TOPICS, now):" "while False:" "$H -k 'max_history_topics and memory'"
+run max_history_topics_redis pusherd/redis_broker.py "while work < BUDGET and redis.call('ZCARD', KEYS[3]) >= max_topics do" "while false do" "$H -k 'max_history_topics and redis'"
+run max_history_bytes pusherd/history.py "while self.bytes > self.max_bytes and self._evict(topic, LIMIT_BYTES, now):" "while False:" "$H -k 'max_history_bytes and memory'"
+run max_history_bytes_redis pusherd/redis_broker.py "while total > max_bytes and work < BUDGET do" "while false do" "$H -k 'max_history_bytes and redis'"
+run envelope_surrogates pusherd/redis_broker.py '        return protocol._dumps(doc).encode("utf-8")' '        raise' "$H -k 'lone_surrogate and redis'"
+run batch_in_order pusherd/redis_broker.py "echo = bool(self.history_rules) and any(" "echo = False and any(" "$H -k 'lone_surrogate and redis'"
+run batch_multi_exec pusherd/redis_broker.py "            item.group = group" "            item.group = None" "$H -k batch_redis_refuses"
+run since_epoch_to_redis pusherd/redis_broker.py 'epoch_arg = parsed[0] if parsed[0].isascii() else ""' 'epoch_arg = parsed[0]' "$H -k 'since_with and redis'"
+run position_ascii_digits pusherd/history.py "not offset.isascii() or " "" "$H -k 'since_with and memory'"

@@ -143,7 +143,7 @@ async def answer_publish(daemon: "Daemon", authorizations: List[str], body: byte
     except PublishError as exc:
         return exc.status, {"error": exc.reason}, ()
     try:
-        positions = [await daemon.publish(b) for b in broadcasts]
+        positions = await daemon.publish_batch(broadcasts)
     except BrokerUnavailable as exc:
         # The cause (masked) goes to the log; the publisher learns the kind of broker only.
         log.debug("publish refused (503): %s", exc or daemon.broker.describe())
@@ -379,7 +379,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     async def _publish(self, push: Publish) -> None:
         try:
-            await self.daemon.publish(Broadcast(push.topic, push.event, push.payload))
+            await self.daemon.publish(Broadcast(push.topic, push.event, push.payload), client=True)
         except BrokerUnavailable:
             reply = self.session.push_error(push, errors.UNAVAILABLE)
         else:

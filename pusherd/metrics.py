@@ -216,6 +216,12 @@ class DaemonCollector:
                                          value=stats["messages"])
             yield core.GaugeMetricFamily("pusherd_history_bytes", "Approximate memory held by history.",
                                          value=stats["bytes"])
+        evictions = core.CounterMetricFamily(
+            "pusherd_history_evictions", "Topic histories evicted by this process's publishes to keep a global "
+            "bound, by the config key of the bound.", labels=["limit"])
+        for limit, count in sorted(daemon.broker.history_evictions().items()):
+            evictions.add_metric([limit], count)
+        yield evictions
         yield core.GaugeMetricFamily("pusherd_draining", "1 while the daemon drains its sockets to stop.",
                                      value=1 if daemon.draining else 0)
 

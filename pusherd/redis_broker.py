@@ -9,7 +9,14 @@ Delivery guarantee
   cause a duplicate, never a loss.
 * The publishing process delivers to its own sockets itself, once, right after Redis acknowledged
   (its own copy coming back from Redis is skipped), so its members never depend on its subscriber
-  connection.
+  connection. Except on history topics and in batches holding one: those it delivers when Redis
+  sends them back (their envelopes carry the origin ``<origin>.echo``, not skipped), so that they
+  are delivered in offset order, and a batch in its order.
+* A batch (`publish_batch`) is encoded whole before anything is queued and sent as one
+  ``MULTI``/``EXEC``: Redis runs all of it or none of it, except what it cannot undo (a command
+  failing while ``EXEC`` runs it; a connection lost after ``EXEC`` left): see `publish_batch`.
+* Anything ``protocol.loads`` returns is accepted: a lone surrogate in a payload is written
+  escaped (``\\ud800``), as the memory broker's frames write it.
 * Every other process receives the event **at most once**: Redis pub/sub keeps nothing. A process
   whose subscriber connection is down or reconnecting (Redis restart, network loss,
   ``CLIENT KILL``) misses what is published meanwhile, and pub/sub does not replay it. On a
@@ -24,19 +31,22 @@ Delivery guarantee
 
 History (topics matching a ``history`` rule)
 --------------------------------------------
-Two keys per topic: ``<prefix>:h:<topic>``, a Stream of the recent envelopes (entry ID
-``<offset>-0``, fields ``at`` (Redis clock, ms) and ``d`` (the envelope)), trimmed with
-``MAXLEN ~ size``; and ``<prefix>:hm:<topic>``, a hash with the ``epoch`` and the last ``offset``.
-Both expire ``ttl`` after the topic's last publish. One Lua script per publish (`PUBLISH_SCRIPT`)
-creates the epoch when it is missing (never published, expired, flushed: a new random epoch), takes
-the next offset, adds the entry and PUBLISHes the envelope with its ``"pos"``, atomically: every
-process sees the same positions, and pub/sub order is offset order. On a history topic the
-publishing process also receives its own copy through Redis (it does not deliver at the
-acknowledgement), so every process delivers the topic in offset order.
-`recover` makes the subscription active, reads the stream (`RECOVER_SCRIPT`), then waits for a
-second barrier so that the pub/sub copies of what it read have arrived (and are dropped from the
-replay's hold buffer); decisions are `history.decide`, the same as the memory broker's, with
-``size`` and ``ttl`` enforced exactly on read (``MAXLEN ~`` trims approximately).
+Two keys per topic that was published on: ``<prefix>:h:<topic>``, a Stream of the recent
+envelopes (entry ID ``<offset>-0``, fields ``at`` (Redis clock, ms) and ``d`` (the envelope)),
+trimmed to ``size``; and ``<prefix>:hm:<topic>``, a hash with the ``epoch``, the last ``offset``
+and ``created`` (ms). Both expire ``ttl`` after the topic's last publish. Three keys for all of
+them carry the global bounds (``max_history_topics``, ``max_history_bytes``) across processes:
+``<prefix>:history:topics`` (sorted set, topic -> expiry ms), ``<prefix>:history:bytes`` (hash,
+topic -> bytes) and ``<prefix>:history:info`` (``bytes``, ``created``, ``evicted``). One Lua script
+per publish (`PUBLISH_SCRIPT`) creates the epoch when it is missing (never published, expired,
+evicted, flushed: a new random epoch), takes the next offset, adds the entry, keeps the bounds
+(evicting the histories that expire first) and PUBLISHes the envelope with its ``"pos"``,
+atomically: every process sees the same positions, and pub/sub order is offset order.
+`recover` makes the subscription active, reads the stream (`RECOVER_SCRIPT`, which writes nothing
+for the topic: a join with ``since`` never creates history), then waits for a second barrier so
+that the pub/sub copies of what it read have arrived (and are dropped from the replay's hold
+buffer); decisions are `history.decide_history`, the same as the memory broker's, with ``size``
+and ``ttl`` enforced exactly on read.
 
 Design
 ------
@@ -66,10 +76,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .broker import Broadcast, Broker, Deliver
-from .core.errors import BrokerUnavailable
+from .broker import Broadcast, Broker, Deliver, log_evictions
 from .config.values import mask_url
-from .core.history import Entry, Recovery, Rules, decide, format_position, new_epoch, parse_position
+from .core import protocol
+from .core.errors import BrokerUnavailable
+from .core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, decide_history, empty_since,
+                           format_position, new_epoch, parse_position)
 
 log = logging.getLogger("pusherd.broker")
 
@@ -84,52 +96,123 @@ SUBSCRIBE_BATCH = 500       # channels per SUBSCRIBE command when resubscribing
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
+#: Approximate Redis memory of one stream entry beyond its envelope, for the ``max_history_bytes``
+#: accounting (``MEMORY USAGE`` of full streams: 109 bytes an entry with 100-byte payloads, 268
+#: with 1000-byte ones; docs/scaling.md, "Global bounds").
+ENTRY_OVERHEAD = 150
+#: At most this many histories are evicted or forgotten by one publish (a lowered bound is
+#: reached over the following publishes instead of in one long script).
+EVICT_PER_PUBLISH = 100
+
 #: One publish on a history topic, atomically: the epoch (a new one when the history is missing:
-#: never published, expired, flushed), the next offset, the stream entry with the ID
-#: ``<offset>-0``, the PUBLISH of the envelope carrying "pos", and the keys' time to live.
-#: Offset order is therefore the order of the pub/sub messages.
-#: KEYS: meta hash, stream. ARGV: channel, envelope (a JSON object without "pos"), size, ttl ms,
-#: a fresh epoch. Returns the position.
+#: never published, expired, evicted, flushed), the next offset, the stream entry with the ID
+#: ``<offset>-0``, the PUBLISH of the envelope carrying "pos", the keys' time to live, and the
+#: global bounds. Offset order is therefore the order of the pub/sub messages.
+#: The registry (a sorted set: topic -> the time its keys expire, ms) and the sizes (a hash:
+#: topic -> bytes: its envelopes + ENTRY_OVERHEAD each) hold every history topic, so the bounds
+#: hold across processes: histories whose keys expired are forgotten first (not counted), then,
+#: while there are ``max topics`` or more for a new topic, or more than ``max bytes`` in all, the
+#: one that expires first (never this one) is evicted (counted); this topic alone over ``max
+#: bytes`` loses its oldest entries. The stream is trimmed exactly to ``size`` (the entries
+#: trimmed are read first, for their bytes).
+#: KEYS: meta hash, stream, registry, sizes, info (hash: ``bytes`` in all, ``created`` and
+#: ``evicted``, ms). ARGV: channel, envelope (a JSON object without "pos"), size, ttl ms, a fresh
+#: epoch, topic, max topics, max bytes, key prefix. Returns {position, evicted for max topics,
+#: evicted for max bytes}.
 PUBLISH_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local size, ttl, topic = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[6]
+local max_topics, max_bytes, prefix = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local OVERHEAD, BUDGET = %(overhead)d, %(budget)d
+local work, by_topics, by_bytes = 0, 0, 0
+local function forget(name)
+  local b = tonumber(redis.call('HGET', KEYS[4], name) or '0')
+  redis.call('HDEL', KEYS[4], name)
+  redis.call('ZREM', KEYS[3], name)
+  redis.call('DEL', prefix .. ':h:' .. name, prefix .. ':hm:' .. name)
+  work = work + 1
+  return tonumber(redis.call('HINCRBY', KEYS[5], 'bytes', 0 - b))
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. now, 'LIMIT', 0, 16)) do
+  forget(name)
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[5]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  forget(topic)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0, 'created', now)
+  redis.call('HSETNX', KEYS[5], 'created', now)
+  while work < BUDGET and redis.call('ZCARD', KEYS[3]) >= max_topics do
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    forget(oldest)
+    by_topics = by_topics + 1
+  end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local t = redis.call('TIME')
-local at = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+local at = t[1] .. string.format('%%03d', math.floor(tonumber(t[2]) / 1000))
 local pos = epoch .. ':' .. offset
 local data = string.sub(ARGV[2], 1, -2) .. ',"pos":"' .. pos .. '"}'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'at', at, 'd', data)
-redis.call('PUBLISH', ARGV[1], data)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return pos
-"""
-
-#: What a client at ``since`` missed: the epoch (created when missing, as a publish would), the
-#: last offset, Redis's clock, and the entries after ``since`` when they may be recoverable.
-#: KEYS: meta hash, stream. ARGV: since epoch, since offset, limit, ttl ms, a fresh epoch.
-RECOVER_SCRIPT = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local last = 0
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-else
-  last = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+redis.call('XADD', KEYS[2], offset .. '-0', 'at', at, 'd', data)
+local delta = #data + OVERHEAD
+local over = redis.call('XLEN', KEYS[2]) - size
+if over > 0 then
+  for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', over)) do
+    delta = delta - #e[2][4] - OVERHEAD
+  end
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', size)
 end
+redis.call('HINCRBY', KEYS[4], topic, delta)
+local total = tonumber(redis.call('HINCRBY', KEYS[5], 'bytes', delta))
+redis.call('ZADD', KEYS[3], now + ttl, topic)
+while total > max_bytes and work < BUDGET do
+  local head = redis.call('ZRANGE', KEYS[3], 0, 1)
+  local victim = head[1]
+  if victim == topic then victim = head[2] end
+  if not victim then break end
+  total = forget(victim)
+  by_bytes = by_bytes + 1
+end
+while total > max_bytes and work < BUDGET and redis.call('XLEN', KEYS[2]) > 1 do
+  local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  redis.call('XDEL', KEYS[2], e[1])
+  local freed = #e[2][4] + OVERHEAD
+  redis.call('HINCRBY', KEYS[4], topic, 0 - freed)
+  total = tonumber(redis.call('HINCRBY', KEYS[5], 'bytes', 0 - freed))
+  work = work + 1
+end
+if by_topics + by_bytes > 0 then
+  redis.call('HSET', KEYS[5], 'evicted', now + 1)   -- after every empty position given out until now
+end
+redis.call('PUBLISH', ARGV[1], data)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {pos, by_topics, by_bytes}
+""" % {"overhead": ENTRY_OVERHEAD, "budget": EVICT_PER_PUBLISH}
+
+#: What a client at ``since`` missed, without creating anything for the topic: its epoch (empty
+#: when it has no history), last offset and creation time (ms), Redis's clock, the entries after
+#: ``since`` when they may be recoverable, and since when the history store is intact (the info
+#: hash's creation, created here when missing, or the last eviction).
+#: KEYS: meta hash, stream, info. ARGV: since epoch, since offset, limit, "1" when ``since`` is an
+#: empty position (entries from offset 1 may be wanted whatever the epoch).
+RECOVER_SCRIPT = """
 local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSETNX', KEYS[3], 'created', now)
+local info = redis.call('HMGET', KEYS[3], 'created', 'evicted')
+local intact = math.max(tonumber(info[1]), tonumber(info[2] or '0'))
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'created')
+if not meta[1] then
+  return {'', 0, 0, t[1], t[2], {}, tostring(intact)}
+end
+local epoch, last = meta[1], tonumber(meta[2])
 local since = tonumber(ARGV[2])
 local entries = {}
-if epoch == ARGV[1] and since < last and last - since <= tonumber(ARGV[3]) then
+if (epoch == ARGV[1] or ARGV[4] == '1') and since < last and last - since <= tonumber(ARGV[3]) then
   entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', last - since)
 end
-return {epoch, last, t[1], t[2], entries}
+return {epoch, last, meta[3] or '0', t[1], t[2], entries, tostring(intact)}
 """
 
 
@@ -143,7 +226,13 @@ def encode_envelope(origin: str, broadcast: Broadcast) -> bytes:
            "p": broadcast.payload, "ts": broadcast.published_at}
     if broadcast.position is not None:
         doc["pos"] = broadcast.position
-    return _dumps(doc).encode("utf-8")
+    text = _dumps(doc)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate, from an escaped "\ud800" in a payload: written back escaped, as
+        # protocol._dumps writes frames, so Redis gets what the memory broker delivers.
+        return protocol._dumps(doc).encode("utf-8")
 
 
 def decode_envelope(data: bytes):
@@ -193,27 +282,36 @@ def _is_pong(resp) -> bool:
 
 
 class _Pending:
-    __slots__ = ("channel", "data", "broadcast", "future", "history")
+    """One publish waiting for the writer. ``history``: (meta, stream, registry, sizes, info key,
+    size, ttl ms, topic, max topics, max bytes, key prefix) when it is kept in history. ``echo``:
+    delivered here when Redis sends it back (a history topic: in offset order) rather than at the
+    acknowledgement. ``group``: the _Pendings of one batch, sent in one MULTI/EXEC."""
+
+    __slots__ = ("channel", "data", "broadcast", "future", "history", "echo", "group")
 
     def __init__(self, channel: bytes, data: bytes, broadcast: Broadcast, future: asyncio.Future,
-                 history: Optional[tuple] = None):
+                 history: Optional[tuple] = None, echo: bool = False):
         self.channel, self.data, self.broadcast, self.future = channel, data, broadcast, future
-        self.history = history   # (meta key, stream key, size, ttl ms) on a history topic
+        self.history = history
+        self.echo = echo or history is not None
+        self.group: Optional[List["_Pending"]] = None
 
     def command(self, sha: bytes) -> tuple:
         if self.history is None:
             return (b"PUBLISH", self.channel, self.data)
-        meta, stream, size, ttl_ms = self.history
-        return (b"EVALSHA", sha, 2, meta, stream, self.channel, self.data, size, ttl_ms, new_epoch())
+        meta, stream, registry, sizes, info, size, ttl_ms, topic, max_topics, max_bytes, prefix = self.history
+        return (b"EVALSHA", sha, 5, meta, stream, registry, sizes, info, self.channel, self.data, size, ttl_ms,
+                new_epoch(), topic, max_topics, max_bytes, prefix)
 
 
 class RedisBroker(Broker):
     """The Redis pub/sub broker. Guarantee (details in the module docstring): a publish is either
     acknowledged by Redis or refused with BrokerUnavailable; the publishing process delivers
     locally exactly once; other processes receive at most once (nothing is replayed to a process
-    while it reconnects); per-topic order is kept for each publishing process. On history topics,
-    positions come from Redis (the same on every process), every process delivers in offset
-    order, and `recover` replays from the topic's Redis Stream whichever process asks.
+    while it reconnects); per-topic order is kept for each publishing process; a batch is one
+    MULTI/EXEC. On history topics, positions come from Redis (the same on every process), every
+    process delivers in offset order, and `recover` replays from the topic's Redis Stream
+    whichever process asks. The history's global bounds hold for every process on the Redis.
     """
 
     name = "redis"
@@ -221,16 +319,24 @@ class RedisBroker(Broker):
     def __init__(self, url: str, prefix: str = "pusherd", *, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT, ping_interval: float = PING_INTERVAL,
                  backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
-                 max_pending: int = MAX_PENDING, history_rules: Rules = Rules(), max_recovery: int = 300):
+                 max_pending: int = MAX_PENDING, history_rules: Rules = Rules(), max_recovery: int = 300,
+                 max_topics: int = 10000, max_bytes: int = 64 * 1024 * 1024):
         self.url = url
         self.prefix = prefix
         self.origin = secrets.token_hex(8)
         self._own_prefix = ('{"v":%d,"o":"%s"' % (ENVELOPE_VERSION, self.origin)).encode()
+        self._echo_origin = self.origin + ".echo"   # not skipped when it comes back (see _Pending.echo)
         self._channel_prefix = (prefix + ":t:").encode("utf-8")
         self.history_rules = history_rules
         self.max_recovery = max_recovery
         self._history_prefix = (prefix + ":h:").encode("utf-8")      # a Stream per history topic
         self._meta_prefix = (prefix + ":hm:").encode("utf-8")        # its epoch and last offset
+        # Shared by every process: the history topics by expiry, their sizes, the totals.
+        self._registry_key = (prefix + ":history:topics").encode("utf-8")
+        self._sizes_key = (prefix + ":history:bytes").encode("utf-8")
+        self._info_key = (prefix + ":history:info").encode("utf-8")
+        self.max_topics, self.max_bytes = max_topics, max_bytes
+        self.evictions = {LIMIT_TOPICS: 0, LIMIT_BYTES: 0}   # caused by this process's publishes
         self._publish_sha = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest().encode()
         self._pub_script_loaded = False     # SCRIPT LOAD sent on the current publish connection
         self._connect_timeout = connect_timeout
@@ -294,26 +400,69 @@ class RedisBroker(Broker):
         except asyncio.TimeoutError:
             pass
 
-    async def publish(self, broadcast: Broadcast) -> Optional[str]:
+    async def publish(self, broadcast: Broadcast, client: bool = False) -> Optional[str]:
+        self._admit(1)
+        item = self._pending(broadcast, client)
+        self._queue.append(item)
+        self._pub_wake.set()
+        await item.future
+        return broadcast.position
+
+    async def publish_batch(self, broadcasts) -> List[Optional[str]]:
+        """Every broadcast is encoded before any is queued, and a batch of several goes out in
+        one MULTI/EXEC within the writer's pipelined write: Redis runs all of it or none of it
+        (a connection lost before EXEC: none; a command refused while queued, e.g. by an ACL:
+        EXECABORT, none). Raises BrokerUnavailable when not everything was published. Redis does
+        not roll back, so two cases publish part of a batch and still answer 503: a command that
+        fails while EXEC runs it (out of memory under ``maxmemory``, a key of another type where
+        pusherd keeps history), and a connection lost after EXEC was sent but before its answer
+        came back (all of it may then be published). A publisher that retries on 503 then
+        publishes those broadcasts again: duplicates, never a loss.
+        """
+        if len(broadcasts) == 1:
+            return [await self.publish(broadcasts[0])]
+        self._admit(len(broadcasts))
+        # With a history topic in it, every item comes back through Redis, so that the batch is
+        # delivered here in its order (history publishes are delivered when Redis echoes them).
+        echo = bool(self.history_rules) and any(self.history_rules.rule_for(b.topic) is not None for b in broadcasts)
+        group = [self._pending(b, False, echo) for b in broadcasts]
+        for item in group:
+            item.group = group
+        self._queue.extend(group)
+        self._pub_wake.set()
+        await asyncio.wait([item.future for item in group])
+        failed = [item.future.exception() for item in group if item.future.exception() is not None]
+        if failed:
+            raise BrokerUnavailable("%d of %d events published: %s" % (len(group) - len(failed), len(group),
+                                                                        failed[0]))
+        return [b.position for b in broadcasts]
+
+    def _admit(self, count: int) -> None:
         if not self._healthy:
             raise BrokerUnavailable(self._unavailable())
-        if len(self._queue) >= self._max_pending:
+        if len(self._queue) + count > self._max_pending:
             raise BrokerUnavailable("redis publish backlog full (%d)" % self._max_pending)
+
+    def _pending(self, broadcast: Broadcast, client: bool, echo: bool = False) -> _Pending:
         future = asyncio.get_running_loop().create_future()
         broadcast.position = None    # on a history topic Redis assigns it (PUBLISH_SCRIPT)
-        data = encode_envelope(self.origin, broadcast)
         rule = self.history_rules.rule_for(broadcast.topic) if self.history_rules else None
+        echo = echo or rule is not None
+        # An envelope this process delivers when Redis echoes it must not look like its own.
+        data = encode_envelope(self._echo_origin if echo else self.origin, broadcast)
         history = None
-        if rule is not None:
+        if rule is not None and (not client or rule.client_pushes):
             key = broadcast.topic.encode("utf-8")
-            history = (self._meta_prefix + key, self._history_prefix + key, rule.size, _ttl_ms(rule.ttl))
-        self._queue.append(_Pending(self.channel(broadcast.topic), data, broadcast, future, history))
-        self._pub_wake.set()
-        await future
-        return broadcast.position
+            history = (self._meta_prefix + key, self._history_prefix + key, self._registry_key, self._sizes_key,
+                       self._info_key, rule.size, _ttl_ms(rule.ttl), key, self.max_topics, self.max_bytes,
+                       self.prefix.encode("utf-8"))
+        return _Pending(self.channel(broadcast.topic), data, broadcast, future, history, echo)
 
     def has_history(self, topic: str) -> bool:
         return self.history_rules.rule_for(topic) is not None
+
+    def history_evictions(self) -> Dict[str, int]:
+        return dict(self.evictions)
 
     async def recover(self, topic: str, since) -> Recovery:
         """Make this process's subscription to `topic` active, then read the stream after `since`.
@@ -342,15 +491,19 @@ class RedisBroker(Broker):
         return recovery
 
     async def _read_history(self, topic: str, since, rule) -> Recovery:
-        """RECOVER_SCRIPT, then `history.decide` on what is still within size and ttl."""
+        """RECOVER_SCRIPT, then `history.decide_history` on what is still within size and ttl."""
         parsed = parse_position(since) or ("", 0)
+        # Epochs are ASCII: another epoch is never ours, and a lone surrogate in it could not be
+        # sent to Redis at all (redis-py encodes arguments as strict UTF-8).
+        epoch_arg = parsed[0] if parsed[0].isascii() else ""
         key = topic.encode("utf-8")
         limit = min(self.max_recovery, rule.size)
-        epoch, last, secs, usecs, raw = await self._recover_script(
-            keys=[self._meta_prefix + key, self._history_prefix + key],
-            args=[parsed[0], parsed[1], limit, _ttl_ms(rule.ttl), new_epoch()])
+        epoch, last, created, secs, usecs, raw, intact = await self._recover_script(
+            keys=[self._meta_prefix + key, self._history_prefix + key, self._info_key],
+            args=[epoch_arg, parsed[1], limit, "1" if empty_since(since) is not None else "0"])
         epoch, last = epoch.decode(), int(last)
         now = int(secs) + int(usecs) / 1e6
+        state = (epoch, last, int(created) / 1000.0) if epoch else None
         entries = []
         for entry_id, fields in raw:
             offset = int(entry_id.split(b"-", 1)[0])
@@ -360,7 +513,7 @@ class RedisBroker(Broker):
                 continue    # overflowed (MAXLEN ~ keeps a little more than size) or expired
             _origin, b = decode_envelope(values[b"d"])
             entries.append(Entry(offset, at, b.event, b.payload))
-        return decide(epoch, last, entries, since, self.max_recovery)
+        return decide_history(state, entries, since, now, rule.ttl, self.max_recovery, int(intact) / 1000.0)
 
     async def _catch_up(self) -> None:
         """After a reconnect, deliver from the history what history topics with local members
@@ -589,8 +742,10 @@ class RedisBroker(Broker):
         if not isinstance(resp, list) or len(resp) < 3 or resp[0] != b"message":
             return  # subscribe/unsubscribe confirmations
         data = resp[2]
-        if data.startswith(self._own_prefix) and not self._history_channel(resp[1]):
-            self.stats["own_skipped"] += 1   # already delivered locally when Redis acknowledged it
+        if data.startswith(self._own_prefix):
+            # Already delivered locally when Redis acknowledged it (what this process delivers
+            # when Redis echoes it carries another origin: see _Pending.echo).
+            self.stats["own_skipped"] += 1
             return
         try:
             _origin, broadcast = decode_envelope(data)
@@ -607,12 +762,6 @@ class RedisBroker(Broker):
             return
         self.stats["received"] += 1
         self._safe_deliver(broadcast)
-
-    def _history_channel(self, channel: bytes) -> bool:
-        if not self.history_rules:
-            return False
-        topic = channel[len(self._channel_prefix):].decode("utf-8", "replace")
-        return self.history_rules.rule_for(topic) is not None
 
     def _barrier_answered(self, token: bytes) -> None:
         barrier = self._barriers.pop(token, None)
@@ -681,7 +830,12 @@ class RedisBroker(Broker):
                 self._inflight = []
 
     async def _flush(self, batch: List[_Pending]) -> None:
-        """PUBLISH a batch in one pipelined write on one connection (order kept), then read replies."""
+        """PUBLISH a batch in one pipelined write on one connection (order kept), then read replies.
+
+        The _Pendings of one publish_batch go out together between MULTI and EXEC (with a SCRIPT
+        LOAD first inside it when they hold history publishes: a NOSCRIPT while EXEC runs would
+        publish the rest of the batch).
+        """
         if not self._healthy:
             self._fail(batch, self._unavailable())
             return
@@ -694,8 +848,21 @@ class RedisBroker(Broker):
             self._pub_script_loaded = False
         conn = self._pub
         done = 0
-        commands = [p.command(self._publish_sha) for p in batch]
-        load = not self._pub_script_loaded and any(p.history is not None for p in batch)
+        commands, units = [], []
+        for item in batch:
+            group = item.group
+            if group is None:
+                units.append((item,))
+                commands.append(item.command(self._publish_sha))
+            elif item is group[0]:
+                load = any(p.history is not None for p in group)
+                units.append(group)
+                commands.append((b"MULTI",))
+                if load:
+                    commands.append((b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
+                commands.extend(p.command(self._publish_sha) for p in group)
+                commands.append((b"EXEC",))
+        load = not self._pub_script_loaded and any(p.history is not None and p.group is None for p in batch)
         if load:   # the script cache may be empty (a new or restarted Redis): load it first, same write
             commands.insert(0, (b"SCRIPT", b"LOAD", PUBLISH_SCRIPT))
         try:
@@ -704,27 +871,73 @@ class RedisBroker(Broker):
             if load:
                 await conn.read_response()
                 self._pub_script_loaded = True
-            for item in batch:
-                try:
-                    reply = await conn.read_response()
-                except ResponseError as exc:  # this one command refused (e.g. ACL): the rest stand
+            for unit in units:
+                if unit[0].group is None:
+                    item = unit[0]
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:  # this one command refused (e.g. ACL): the rest stand
+                        done += 1
+                        if isinstance(exc, NoScriptError):
+                            self._pub_script_loaded = False   # SCRIPT FLUSH: reload with the next batch
+                        self._refused(item, exc)
+                        continue
                     done += 1
-                    if isinstance(exc, NoScriptError):
-                        self._pub_script_loaded = False   # SCRIPT FLUSH: reload with the next batch
-                    if not item.future.done():
-                        item.future.set_exception(BrokerUnavailable("redis refused the publish: %s" % exc))
-                    continue
-                done += 1
-                self.stats["published"] += 1
-                if item.history is not None:
-                    # Delivered through Redis like everywhere else: in offset order (see _dispatch).
-                    item.broadcast.position = reply.decode("ascii")
+                    self._published(item, reply)
                 else:
-                    self._safe_deliver(item.broadcast)
-                if not item.future.done():
-                    item.future.set_result(None)
+                    replies = await self._read_transaction(conn, unit)
+                    done += len(unit)
+                    for item, reply in zip(unit, replies):
+                        if isinstance(reply, ResponseError):
+                            self._refused(item, reply)
+                        else:
+                            self._published(item, reply)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             await self._drop(conn)
             self._pub = None
             log.info("broker %s: publish failed (%s); %d event(s) refused", self.describe(), exc, len(batch) - done)
             self._fail(batch[done:], "%s (%s: %s)" % (self.describe(), type(exc).__name__, exc))
+
+    async def _read_transaction(self, conn, group: List[_Pending]) -> list:
+        """The replies of MULTI [SCRIPT LOAD] commands EXEC: one per command (a ResponseError for
+        one refused), every one the EXECABORT error when Redis discarded the transaction."""
+        await conn.read_response()                      # MULTI: +OK
+        if any(p.history is not None for p in group):
+            await conn.read_response()                  # SCRIPT LOAD: +QUEUED
+        for _ in group:
+            try:
+                await conn.read_response()              # +QUEUED, or an error: EXEC then aborts
+            except ResponseError:
+                pass
+        try:
+            replies = await conn.read_response()
+        except ResponseError as exc:                   # EXECABORT: nothing was run
+            return [exc] * len(group)
+        if any(p.history is not None for p in group):
+            replies = replies[1:]                       # the SCRIPT LOAD's sha
+            self._pub_script_loaded = True
+        return replies
+
+    def _published(self, item: _Pending, reply) -> None:
+        self.stats["published"] += 1
+        if item.history is not None:
+            position, by_topics, by_bytes = reply
+            item.broadcast.position = position.decode("ascii")
+            if by_topics or by_bytes:
+                self._evicted(item.broadcast.topic, int(by_topics), int(by_bytes))
+        if not item.echo:
+            self._safe_deliver(item.broadcast)
+        # else: delivered through Redis like everywhere else, in offset order (see _dispatch).
+        if not item.future.done():
+            item.future.set_result(None)
+
+    @staticmethod
+    def _refused(item: _Pending, exc: Exception) -> None:
+        if not item.future.done():
+            item.future.set_exception(BrokerUnavailable("redis refused the publish: %s" % exc))
+
+    def _evicted(self, topic: str, by_topics: int, by_bytes: int) -> None:
+        before = self.evictions[LIMIT_TOPICS] + self.evictions[LIMIT_BYTES]
+        self.evictions[LIMIT_TOPICS] += by_topics
+        self.evictions[LIMIT_BYTES] += by_bytes
+        log_evictions(before, self.evictions, topic)

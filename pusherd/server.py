@@ -63,15 +63,17 @@ def build_limits(settings) -> Limits:
 
 def build_broker(settings) -> Broker:
     """`memory`, or a redis://, rediss:// or unix:// URL (redis-py is imported only then)."""
+    bounds = {"max_topics": getattr(settings, "max_history_topics", 10000),
+              "max_bytes": getattr(settings, "max_history_bytes", 64 * 1024 * 1024)}
     if settings.broker == "memory":
-        return MemoryBroker(Rules(settings.history), settings.max_recovery)
+        return MemoryBroker(Rules(settings.history), settings.max_recovery, **bounds)
     try:
         from .redis_broker import RedisBroker
     except ImportError as exc:
         raise StartupError("broker %s needs redis-py >= 5: pip install 'pusherd[redis]' (%s)"
                            % (settings.broker.split("://", 1)[0] + "://", exc)) from None
     return RedisBroker(settings.broker, prefix=settings.broker_prefix, history_rules=Rules(settings.history),
-                       max_recovery=settings.max_recovery)
+                       max_recovery=settings.max_recovery, **bounds)
 
 
 class Daemon:
@@ -211,11 +213,20 @@ class Daemon:
     def subscribe(self, topic: str, subscriber, params: dict) -> None:
         self.hub.subscribe(topic, subscriber)
 
-    async def publish(self, broadcast: Broadcast) -> Optional[str]:
-        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it."""
+    async def publish(self, broadcast: Broadcast, client: bool = False) -> Optional[str]:
+        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it.
+        ``client``: a push from a socket (kept in history only under ``client_pushes``)."""
         if broadcast.published_at is None:
             broadcast.published_at = time.time()
-        return await self.broker.publish(broadcast)
+        return await self.broker.publish(broadcast, client)
+
+    async def publish_batch(self, broadcasts) -> List[Optional[str]]:
+        """A POST /publish body: every broadcast or none (see the broker's publish_batch)."""
+        now = time.time()
+        for broadcast in broadcasts:
+            if broadcast.published_at is None:
+                broadcast.published_at = now
+        return await self.broker.publish_batch(broadcasts)
 
     def deliver(self, broadcast: Broadcast) -> None:
         counters = self.counters

@@ -14,7 +14,7 @@ A connection, as the service sees it (`Connection`), is a hub member (``serializ
 import asyncio
 import logging
 import time
-from typing import Any, Optional, Set
+from typing import Any, List, Optional, Set
 
 from .broker import Broker
 from .core import errors
@@ -141,7 +141,7 @@ class Service:
     async def _push(self, conn: Connection, push: Publish) -> None:
         session = conn.session
         try:
-            await self.publish(Broadcast(push.topic, push.event, push.payload))
+            await self.publish(Broadcast(push.topic, push.event, push.payload), client=True)
         except BrokerUnavailable:
             reply = session.push_error(push, errors.UNAVAILABLE)
         else:
@@ -150,11 +150,20 @@ class Service:
 
     # -- pub/sub ------------------------------------------------------------------------------
 
-    async def publish(self, broadcast: Broadcast) -> Optional[str]:
-        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it."""
+    async def publish(self, broadcast: Broadcast, client: bool = False) -> Optional[str]:
+        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it.
+        ``client``: a push from a connection (kept in history only under ``client_pushes``)."""
         if broadcast.published_at is None:
             broadcast.published_at = time.time()
-        return await self.broker.publish(broadcast)
+        return await self.broker.publish(broadcast, client)
+
+    async def publish_batch(self, broadcasts) -> List[Optional[str]]:
+        """A POST /publish body: every broadcast or none (see the broker's publish_batch)."""
+        now = time.time()
+        for broadcast in broadcasts:
+            if broadcast.published_at is None:
+                broadcast.published_at = now
+        return await self.broker.publish_batch(broadcasts)
 
     def deliver(self, broadcast: Broadcast) -> None:
         """The broker's callback: a broadcast for this process's members."""

@@ -47,11 +47,13 @@ def key(default: Any = dataclasses.MISSING, parse: Optional[Callable[[Any], Any]
 
 @dataclass(frozen=True)
 class HistoryRule:
-    """Keep the last ``size`` messages of topics matching ``topics`` for ``ttl`` seconds."""
+    """Keep the last ``size`` messages of topics matching ``topics`` for ``ttl`` seconds; client
+    pushes too only with ``client_pushes``."""
 
     topics: str
     size: int
     ttl: float
+    client_pushes: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,8 @@ def _read_demo_assets(s: Section, read: Dict[str, Any]) -> Any:
 
 
 _METRICS_KEYS = ("listen", "token")
-_HISTORY_KEYS = ("topics", "size", "ttl")
+_HISTORY_KEYS = ("topics", "size", "ttl", "client_pushes")
+_HISTORY_REQUIRED = ("topics", "size", "ttl")
 
 
 def _read_metrics(s: Section, read: Dict[str, Any]) -> Any:
@@ -174,7 +177,7 @@ def _read_history(s: Section, read: Dict[str, Any]) -> Any:
         if mapping is None:
             ok = False
             continue
-        missing = [k for k in _HISTORY_KEYS if mapping.get(k) is None]
+        missing = [k for k in _HISTORY_REQUIRED if mapping.get(k) is None]
         for k in missing:
             s.add(f"{label}.{k}", "required")
         if missing:
@@ -183,10 +186,13 @@ def _read_history(s: Section, read: Dict[str, Any]) -> Any:
         topics = s.sub(f"{label}.topics", mapping["topics"], v.string)
         size = s.sub(f"{label}.size", mapping["size"], v.count(1))
         ttl = s.sub(f"{label}.ttl", mapping["ttl"], v.duration())
-        if FAILED in (topics, size, ttl):
+        client_pushes = False
+        if mapping.get("client_pushes") is not None:
+            client_pushes = s.sub(f"{label}.client_pushes", mapping["client_pushes"], v.boolean)
+        if FAILED in (topics, size, ttl, client_pushes):
             ok = False
         else:
-            rules.append(HistoryRule(topics=topics, size=size, ttl=ttl))
+            rules.append(HistoryRule(topics=topics, size=size, ttl=ttl, client_pushes=client_pushes))
     return tuple(rules) if ok else FAILED
 
 
@@ -234,6 +240,8 @@ class Settings:
     demo_assets: Optional[str] = key(None, read=_read_demo_assets)
     history: Tuple[HistoryRule, ...] = key((), read=_read_history, restart=True)
     max_recovery: int = key(300, v.count(0), restart=True)
+    max_history_topics: int = key(10000, v.count(1), restart=True)
+    max_history_bytes: int = key(64 * 1024 * 1024, v.size, restart=True)
     log_level: str = key("info", v.choice(LOG_LEVELS, aliases={"warn": "warning"}))
     access_log: bool = key(True, v.boolean)
 

@@ -122,16 +122,32 @@ from pusherd.core.history import Rules, parse_position  # noqa: E402
 
 @pytest.fixture(params=["memory", "redis"])
 def make_history_broker(request):
-    """``make(size=10, ttl=3600.0, max_recovery=300)`` -> an unstarted broker keeping history on deploys:*."""
+    """``make(size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds)`` -> an unstarted broker
+    keeping history on deploys:* (or under `rules`); ``bounds``: max_topics, max_bytes."""
+    def rules_for(size, ttl, rules):
+        return Rules(rules if rules is not None else [HistoryRule("deploys:*", size, ttl)])
     if request.param == "memory":
-        return lambda size=10, ttl=3600.0, max_recovery=300: MemoryBroker(
-            Rules([HistoryRule("deploys:*", size, ttl)]), max_recovery)
+        return lambda size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds: MemoryBroker(
+            rules_for(size, ttl, rules), max_recovery, **bounds)
     redis_py()
     server = request.getfixturevalue("redis_server")
     from pusherd.redis_broker import RedisBroker
-    return lambda size=10, ttl=3600.0, max_recovery=300: RedisBroker(
-        server.url, prefix="contract", history_rules=Rules([HistoryRule("deploys:*", size, ttl)]),
-        max_recovery=max_recovery)
+    return lambda size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds: RedisBroker(
+        server.url, prefix="contract", history_rules=rules_for(size, ttl, rules), max_recovery=max_recovery,
+        **bounds)
+
+
+def history_topics(broker):
+    """The topics whose history the broker holds (memory: its streams; Redis: its keys)."""
+    if isinstance(broker, MemoryBroker):
+        return sorted(broker.history.streams)
+    import redis
+    client = redis.Redis.from_url(broker.url)
+    try:
+        keys = client.keys(broker.prefix + ":h:*") + client.keys(broker.prefix + ":hm:*")
+        return sorted({k.decode().split(":", 2)[2] for k in keys})
+    finally:
+        client.close()
 
 
 async def publish_n(broker, topic, n, start=1):
@@ -176,12 +192,15 @@ def test_recover_returns_exactly_the_missed_entries_in_order(make_history_broker
             epoch = parse_position(positions[0])[0]
             zero = await b.recover("deploys:web", epoch + ":0")
             assert zero.recovered and [e.offset for e in zero.missed] == [1, 2, 3, 4, 5]
-            # A topic that never published: a fresh position at offset 0, nothing to replay.
+            # A topic that never published: an empty position, nothing to replay, nothing created.
             fresh = await b.recover("deploys:new", "x:1")
-            assert not fresh.recovered and parse_position(fresh.position)[1] == 0
-            # ... and its first publish continues that epoch.
-            first = await b.publish(Broadcast("deploys:new", "e", {}))
-            assert parse_position(first) == (parse_position(fresh.position)[0], 1)
+            assert not fresh.recovered and fresh.position.startswith("n") and parse_position(fresh.position)[1] == 0
+            again = await b.recover("deploys:new", fresh.position)   # still nothing: nothing missed
+            assert again.recovered and again.missed == () and parse_position(again.position)[1] == 0
+            # ... and a client holding it recovers the topic's first publishes.
+            first = await b.publish(Broadcast("deploys:new", "e", {"n": 1}))
+            r = await b.recover("deploys:new", fresh.position)
+            assert r.recovered and r.position == first and [e.payload for e in r.missed] == [{"n": 1}]
             # No history rule: never recovered.
             assert tuple(await b.recover("public:x", positions[0]))[:3] == (False, None, ())
         finally:
@@ -241,6 +260,155 @@ def test_recover_after_ttl(make_history_broker):
                 sweep(time.time())
             r = await b.recover("deploys:web", second)
             assert not r.recovered and parse_position(r.position)[0] != epoch
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+# -- hostile input and global bounds: the same answer on both brokers (issue 13) ---------------
+
+SURROGATE = {"s": "\ud800", "\udfff": ["x\udc00y", "ok \u2603"]}
+
+
+def test_lone_surrogate_payloads_are_delivered_and_recovered_alike(make_history_broker):
+    """A payload with a lone surrogate escape (from JSON "\\ud800") is published, delivered and
+    replayed unchanged (Redis: 'surrogates not allowed' raised out of publish before the fix)."""
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            b = node.broker
+            for topic in ("public:plain", "deploys:web"):
+                b.subscribe(topic)
+                await b.activate(topic)
+            assert await b.publish(Broadcast("public:plain", "e", dict(SURROGATE))) is None
+            first = await b.publish(Broadcast("deploys:web", "e", dict(SURROGATE)))
+            got = await node.wait_for(2)
+            assert [(d.topic, d.payload) for d in got] == [("public:plain", SURROGATE), ("deploys:web", SURROGATE)]
+            epoch = parse_position(first)[0]
+            r = await b.recover("deploys:web", epoch + ":0")
+            assert r.recovered and [e.payload for e in r.missed] == [SURROGATE]
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_a_batch_is_published_whole_and_in_order(make_history_broker):
+    """[ok, lone surrogate, history] in one batch: every item, in order, with its position (Redis
+    published the first item and then raised out of the batch before the fix)."""
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            b = node.broker
+            for topic in ("public:a", "deploys:web"):
+                b.subscribe(topic)
+                await b.activate(topic)
+            batch = [Broadcast("public:a", "e", {"n": 1}), Broadcast("public:a", "e", dict(SURROGATE, n=2)),
+                     Broadcast("deploys:web", "e", {"n": 3}), Broadcast("deploys:web", "e", {"n": 4})]
+            positions = await b.publish_batch(batch)
+            assert positions[:2] == [None, None] and offsets(positions[2:]) == [1, 2]
+            got = await node.wait_for(4)
+            assert [d.payload["n"] for d in got if d.topic == "deploys:web"] == [3, 4]
+            assert [d.payload for d in got if d.topic == "public:a"] == [{"n": 1}, dict(SURROGATE, n=2)]
+            await node.settle()
+            assert len(node.delivered) == 4
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+@pytest.mark.parametrize("since", ["\ud800:1", "\ud800:0", "x\udfff:3", "\ud800", "n\ud800:0", "ab:\u00b2",
+                                   "ab:\u0661", "\u2603:1"])
+def test_since_with_a_lone_surrogate_or_unicode_digits_is_a_clean_no(make_history_broker, since):
+    """Every `since` a client can send gets an answer: recovered false and the current position
+    (Redis: redis-py raised UnicodeEncodeError encoding the script argument, int() raised on '²')."""
+    async def scenario():
+        node = await Node(make_history_broker()).start()
+        try:
+            b = node.broker
+            positions = await publish_n(b, "deploys:web", 2)
+            r = await b.recover("deploys:web", since)
+            assert (r.recovered, r.position, r.missed) == (False, positions[1], ())
+            fresh = await b.recover("deploys:none", since)          # and on a topic without history
+            assert not fresh.recovered and parse_position(fresh.position)[1] == 0
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_since_joins_on_fresh_topics_create_no_history(make_history_broker):
+    """One socket's thousand joins with `since` on topics nobody published on: nothing is kept
+    (a stream or two Redis keys per topic before the fix)."""
+    async def scenario():
+        node = await Node(make_history_broker(rules=[HistoryRule("public:*", 10, 3600.0)])).start()
+        try:
+            b = node.broker
+            for i in range(1000):
+                r = await b.recover("public:fresh-%d" % i, "deadbeef:%d" % i)
+                assert not r.recovered and parse_position(r.position)[1] == 0
+            assert history_topics(b) == []
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_max_history_topics_evicts_the_oldest_history(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker(max_topics=3)).start()
+        try:
+            b = node.broker
+            first = {}
+            for i in range(5):
+                first[i] = await b.publish(Broadcast("deploys:%d" % i, "e", {"i": i}))
+                await asyncio.sleep(0.002)     # distinct publish times (Redis: milliseconds)
+            assert history_topics(b) == ["deploys:2", "deploys:3", "deploys:4"]
+            assert b.history_evictions() == {"max_history_topics": 2, "max_history_bytes": 0}
+            assert not (await b.recover("deploys:0", first[0])).recovered
+            for i in (2, 3, 4):
+                epoch = parse_position(first[i])[0]
+                r = await b.recover("deploys:%d" % i, epoch + ":0")
+                assert r.recovered and [e.payload for e in r.missed] == [{"i": i}]
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_max_history_bytes_evicts_the_oldest_history(make_history_broker):
+    async def scenario():
+        node = await Node(make_history_broker(max_bytes=12000)).start()
+        try:
+            b = node.broker
+            for i in range(5):              # 4.2 KB (Redis) to 5.3 KB (memory) each: two fit
+                await b.publish(Broadcast("deploys:%d" % i, "e", {"pad": "x" * 4000}))
+                await asyncio.sleep(0.002)
+            assert history_topics(b) == ["deploys:3", "deploys:4"]
+            assert b.history_evictions() == {"max_history_topics": 0, "max_history_bytes": 3}
+        finally:
+            await node.broker.close()
+    run(scenario())
+
+
+def test_client_pushes_stay_out_of_history_unless_the_rule_keeps_them(make_history_broker):
+    """An anonymous push on a public history topic is delivered, in order, without a position,
+    and the server keeps nothing of it (held for the full ttl before the fix)."""
+    async def scenario():
+        rules = [HistoryRule("public:chat:*", 10, 3600.0, client_pushes=True), HistoryRule("public:*", 10, 3600.0)]
+        node = await Node(make_history_broker(rules=rules)).start()
+        try:
+            b = node.broker
+            for topic in ("public:room", "public:chat:1"):
+                b.subscribe(topic)
+                await b.activate(topic)
+            assert await b.publish(Broadcast("public:room", "push", {"n": 1}), client=True) is None
+            assert history_topics(b) == []
+            rails = await b.publish(Broadcast("public:room", "rails", {"n": 2}))
+            assert await b.publish(Broadcast("public:room", "push", {"n": 3}), client=True) is None
+            kept = await b.publish(Broadcast("public:chat:1", "push", {"n": 4}), client=True)
+            got = await node.wait_for(4)
+            assert [(d.payload["n"], d.position) for d in got] == [(1, None), (2, rails), (3, None), (4, kept)]
+            r = await b.recover("public:room", parse_position(rails)[0] + ":0")
+            assert r.recovered and [e.payload["n"] for e in r.missed] == [2]
+            await node.settle()
+            assert len(node.delivered) == 4
         finally:
             await node.broker.close()
     run(scenario())

@@ -322,7 +322,7 @@ def test_history_is_shared_by_every_process(redis_server):
             since = next(p for p in got if parse_position(p)[1] == 30)
             ra, rb = await a.broker.recover("deploys:web", since), await b.broker.recover("deploys:web", since)
             assert ra == rb and ra.recovered and [e.offset for e in ra.missed] == list(range(31, 41))
-            keys = sorted(redis_server.client().keys("t:h*"))
+            keys = sorted(redis_server.client().keys("t:h:*") + redis_server.client().keys("t:hm:*"))
             assert keys == [b"t:h:deploys:web", b"t:hm:deploys:web"]
             assert 0 < redis_server.client().ttl("t:h:deploys:web") <= 3600
         finally:
@@ -338,9 +338,13 @@ def test_flushall_loses_the_history_and_starts_a_new_epoch(redis_server):
             before = await a.broker.publish(Broadcast("deploys:web", "e", {}))
             redis_server.client().flushall()
             r = await a.broker.recover("deploys:web", before)
-            assert not r.recovered and parse_position(r.position)[0] != parse_position(before)[0]
+            assert not r.recovered and parse_position(r.position)[1] == 0     # no history: an empty position
             after = await a.broker.publish(Broadcast("deploys:web", "e", {}))
-            assert parse_position(after) == (parse_position(r.position)[0], 1)
+            assert parse_position(after)[0] not in (parse_position(before)[0], parse_position(r.position)[0])
+            assert parse_position(after)[1] == 1
+            # The client told of the loss, back with the empty position, misses nothing after it.
+            again = await a.broker.recover("deploys:web", r.position)
+            assert again.recovered and [e.offset for e in again.missed] == [1]
         finally:
             await a.broker.close()
     run(scenario())
@@ -475,4 +479,102 @@ def test_a_process_catches_up_from_the_history_after_its_subscriber_reconnects(r
         finally:
             await a.broker.close()
             await b.broker.close()
+    run(scenario())
+
+
+# -- batches and global history bounds (issue 13) --------------------------------------------
+
+def acl_user(server, *channels):
+    """A Redis user allowed every command and key but only these pub/sub channels."""
+    server.client().execute_command("ACL", "SETUSER", "pub", "on", ">pw", "~*", "resetchannels",
+                                    *["&" + c for c in channels], "+@all")
+    return "redis://pub:pw@127.0.0.1:%d/0" % server.port
+
+
+def test_a_batch_that_redis_refuses_in_part_publishes_nothing(redis_server):
+    """[allowed, refused by an ACL]: Redis discards the whole MULTI/EXEC, nothing reaches anyone,
+    and the batch is refused (the first item was published, then 503, before the fix: a retrying
+    publisher duplicated it)."""
+    async def scenario():
+        url = acl_user(redis_server, "t:t:public:ok*")
+        a = await node(url).start()
+        b = await node(url).start()
+        try:
+            for n in (a, b):
+                n.broker.subscribe("public:ok")
+                await n.broker.activate("public:ok")
+            with pytest.raises(BrokerUnavailable, match="0 of 2 events published"):
+                await a.broker.publish_batch([Broadcast("public:ok", "e", {"n": 1}),
+                                              Broadcast("public:denied", "e", {"n": 2})])
+            await a.broker.publish_batch([Broadcast("public:ok", "e", {"n": 3}), Broadcast("public:ok", "e", {"n": 4})])
+            for n in (a, b):
+                await n.wait_for(2)
+            await b.settle()
+            assert [d.payload["n"] for d in a.delivered] == [3, 4] == [d.payload["n"] for d in b.delivered]
+            assert a.broker.healthy()
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    run(scenario())
+
+
+def test_a_history_batch_after_script_flush_is_published_whole(redis_server):
+    """The SCRIPT LOAD travels inside the batch's MULTI: a flushed script cache cannot make EXEC
+    publish the plain items of a batch and refuse its history items."""
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        try:
+            await a.broker.publish(Broadcast("deploys:web", "e", {}))
+            redis_server.client().script_flush()
+            positions = await a.broker.publish_batch([Broadcast("public:x", "e", {}),
+                                                      Broadcast("deploys:web", "e", {}), Broadcast("deploys:web", "e", {})])
+            assert positions[0] is None and [parse_position(p)[1] for p in positions[1:]] == [2, 3]
+            assert parse_position(await a.broker.publish(Broadcast("deploys:web", "e", {})))[1] == 4
+        finally:
+            await a.broker.close()
+    run(scenario())
+
+
+def test_history_bounds_hold_across_processes(redis_server, caplog):
+    """max_history_topics is one bound for every process sharing the Redis: two processes that
+    each publish on fresh topics leave at most max_topics histories, the oldest evicted."""
+    async def scenario():
+        rules = Rules([HistoryRule("public:*", 10, 3600.0)])
+        a = await node(redis_server.url, history_rules=rules, max_topics=4).start()
+        b = await node(redis_server.url, history_rules=rules, max_topics=4).start()
+        try:
+            for i in range(10):
+                await (a, b)[i % 2].broker.publish(Broadcast("public:t%d" % i, "e", {}))
+                await asyncio.sleep(0.002)
+            client = redis_server.client()
+            assert sorted(client.keys("t:hm:*")) == [b"t:hm:public:t%d" % i for i in (6, 7, 8, 9)]
+            assert len(client.keys("t:h:*")) == 4 and client.zcard("t:history:topics") == 4
+            ea, eb = a.broker.history_evictions(), b.broker.history_evictions()
+            assert ea["max_history_topics"] + eb["max_history_topics"] == 6
+            # The byte total is the sum of what the topics hold.
+            sizes = client.hgetall("t:history:bytes")
+            assert int(client.hget("t:history:info", "bytes")) == sum(int(v) for v in sizes.values()) > 0
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    with caplog.at_level(logging.WARNING, "pusherd.broker"):
+        run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "evicted so far" in r.getMessage()]
+    assert len(warnings) == 2 and all("max_history_topics" in w for w in warnings)   # once per process
+
+
+def test_expired_histories_are_forgotten_not_counted_as_evictions(redis_server):
+    async def scenario():
+        rules = Rules([HistoryRule("public:short:*", 10, 0.2), HistoryRule("public:*", 10, 3600.0)])
+        a = await node(redis_server.url, history_rules=rules, max_topics=2).start()
+        try:
+            await a.broker.publish(Broadcast("public:short:1", "e", {}))
+            await a.broker.publish(Broadcast("public:long", "e", {}))
+            await asyncio.sleep(0.3)                     # public:short:1 expired in Redis
+            await a.broker.publish(Broadcast("public:other", "e", {}))
+            client = redis_server.client()
+            assert sorted(client.zrange("t:history:topics", 0, -1)) == [b"public:long", b"public:other"]
+            assert a.broker.history_evictions()["max_history_topics"] == 0
+        finally:
+            await a.broker.close()
     run(scenario())

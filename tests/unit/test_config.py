@@ -704,6 +704,23 @@ def test_history():
     assert s.history == (HistoryRule("deploys:*", 100, 86400.0), HistoryRule("chat:*", 10, 300.0))
 
 
+def test_history_client_pushes_and_global_bounds():
+    s = prod(history=[{"topics": "public:chat:*", "size": 10, "ttl": 60, "client_pushes": True},
+                      {"topics": "public:*", "size": 10, "ttl": 60, "client_pushes": "no"}],
+             max_history_topics="500", max_history_bytes="8MiB")
+    assert s.history == (HistoryRule("public:chat:*", 10, 60.0, client_pushes=True),
+                         HistoryRule("public:*", 10, 60.0, client_pushes=False))
+    assert (s.max_history_topics, s.max_history_bytes) == (500, 8 * 1024 * 1024)
+    assert (prod().max_history_topics, prod().max_history_bytes) == (10000, 64 * 1024 * 1024)
+    found = problems(dict(PROD_OK, history=[{"topics": "a:*", "size": 1, "ttl": 1, "client_pushes": "maybe"}],
+                          max_history_topics=0, max_history_bytes="lots"))
+    joined = "\n".join(found)
+    assert "history[0].client_pushes: expected true or false, got 'maybe'" in joined
+    assert "max_history_topics: must be at least 1, got 0" in joined
+    assert "max_history_bytes: expected a size in bytes, got 'lots'" in joined
+    assert len(found) == 3
+
+
 def test_history_problems_all_reported():
     found = problems(dict(PROD_OK, history=[
         {"topics": "a:*", "size": 0, "ttl": "1x"},

@@ -8,13 +8,16 @@ from hypothesis import given, settings, strategies as st
 from pusherd.core.broadcast import Broadcast
 from pusherd.broker import MemoryBroker
 from pusherd.config import HistoryRule
-from pusherd.core.history import Rules, Store, Stream, format_position, parse_position, pending_after
+from pusherd.core.history import (LIMIT_BYTES, LIMIT_TOPICS, STREAM_OVERHEAD, Rules, Store, Stream, decide_history,
+                                  empty_position, empty_since, format_position, parse_position, pending_after)
 
 
 def test_parse_position():
     assert parse_position("ab12:7") == ("ab12", 7)
     assert parse_position("a:b:7") == ("a:b", 7)
-    for bad in (None, 7, "", "7", ":7", "ab:", "ab:-1", "ab:x", "ab:1.5", "a" * 300 + ":1"):
+    assert parse_position("\ud800:1") == ("\ud800", 1)      # any epoch: just never ours
+    for bad in (None, 7, "", "7", ":7", "ab:", "ab:-1", "ab:x", "ab:1.5", "a" * 300 + ":1",
+                "ab:\u00b2", "ab:\u0661\u0662", "ab:\uff11"):   # ², Arabic-Indic 12, fullwidth 1: digits, not ASCII
         assert parse_position(bad) is None
 
 
@@ -135,3 +138,90 @@ def test_replay_live_race_is_gapless_and_duplicate_free():
         return seen
 
     assert asyncio.run(scenario()) == [2, 3, 4, 5]
+
+
+# -- empty positions: a join with `since` on a topic without history creates nothing ------------
+
+def test_empty_positions():
+    assert empty_position(1000.0) == "n1000000:0"
+    assert empty_since("n1000000:0") == 1000.0
+    for other in ("n1000000:1", "nx:0", "n:0", "ab12cd34:0", "n" + "1" * 20 + ":0", "n\u0661:0", None):
+        assert empty_since(other) is None
+
+
+def test_decide_history_vouches_for_an_empty_position_only_while_nothing_can_be_lost():
+    T = 1000.0
+    since = empty_position(T)
+    # Still no history: nothing missed, within the ttl, with the store intact since before T.
+    assert decide_history(None, (), since, T + 59, 60.0, 300, T - 1) == (True, empty_position(T + 59), (), None)
+    assert not decide_history(None, (), since, T + 60, 60.0, 300, T - 1).recovered      # a history may have come and gone
+    assert not decide_history(None, (), since, T + 1, 60.0, 300, T + 0.5).recovered     # evicted after T
+    assert not decide_history(None, (), "ab:3", T, 60.0, 300, 0.0).recovered            # not an empty position
+    assert not decide_history(None, (), empty_position(T + 5), T, 60.0, 300, 0.0).recovered   # from the future
+    # A history created after T: recovered from offset 1.
+    s = Stream(10, 60.0, epoch="e1", now=T + 2)
+    for i in (1, 2):
+        s.append("e", {"i": i}, T + 2)
+    r = decide_history(("e1", 2, T + 2), s.entries, since, T + 3, 60.0, 300, 0.0)
+    assert r.recovered and [e.offset for e in r.missed] == [1, 2]
+    # ... not when it was created before T (the client did not see it empty), nor when its
+    # first entries are gone.
+    assert not decide_history(("e1", 2, T - 1), s.entries, since, T + 3, 60.0, 300, 0.0).recovered
+    assert not decide_history(("e1", 2, T + 2), list(s.entries)[1:], since, T + 3, 60.0, 300, 0.0).recovered
+
+
+def test_store_recover_creates_nothing():
+    store = Store(Rules([HistoryRule("public:*", 10, 60.0)]), now=1000.0)
+    for i in range(1000):
+        r = store.recover("public:fresh-%d" % i, "x:1", 1001.0)
+        assert not r.recovered and r.position == empty_position(1001.0)
+    assert store.streams == {} and store.bytes == 0
+
+
+# -- global bounds ------------------------------------------------------------------------------
+
+def test_max_topics_evicts_the_history_that_expires_first():
+    store = Store(Rules([HistoryRule("a:*", 10, 60.0), HistoryRule("b:*", 10, 3600.0)]), max_topics=3)
+    store.append("b:long", "e", {}, 1000.0)    # expires at 4600
+    store.append("a:1", "e", {}, 1001.0)       # 1061
+    store.append("a:2", "e", {}, 1002.0)       # 1062
+    store.append("a:1", "e", {}, 1003.0)       # published again: 1063
+    store.append("a:3", "e", {}, 1004.0)       # a 4th topic: a:2 goes
+    assert sorted(store.streams) == ["a:1", "a:3", "b:long"]
+    assert store.evictions == {LIMIT_TOPICS: 1, LIMIT_BYTES: 0}
+    assert store.intact_since == 1004.0
+    assert not store.recover("a:2", "x:1", 1005.0).recovered
+
+
+def test_max_bytes_evicts_other_topics_then_trims_the_publishing_one():
+    store = Store(Rules([HistoryRule("t:*", 100, 60.0)]), max_bytes=5000)
+    for i in range(5):           # about 2.1 KB each: two fit
+        store.append("t:%d" % i, "e", {"pad": "x" * 800}, 1000.0 + i)
+    assert store.bytes <= 5000 and sorted(store.streams) == ["t:3", "t:4"]
+    assert store.evictions[LIMIT_BYTES] == 3
+    assert store.bytes == sum(s.bytes for s in store.streams.values())
+    for n in range(10):          # one topic alone over the bound keeps its newest entries
+        store.append("t:4", "e", {"pad": "y" * 800, "n": n}, 1010.0 + n)
+    assert store.bytes <= 5000 and list(store.streams) == ["t:4"]
+    assert store.streams["t:4"].entries[-1].payload["n"] == 9
+
+
+def test_byte_accounting_follows_the_ring_expiry_and_sweep():
+    store = Store(Rules([HistoryRule("t:*", 3, 60.0)]))
+    for i in range(10):
+        store.append("t:a", "e", {"i": i}, 1000.0)
+    stream = store.streams["t:a"]
+    assert stream.bytes == STREAM_OVERHEAD + sum(e.size for e in stream.entries) and store.bytes == stream.bytes
+    store.recover("t:a", stream.position, 1061.0)     # every entry expired
+    assert store.bytes == stream.bytes == STREAM_OVERHEAD
+    store.sweep(1061.0)
+    assert store.bytes == 0 and store.streams == {}
+
+
+def test_client_pushes_are_kept_only_when_the_rule_says_so():
+    store = Store(Rules([HistoryRule("public:chat:*", 10, 60.0, client_pushes=True),
+                         HistoryRule("public:*", 10, 60.0)]))
+    assert store.append("public:x", "e", {}, 1000.0, client=True) is None and store.streams == {}
+    assert store.append("public:x", "e", {}, 1000.0) is not None              # the same topic from Rails
+    assert store.append("public:x", "e", {}, 1000.0, client=True) is None     # a push on it: still not kept
+    assert parse_position(store.append("public:chat:1", "e", {}, 1000.0, client=True))[1] == 1
