@@ -116,6 +116,7 @@ class Settings:
     max_frame_bytes: int = 65536
     max_publish_bytes: int = 1048576
     max_connections: int = 10000
+    max_http_connections: int = 1000
     max_channels_per_socket: int = 100
     max_topic_length: int = 255
     client_push_rate: float = 10.0
@@ -350,8 +351,8 @@ _KNOWN_KEYS = (
     "guardian_secret", "guardian_secret_file", "publish_secret", "publish_secret_file",
     "guardian_public_key", "guardian_public_key_file", "guardian_algorithm", "issuer",
     "allowed_origins", "heartbeat_timeout", "max_frame_bytes", "max_publish_bytes",
-    "max_connections", "max_channels_per_socket", "max_topic_length", "client_push_rate",
-    "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
+    "max_connections", "max_http_connections", "max_channels_per_socket", "max_topic_length",
+    "client_push_rate", "client_push_burst", "max_outbox_bytes", "slow_consumer_seconds", "drain_seconds",
     "http_header_timeout", "http_body_timeout",
     "broker", "broker_prefix", "reuse_port", "metrics", "demo", "demo_assets", "history", "max_recovery",
     "log_level", "access_log",
@@ -916,7 +917,8 @@ def from_mapping(
     v["heartbeat_timeout"] = s.get("heartbeat_timeout", _duration())
     for key in ("max_frame_bytes", "max_publish_bytes", "max_outbox_bytes"):
         v[key] = s.get(key, _size)
-    for key in ("max_connections", "max_channels_per_socket", "max_topic_length", "client_push_burst"):
+    for key in ("max_connections", "max_http_connections", "max_channels_per_socket", "max_topic_length",
+                "client_push_burst"):
         v[key] = s.get(key, _count(1))
     v["client_push_rate"] = s.get("client_push_rate", _positive_number)
     v["slow_consumer_seconds"] = s.get("slow_consumer_seconds", _duration())

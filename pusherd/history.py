@@ -11,6 +11,7 @@ and nothing is replayed, so the page knows to reload or refetch.
 """
 
 import collections
+import re
 import secrets
 import time
 from typing import Deque, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -40,12 +41,16 @@ def format_position(epoch: str, offset: int) -> str:
     return "%s:%d" % (epoch, offset)
 
 
+#: An offset: ASCII digits only (``str.isdigit`` also takes "²", which int() refuses, and "٣").
+_OFFSET = re.compile(r"[0-9]{1,18}")
+
+
 def parse_position(text) -> Optional[Tuple[str, int]]:
     """``"<epoch>:<offset>"`` → (epoch, offset), or None when it is not a position."""
     if not isinstance(text, str) or len(text) > 200:
         return None
     epoch, sep, offset = text.rpartition(":")
-    if not sep or not epoch or not offset.isdigit() or len(offset) > 18:
+    if not sep or not epoch or not _OFFSET.fullmatch(offset):
         return None
     return epoch, int(offset)
 
