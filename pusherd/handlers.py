@@ -256,7 +256,8 @@ class PublishHandler(JSONHandler):
         # Called once the head is read, before any of the body (stream_request_body).
         self._body = PublishBody(self.daemon.settings.max_publish_bytes)
         self._grant = None
-        if self.request.method != "POST":
+        if self.request.method != "POST":  # answered 405 by get() or by Tornado
+            self._body.refused = True  # its body, if any, is read and dropped, never kept
             return
         self._grant, refusal = authorize_head(self.daemon, self.request.headers.get_list("Authorization"))
         if refusal is not None:

@@ -268,11 +268,22 @@ def test_batch_all_or_nothing_and_order(pusherd_server, phx_connect):
 
 # --- sizes and slow requests --------------------------------------------------------------------
 
+SMALL = {"max_publish_bytes": 2048, "http_header_timeout": 1, "http_body_timeout": 1}
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     from sec_helpers import Pusherd
-    d = Pusherd(tmp_path_factory.mktemp("small"), {"max_publish_bytes": 2048, "http_header_timeout": 1,
-                                                  "http_body_timeout": 1}).start()
+    d = Pusherd(tmp_path_factory.mktemp("small"), SMALL).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def small_tornado(tmp_path_factory):
+    """As `small`, every connection on Tornado's HTTP server (PUSHERD_FAST=0)."""
+    from sec_helpers import Pusherd
+    d = Pusherd(tmp_path_factory.mktemp("small"), SMALL, extra_env={"PUSHERD_FAST": "0"}).start()
     yield d
     d.stop()
 
@@ -335,8 +346,10 @@ def _closed_within(sock, seconds):
     b"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: " + PUBLISH_SECRET.encode()
     + b"\r\nContent-Length: 100\r\n\r\n{\"topic\"",                              # body never finishes
 ], ids=["headers", "request-line", "upgrade", "body"])
-def test_slowloris_connections_are_closed(small, partial):
+@pytest.mark.parametrize("daemon", ["small", "small_tornado"], ids=["front", "tornado"])
+def test_slowloris_connections_are_closed(request, daemon, partial):
     """Partial requests trickled in are cut off after http_header_timeout / http_body_timeout."""
+    small = request.getfixturevalue(daemon)
     socks = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(20)]
     try:
         for s in socks:
