@@ -36,7 +36,7 @@ run token_expiry pusherd/session.py "for channel in [c for c in self.channels.va
 run nan pusherd/protocol.py "json.JSONDecoder(parse_constant=_reject_constant, " "json.JSONDecoder(" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k nan"
 run depth pusherd/protocol.py "        if depth > limit:" "        if False:" "tests/security/test_hostile_frames.py tests/security/test_hostile_publish.py -k depth"
 run event pusherd/session.py 'if msg.event.startswith("phx_") or not is_valid_event(msg.event):' 'if msg.event.startswith("phx_"):' "tests/security/test_hostile_frames.py -k events_are_validated"
-run grant_check pusherd/handlers.py "            grant.check(broadcasts)" "            pass" "tests/security/test_hostile_publish.py -k publisher_token"
+run grant_check pusherd/handlers.py "        grant.check(broadcasts)" "        pass" "tests/security/test_hostile_publish.py -k publisher_token"
 run publish_exp pusherd/tokens.py '    if claims["exp"] <= now:' '    if False:' "tests/security/test_hostile_publish.py -k bad_publisher_tokens"
 run join_token_as_publisher pusherd/tokens.py '        raise AuthError(INVALID_TOKEN, "a join token (aud csrf) is not a publisher token")' '        pass' "tests/security/test_hostile_publish.py -k browser_join_token"
 run slowloris pusherd/server.py "idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout," "idle_connection_timeout=60, body_timeout=30," "tests/security/test_hostile_publish.py -k slowloris"
@@ -52,9 +52,9 @@ run asymmetric_without_secret pusherd/tokens.py "if not self._secrets and algori
 run form_utf8 pusherd/publish.py 'errors="strict")' 'errors="replace")' "tests/security/test_hostile_publish.py -k \"form and invalid and utf8\""
 run duplicate_authorization pusherd/publish.py "    if len(authorization) > 1:" "    if False:" "tests/security/test_hostile_publish.py -k duplicate"
 run pattern pusherd/topics.py "        return len(topic) > len(self._prefix) and topic.startswith(self._prefix)" "        return topic.startswith(self._prefix)" "tests/fuzz/test_properties.py"
-# POST /publish is answered by routes.PublishRequest (PUSHERD_FAST=1, the default); PublishHandler
+# POST /publish is answered by front.PublishConnection (PUSHERD_FAST=1, the default); PublishHandler
 # serves it with PUSHERD_FAST=0, and test_fast_paths.py holds the two to the same answers.
-run body_413 pusherd/routes.py 'limit = self.daemon.settings.max_publish_bytes' 'limit = 10**12' "tests/security/test_hostile_publish.py -k oversized"
+run body_413 pusherd/front.py 'if head.content_length > settings.max_publish_bytes:' 'if False:' "tests/security/test_hostile_publish.py -k oversized_body_by_content_length"
 run heartbeat pusherd/session.py "if now - self.last_seen > self.policy.limits.heartbeat_timeout:" "if False:" "tests/security/test_hostile_frames.py -k silent_socket"
 run binary pusherd/protocol.py "            return MalformedFrame(\"undecodable binary frame\")" "            raise ValueError" "tests/security/test_hostile_frames.py -k binary"
 # hardening, second round (issue 13)
@@ -90,3 +90,19 @@ run batch_in_order pusherd/redis_broker.py "echo = bool(self.history_rules) and 
 run batch_multi_exec pusherd/redis_broker.py "            item.group = group" "            item.group = None" "$H -k batch_redis_refuses"
 run since_epoch_to_redis pusherd/redis_broker.py 'epoch_arg = parsed[0] if parsed[0].isascii() else ""' 'epoch_arg = parsed[0]' "$H -k 'since_with and redis'"
 run position_ascii_digits pusherd/history.py "not offset.isascii() or " "" "$H -k 'since_with and memory'"
+# HTTP publishers and the listener (tests/security/test_hostile_http.py), each on both paths where it applies.
+run unauthenticated_body_front pusherd/front.py 'self.grant, refusal = authorize_head(self.front.daemon, head.authorizations)' 'self.grant, refusal = authorize_head(self.front.daemon, head.authorizations)[0], None' "tests/security/test_hostile_http.py -k 'refused_before_the_body and front'"
+run unauthenticated_body_tornado pusherd/handlers.py 'self._grant, refusal = authorize_head(self.daemon, self.request.headers.get_list("Authorization"))' 'self._grant, refusal = authorize_head(self.daemon, self.request.headers.get_list("Authorization"))[0], None' "tests/security/test_hostile_http.py -k 'refused_before_the_body and tornado'"
+run max_http_connections pusherd/front.py "if self.http_connections() >= limit and not self._make_room(limit):" "if False:" "tests/security/test_hostile_http.py -k 'max_http_connections or idle_connection_flood'"
+run idle_flood_evicted pusherd/front.py "if self.http_connections() >= limit and not self._make_room(limit):" "if self.http_connections() >= limit:" "tests/security/test_hostile_http.py -k idle_connection_flood"
+run keep_alive_last pusherd/front.py "for waiting in (self.fresh, self.idle):" "for waiting in (self.idle, self.fresh):" "tests/security/test_hostile_http.py -k idle_connection_flood"
+run header_timeout_once pusherd/front.py "params.header_timeout = max(0.0, deadline - stream.io_loop.time())" "pass" "tests/security/test_hostile_http.py -k 'one_header_timeout and front'"
+run head_431 pusherd/front.py "if (isinstance(exc_info, UnsatisfiableReadError)" "if (False" "tests/security/test_hostile_http.py -k 431"
+run after_connection_close pusherd/front.py "            return _Unanswerable()" "            pass" "tests/integration/test_fast_paths.py -k nothing_after_connection_close"
+run content_length_ascii pusherd/handlers.py "if not ASCII_DIGITS.fullmatch(content_length):" "if not content_length.isdigit():" "tests/security/test_hostile_http.py -k content_length_in_non_ascii"
+run since_ascii pusherd/history.py "if not sep or not epoch or not _OFFSET.fullmatch(offset):" "if not sep or not epoch or not offset.isdigit():" "tests/security/test_hostile_http.py -k since_offset"
+run vsn_ascii pusherd/protocol.py '_SEMVER = re.compile(r"^([0-9]+)\.([0-9]+)\.([0-9]+)' '_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)' "tests/security/test_hostile_http.py -k vsn_in_non_ascii"
+run token_time_ascii pusherd/tokens.py "if isinstance(value, str) and not _DIGITS.fullmatch(value):" "if False:" "tests/security/test_hostile_http.py -k token_exp_as_a_string"
+run retry_after_ascii pusherd/client.py 're.fullmatch(r"[0-9]{1,9}", value.strip())' 'value.strip().isdigit()' "tests/integration/test_client_module.py -k retry_after_not_in_ascii"
+run other_method_body pusherd/handlers.py "self._body.refused = True  # its body, if any, is read and dropped, never kept" "pass" "tests/security/test_hostile_http.py -k another_method"
+run upgrade_storm_log pusherd/handlers.py "            self.quiet_access_log = True" "            pass" "tests/security/test_hostile_http.py -k storm_of_upgrades"

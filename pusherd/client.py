@@ -18,6 +18,7 @@ is not retried: the event may have been delivered. Any other failure raises
 import http.client
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Union
@@ -155,7 +156,9 @@ def _reason(raw: bytes, fallback: str) -> str:
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
-    if value and value.strip().isdigit():
+    """Retry-After in seconds (ASCII digits: ``str.isdigit`` also takes "²", which float() refuses);
+    None for anything else, an HTTP date included."""
+    if value and re.fullmatch(r"[0-9]{1,9}", value.strip()):
         return min(float(value.strip()), MAX_RETRY_AFTER)
     return None
 

@@ -13,6 +13,7 @@ read so far, goes to Tornado's own `HTTPServer.handle_stream` for good.
 """
 
 import asyncio
+import copy
 import json
 import logging
 import socket
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Optional
 import tornado
 import tornado.httpserver
 from tornado import httputil
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from .handlers import answer_publish, body_too_large, log_access
+from .handlers import answer_publish, authorize_head, body_too_large, log_access
 from .http1 import MORE, OTHER, PublishHead, read_head
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,35 +40,186 @@ _RECV = 65536
 REQUESTS_PER_TURN = 16
 #: How often the deadlines of open connections are checked: a timeout fires up to this late.
 SWEEP_SECONDS = 0.5
+#: Largest request head Tornado's HTTP server reads (its ``max_header_size``); a longer one gets 431.
+MAX_HEADER_SIZE = 16384
+#: Retry-After of the 503 for a connection over max_http_connections.
+RETRY_AFTER_SECONDS = 1
+
+_DISCARD = bytearray(_RECV)  # where a refused connection's first bytes are read to and dropped
+
+
+def http_answer(status: int, answer: dict, headers=()) -> bytes:
+    """A whole answer after which the connection is closed, as PublishHandler would format it."""
+    data = json.dumps(answer).encode("utf-8")
+    lines = ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
+             "Server: TornadoServer/%s" % tornado.version,
+             "Content-Type: application/json; charset=utf-8",
+             "Date: " + httputil.format_timestamp(time.time()),
+             "Cache-Control: no-store",
+             "Connection: close"]
+    lines.extend("%s: %s" % pair for pair in headers)
+    lines.append("Content-Length: %d" % len(data))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin1") + data
 
 
 class Server(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server; with a `PublishConnections` in ``front``, new connections go to it."""
+    """Tornado's HTTP server; with a `PublishConnections` in ``front``, new connections go to it.
+
+    It also bounds the connections that are not (yet) WebSockets, publishers on the front and
+    connections in Tornado's HTTP server alike, to ``max_http_connections`` (an upgraded
+    connection leaves Tornado's and counts against ``max_connections`` instead). At the cap a
+    new connection is let in by closing the one that has waited longest for a request head:
+    first among connections that never completed a request (silent or slow ones), then among
+    keep-alive ones between requests. Only when every connection is inside a request is the
+    newcomer refused: 503 with Retry-After, then closed. So a flood of idle connections costs
+    its sender the race, not the WebSocket upgrades and publishers that send their heads.
+    """
 
     front: Optional["PublishConnections"] = None
+    daemon: Optional["Daemon"] = None  # max_http_connections and the refusal logs (set by Daemon.start)
+
+    def initialize(self, *args, **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        # Connections waiting for a request head, oldest first: never served a request yet
+        # (`fresh`), or keep-alive between requests (`idle`); entries are checked when used.
+        # Keys: a PublishConnection, or the IOStream of one of Tornado's connections (its
+        # HTTP1ServerConnection as the value once its serving loop has begun).
+        self.fresh: dict = {}
+        self.idle: dict = {}
+        self._evicted = set()  # streams closed here whose connection is not out of Tornado's _connections yet
+        # Handed-over streams -> the loop time their current head is due by (the front's deadline).
+        self._head_deadlines: "weakref.WeakKeyDictionary[IOStream, float]" = weakref.WeakKeyDictionary()
+
+    def http_connections(self) -> int:
+        """Connections not (yet) WebSockets: on the front, and in Tornado's HTTP server."""
+        front = self.front
+        return (len(front.open) if front is not None else 0) + len(self._connections) - len(self._evicted)
 
     def handle_stream(self, stream: IOStream, address) -> None:
+        daemon = self.daemon
+        if daemon is not None:
+            limit = daemon.settings.max_http_connections
+            if self.http_connections() >= limit and not self._make_room(limit):
+                self._refuse(stream, limit)
+                return
         front = self.front
-        if front is None or type(stream) is not IOStream:
+        if type(stream) is not IOStream:
             super().handle_stream(stream, address)
-        else:  # the stream has registered nothing with the loop yet: its socket is the front's
+        elif front is not None:  # the stream has registered nothing with the loop yet: its socket is the front's
             front.adopt(stream, address)
+        else:
+            stream.__class__ = _ServedIOStream
+            self.fresh[stream] = None
+            super().handle_stream(stream, address)
 
-    def hand_over(self, stream: IOStream, address, prefix: bytes) -> None:
-        """Serve `stream` as Tornado would have from the start, `prefix` being what it sent so far."""
+    def hand_over(self, stream: IOStream, address, prefix: bytes, head_deadline: float) -> None:
+        """Serve `stream` as Tornado would have from the start, `prefix` being what it sent so
+        far, its head due by `head_deadline` (loop time) as it was on the front."""
         _prefill(stream, prefix)
+        self._head_deadlines[stream] = head_deadline
+        self.fresh[stream] = None
         super().handle_stream(stream, address)
 
+    def start_request(self, server_conn, request_conn):
+        stream = server_conn.stream
+        if stream.closed():
+            # The previous request said Connection: close (or was refused before its body), and
+            # Tornado goes on parsing what it had buffered. RFC 9112 9.6: not executed.
+            return _Unanswerable()
+        if self._head_deadlines:
+            deadline = self._head_deadlines.pop(stream, None)
+            if deadline is not None:  # the head timeout started on the front: what is left of it
+                params = request_conn.params = copy.copy(request_conn.params)
+                params.header_timeout = max(0.0, deadline - stream.io_loop.time())
+        if getattr(server_conn, "pusherd_served", False):  # a keep-alive connection's next request
+            self.fresh.pop(stream, None)
+            self.idle.pop(stream, None)
+            self.idle[stream] = server_conn
+        else:
+            server_conn.pusherd_served = True
+            if stream in self.fresh:  # (not once given up as inside a request)
+                self.fresh[stream] = server_conn  # its place in the queue kept
+        return super().start_request(server_conn, request_conn)
 
-class _PrefilledIOStream(IOStream):
+    def on_close(self, server_conn) -> None:
+        stream = server_conn.stream
+        self.fresh.pop(stream, None)
+        self.idle.pop(stream, None)
+        self._evicted.discard(stream)
+        super().on_close(server_conn)
+
+    def _make_room(self, limit: int) -> bool:
+        """Close the connection that has waited longest for a request head; False if none waits."""
+        for waiting in (self.fresh, self.idle):
+            while waiting:
+                conn = next(iter(waiting))
+                server_conn = waiting.pop(conn)
+                if type(conn) is PublishConnection:
+                    if conn.sock is None or conn.head is not None or conn.busy or conn.out:
+                        continue  # gone, or inside a request: it registers again when it waits
+                    conn.close()
+                else:  # one of Tornado's: waiting if it has not begun, or reads up to a blank line
+                    if conn.closed() or (server_conn is not None and getattr(conn, "_read_regex", None) is None):
+                        continue
+                    conn.close()
+                    self._evicted.add(conn)
+                self.daemon.http_evictions.note(time.monotonic(), limit)
+                return True
+        return False
+
+    def _refuse(self, stream: IOStream, limit: int) -> None:
+        """503 to a connection over max_http_connections, then closed; it registered nothing yet."""
+        self.daemon.http_refusals.note(time.monotonic(), limit)
+        sock = stream.socket
+        try:
+            # What the client sent already is read (and dropped) first: closing a socket with
+            # unread bytes resets the connection, and the client may lose the answer.
+            sock.recv_into(_DISCARD)
+        except OSError:  # nothing yet (BlockingIOError), or gone
+            pass
+        try:
+            sock.send(http_answer(503, {"error": "too many HTTP connections"},
+                                  (("Retry-After", str(RETRY_AFTER_SECONDS)),)))
+        except OSError:
+            pass
+        stream.close()
+
+
+class _Unanswerable(httputil.HTTPMessageDelegate):
+    """A request read from a connection already closed: parsed by Tornado, handled by nothing."""
+
+
+class _ServedIOStream(IOStream):
+    """The class an IOStream wears while Tornado's HTTP server reads requests from it (until its
+    WebSocket opens: `handlers.SocketHandler.open` makes it a plain IOStream again).
+
+    A head over ``max_header_size`` gets a 431 here before the stream closes: Tornado closes
+    such a connection without a word (`close` is told why: UnsatisfiableReadError, while the
+    pending read is the head's, up to a blank line).
+    """
+
+    plain_class = IOStream
+
+    def close(self, exc_info=False) -> None:
+        if (isinstance(exc_info, UnsatisfiableReadError) and getattr(self, "_read_regex", None) is not None
+                and not self.closed() and not self.writing()):
+            try:
+                self.socket.send(http_answer(431, {"error": "request head larger than %d bytes" % MAX_HEADER_SIZE}))
+            except OSError:
+                pass
+        super().close(exc_info)
+
+
+class _PrefilledIOStream(_ServedIOStream):
     """The class an IOStream wears until its first read has returned the bytes already read
     from its socket (`read_from_fd` is the documented override point for a stream's reads).
 
     The whole prefix is returned by that first read (the read size is raised to fit): Tornado
     waits for the socket to be readable only after a read that did not satisfy it, and the
-    socket will not signal bytes it no longer holds. Then the stream is a plain IOStream again,
-    with the same instance dict as any other (the prefix waits in `_PREFIXES`, not on the
-    instance), so the outbox bypasses it and an open WebSocket costs no more than before.
+    socket will not signal bytes it no longer holds. Then the stream is a `_ServedIOStream`
+    (and a plain IOStream once its WebSocket opens), with the same instance dict as any other
+    (the prefix waits in `_PREFIXES`, not on the instance), so the outbox bypasses it and an
+    open WebSocket costs no more than before.
     """
 
     def read_from_fd(self, buf) -> Optional[int]:
@@ -79,7 +231,7 @@ class _PrefilledIOStream(IOStream):
             return n
         del _PREFIXES[self]
         self.read_chunk_size = chunk_size
-        self.__class__ = IOStream
+        self.__class__ = _ServedIOStream
         if not n:
             return IOStream.read_from_fd(self, buf)
         buf[:n] = prefix
@@ -149,8 +301,8 @@ class PublishConnection:
     ``http_body_timeout`` for a body, checked by `PublishConnections`'s sweep.
     """
 
-    __slots__ = ("front", "stream", "sock", "fd", "address", "remote_ip", "buf", "head", "out", "busy", "reading",
-                 "closing", "deadline", "started", "_readable_cb", "_writable_cb")
+    __slots__ = ("front", "stream", "sock", "fd", "address", "remote_ip", "buf", "head", "grant", "out", "busy",
+                 "reading", "closing", "deadline", "started", "_readable_cb", "_writable_cb")
 
     def __init__(self, front: PublishConnections, stream: IOStream, address):
         self.front = front
@@ -162,6 +314,7 @@ class PublishConnection:
                           else "0.0.0.0")
         self.buf = bytearray()
         self.head: Optional[PublishHead] = None
+        self.grant = None  # what the credential of `head` may publish
         self.out = b""  # answer bytes the socket has not taken yet
         self.busy = False  # a request is being answered
         self.reading = False
@@ -174,6 +327,7 @@ class PublishConnection:
         except OSError:
             pass  # not TCP (an inherited Unix socket)
         front.open.add(self)
+        front.server.fresh[self] = None  # waiting for its first request (Server._make_room)
         self.deadline = front.loop.time() + front.daemon.settings.http_header_timeout
         self._resume()
 
@@ -227,8 +381,13 @@ class PublishConnection:
                     self._hand_over()
                     return
                 self.started = time.time()
+                # As PublishHandler.prepare: a wrong credential or a body too large is answered
+                # before the body, which is never read (nor buffered); then the connection closes.
+                self.grant, refusal = authorize_head(self.front.daemon, head.authorizations)
+                if refusal is not None:
+                    self._respond(head, *refusal, refused=True)
+                    return
                 if head.content_length > settings.max_publish_bytes:
-                    # As Tornado: answered before the body, which is never read; then closed.
                     self._respond(head, 413, {"error": body_too_large(settings.max_publish_bytes)}, (),
                                   refused=True)
                     return
@@ -256,7 +415,7 @@ class PublishConnection:
         daemon = self.front.daemon
         self.busy = True
         daemon.requests.add(self)  # a shutdown lets it finish (Daemon.drain)
-        coro = answer_publish(daemon, head.authorizations, body, head.content_type)
+        coro = answer_publish(daemon, self.grant, body, head.content_type)
         try:
             awaited = coro.send(None)  # the memory broker never waits: answered right here
         except StopIteration as done:
@@ -313,6 +472,12 @@ class PublishConnection:
         if close:
             self.closing = True
             self._pause()
+        else:  # waiting for its next request: the last to be closed to make room (Server._make_room)
+            server = front.server
+            server.fresh.pop(self, None)
+            idle = server.idle
+            idle.pop(self, None)
+            idle[self] = None
         self.deadline = front.loop.time() + daemon.settings.http_header_timeout
         self._write("\r\n".join(lines).encode("latin1") + data)
 
@@ -362,9 +527,10 @@ class PublishConnection:
 
     def _hand_over(self) -> None:
         """Give the connection to Tornado, with the bytes it has sent so far."""
+        deadline = self.deadline
         sock, prefix = self._detach()
         if sock is not None:
-            self.front.server.hand_over(self.stream, self.address, prefix)
+            self.front.server.hand_over(self.stream, self.address, prefix, deadline)
         self.stream = None
 
     def _detach(self):
@@ -377,8 +543,11 @@ class PublishConnection:
         # No cycle left (self -> bound method -> self): freed at once, not by a later collection.
         self._readable_cb = self._writable_cb = None
         self.sock = None
-        self.front.open.discard(self)
-        self.front.daemon.requests.discard(self)
+        front = self.front
+        front.open.discard(self)
+        front.server.fresh.pop(self, None)
+        front.server.idle.pop(self, None)
+        front.daemon.requests.discard(self)
         prefix, self.buf = bytes(self.buf), bytearray()
         return sock, prefix
 

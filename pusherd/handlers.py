@@ -10,7 +10,7 @@ import logging
 import re
 import time
 import types
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import tornado.web
 import tornado.websocket
@@ -22,7 +22,7 @@ from .framing import text_frame
 from .core.origins import upgrade_allowed
 from .outbox import Outbox, lean_stream
 from .core.protocol import serializer_for_vsn
-from .core.publish import authorize, parse_body
+from .core.publish import Grant, authorize, parse_body
 from .core.session import Close, Publish, Recover, Send, Session, Subscribe, Unsubscribe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pusherd")
 access_log = logging.getLogger("pusherd.access")
+
+#: A number as it may come from the wire: ASCII digits only (``str.isdigit`` and ``\d`` also
+#: take "²" or "٣"). Tornado reads Content-Length the same way.
+ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 class RedactTornadoLog(logging.Filter):
@@ -66,7 +70,7 @@ def install_log_redaction() -> None:
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without query strings (tokens may travel there)."""
     daemon = getattr(handler, "daemon", None)
-    if daemon is not None and not daemon.settings.access_log:
+    if (daemon is not None and not daemon.settings.access_log) or getattr(handler, "quiet_access_log", False):
         return
     request = handler.request
     log_access(handler.get_status(), request.method, request.path, request.remote_ip, request.request_time())
@@ -76,6 +80,38 @@ def log_access(status: int, method: str, path: str, remote_ip: Optional[str], se
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if access_log.isEnabledFor(level):
         access_log.log(level, "%d %s %s (%s) %.1fms", status, method, path, remote_ip, 1000.0 * seconds)
+
+
+class StormLog:
+    """One log line per ``interval`` seconds at most for a refusal that comes in storms (a
+    connection limit reached), counting the refusals since the previous line: a storm of
+    thousands is a handful of lines, not one each. ``flush`` (from the daemon's sweep) reports
+    the last ones of a storm that stopped. Time comes in as ``now`` (time.monotonic)."""
+
+    __slots__ = ("message", "level", "interval", "pending", "args", "_quiet_until")
+
+    def __init__(self, message: str, level: int = logging.WARNING, interval: float = 10.0):
+        self.message = message  # %-formatted with the count, then the args of the latest note()
+        self.level = level
+        self.interval = interval
+        self.pending = 0
+        self.args: tuple = ()
+        self._quiet_until = float("-inf")
+
+    def note(self, now: float, *args) -> None:
+        self.pending += 1
+        self.args = args
+        if now >= self._quiet_until:
+            self._emit(now)
+
+    def flush(self, now: float) -> None:
+        if self.pending and now >= self._quiet_until:
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        log.log(self.level, self.message, self.pending, *self.args)
+        self.pending = 0
+        self._quiet_until = now + self.interval
 
 
 class JSONHandler(tornado.web.RequestHandler):
@@ -126,17 +162,26 @@ class HealthHandler(JSONHandler):
         self.send_json(200 if healthy else 503, body)
 
 
-async def answer_publish(daemon: "Daemon", authorizations: List[str], body: bytes, content_type: str):
-    """Authorize, validate and publish one POST /publish body: (status, JSON body, extra headers).
+def authorize_head(daemon: "Daemon", authorizations: List[str]):
+    """Decide a POST /publish credential from the request's head alone, before any body byte is
+    read: (its Grant, None), or (None, the 401 answer as (status, JSON body, extra headers)).
 
-    Shared by PublishHandler and the lean publisher connections in front.py, so both answer alike.
-    ``authorizations``: every Authorization header of the request.
+    Shared by PublishHandler and the lean publisher connections in front.py. After a 401 the
+    connection is closed: nothing of an unauthenticated body is ever buffered, and its unread
+    bytes cannot be skipped safely. ``authorizations``: every Authorization header of the request.
     """
     try:
-        grant = authorize(authorizations, daemon.publish_secrets)
+        return authorize(authorizations, daemon.publish_secrets), None
     except PublishError as exc:
         log.info("publish refused (401): %s", exc.reason)
-        return exc.status, {"error": exc.reason}, (("WWW-Authenticate", 'Bearer realm="pusherd", error="invalid_token"'),)
+        return None, (exc.status, {"error": exc.reason},
+                      (("WWW-Authenticate", 'Bearer realm="pusherd", error="invalid_token"'),))
+
+
+async def answer_publish(daemon: "Daemon", grant: Grant, body: bytes, content_type: str):
+    """Validate and publish one POST /publish body, its credential already decided by
+    `authorize_head`: (status, JSON body, extra headers). Shared by PublishHandler and the lean
+    publisher connections in front.py, so both answer alike."""
     try:
         broadcasts = parse_body(body, content_type, daemon.settings.max_topic_length)
         grant.check(broadcasts)
@@ -176,14 +221,22 @@ class PublishBody:
     def too_large(self) -> str:
         return body_too_large(self.limit)
 
-    def start(self, connection, content_length: Optional[str]) -> bool:
-        """False (refused) when Content-Length already says the body is too large."""
+    def start(self, connection, content_length: Optional[str]) -> Optional[Tuple[int, str]]:
+        """The refusal (status, reason) when the Content-Length header already tells, else None."""
         # Room past the limit so that add() (not Tornado's bare 400) answers a chunked body
         # that grows too large with a 413; one chunk larger than this still gets a 400.
         connection.set_max_body_size(self.limit + max(self.limit, 65536))
-        if content_length is not None and content_length.isdigit() and int(content_length) > self.limit:
+        if content_length is None:
+            return None
+        # ASCII digits only (str.isdigit() also takes "²", which int() then refuses); two
+        # Content-Length headers arrive joined by a comma and are refused here too.
+        if not ASCII_DIGITS.fullmatch(content_length):
             self.refused = True
-        return not self.refused
+            return 400, "invalid Content-Length"
+        if int(content_length) > self.limit:
+            self.refused = True
+            return 413, self.too_large
+        return None
 
     def add(self, chunk: bytes) -> bool:
         """Keep a chunk; False (refused, nothing kept) once the body is over the limit."""
@@ -205,14 +258,28 @@ class PublishHandler(JSONHandler):
     """POST /publish: the Rails app (or `pusherd publish`) hands events to every subscriber."""
 
     def prepare(self):
+        # Called once the head is read, before any of the body (stream_request_body).
         self._body = PublishBody(self.daemon.settings.max_publish_bytes)
-        if self.request.method == "POST" and not self._body.start(self.request.connection,
-                                                                  self.request.headers.get("Content-Length")):
-            self._refuse(413, self._body.too_large)
+        self._grant = None
+        if self.request.method != "POST":  # answered 405 by get() or by Tornado
+            self._body.refused = True  # its body, if any, is read and dropped, never kept
+            return
+        self._grant, refusal = authorize_head(self.daemon, self.request.headers.get_list("Authorization"))
+        if refusal is not None:
+            self._body.refused = True
+            status, answer, headers = refusal
+            self._refuse(status, answer["error"], headers)
+        else:
+            refusal = self._body.start(self.request.connection, self.request.headers.get("Content-Length"))
+            if refusal is not None:
+                self._refuse(*refusal)
 
-    def _refuse(self, status: int, reason: str) -> None:
-        # Tornado stops reading past set_max_body_size and closes: the rest is never buffered.
+    def _refuse(self, status: int, reason: str, headers=()) -> None:
+        # Answered before the body: Tornado passes no more of it here and closes the connection
+        # once the answer is sent (and stops reading past set_max_body_size): none is buffered.
         self.set_header("Connection", "close")
+        for name, value in headers:
+            self.set_header(name, value)
         self.send_json(status, {"error": reason})
 
     def data_received(self, chunk: bytes) -> None:
@@ -223,8 +290,7 @@ class PublishHandler(JSONHandler):
     async def post(self):
         if self._body.refused:
             return
-        status, body, headers = await answer_publish(self.daemon, self.request.headers.get_list("Authorization"),
-                                                     self._body.take(),
+        status, body, headers = await answer_publish(self.daemon, self._grant, self._body.take(),
                                                      self.request.headers.get("Content-Type", ""))
         for name, value in headers:
             self.set_header(name, value)
@@ -281,6 +347,13 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             self.finish(json.dumps({"error": "origin not allowed"}))
             return None
         if len(daemon.sockets) >= daemon.settings.max_connections or daemon.draining:
+            # Refusals come in storms (every client of a full or stopping process retries):
+            # counted in one line per 10 s at most, not an access log line each.
+            if daemon.draining:
+                daemon.draining_refusals.note(time.monotonic())
+            else:
+                daemon.upgrade_refusals.note(time.monotonic(), daemon.settings.max_connections)
+            self.quiet_access_log = True
             self.set_status(503)
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.set_header("Retry-After", "5")
@@ -312,6 +385,9 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args, **kwargs):
         daemon = self.daemon
         stream = self.ws_connection.stream
+        plain = getattr(type(stream), "plain_class", None)
+        if plain is not None:  # the class it wore while Tornado read HTTP from it (front._ServedIOStream)
+            stream.__class__ = plain
         self.session = Session(self.serializer, daemon.policy, time.time(), peer=self.request.remote_ip or "-")
         self.outbox = Outbox(stream, daemon.flush_queue.add, daemon.settings.max_outbox_bytes, self._slow_consumer,
                              on_drop=daemon.counters.dropped, direct=daemon.fast, rounds=daemon.flush_queue)

@@ -19,14 +19,14 @@ from .broker import Broadcast, Broker, MemoryBroker
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .core.errors import StartupError
 from .core.history import Rules, parse_position, pending_after
-from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, install_log_redaction,
-                       log_request)
+from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, StormLog,
+                       install_log_redaction, log_request)
 from .hub import Hub
 from .metrics import Counters
 from .outbox import FlushQueue
 from . import speedups
 from .core.origins import OriginPolicy
-from .front import PublishConnections, Server
+from .front import MAX_HEADER_SIZE, PublishConnections, Server
 from .core.session import Limits, Policy
 from .core.tokens import Verifier
 
@@ -104,6 +104,13 @@ class Daemon:
         self.requests = set()  # HTTP requests being handled (JSONHandler adds/removes itself)
         self.metrics_sockets: List[socket.socket] = []
         self.generation = 1  # config generation, +1 per successful reload
+        # Refusals that come in storms: one line per 10 s at most, with a count (StormLog).
+        self.upgrade_refusals = StormLog("refused %d WebSocket upgrade(s) with 503: max_connections (%d) reached")
+        self.draining_refusals = StormLog("refused %d WebSocket upgrade(s) with 503: shutting down", logging.INFO)
+        self.http_refusals = StormLog("refused %d new HTTP connection(s) with 503: max_http_connections (%d) reached,"
+                                      " every connection inside a request")
+        self.http_evictions = StormLog("closed %d HTTP connection(s) waiting for a request to let new ones in:"
+                                       " max_http_connections (%d) reached")
 
     # -- the application ------------------------------------------------------------------
 
@@ -160,10 +167,11 @@ class Daemon:
         server = Server(
             self._app,
             idle_connection_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
-            max_body_size=s.max_publish_bytes + 1, max_header_size=16384,
+            max_body_size=s.max_publish_bytes + 1, max_header_size=MAX_HEADER_SIZE,
             # Also each IOStream's read size: a 64 KB default buffer per read, during a storm
             # of thousands of handshakes, fragments the heap for good.
             chunk_size=16384)
+        server.daemon = self  # max_http_connections
         if self.fast:  # publisher connections on the lean path (front.py)
             server.front = PublishConnections(self, server)
         server.add_sockets(sockets)
@@ -193,6 +201,9 @@ class Daemon:
             except Exception:
                 log.exception("sweep failed for one socket")
         self.gc_freezer.maybe_refreeze(len(self.sockets))
+        monotonic = time.monotonic()
+        for storm in (self.upgrade_refusals, self.draining_refusals, self.http_refusals, self.http_evictions):
+            storm.flush(monotonic)
 
     def call_soon(self, callback: Callable) -> None:
         """Run `callback` at the end of this loop iteration (batched: one loop callback for all)."""
@@ -352,9 +363,7 @@ class Daemon:
             await asyncio.sleep(0.02)
 
     def _open_http_connections(self) -> int:
-        # Tornado keeps its HTTP connections (not the upgraded WebSockets) in this set.
-        return sum(len(getattr(server, "_connections", ())) + (len(server.front.open) if server.front else 0)
-                   for server in self._servers)
+        return sum(server.http_connections() for server in self._servers)
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -265,7 +265,8 @@ V1 = V1Serializer()
 V2 = V2Serializer()
 LEGACY = LegacyV1Serializer()
 
-_SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+# [0-9], not \d: a vsn of "٢.0.0" (Arabic-Indic digits) is no version Phoenix reads.
+_SEMVER = re.compile(r"^([0-9]+)\.([0-9]+)\.([0-9]+)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
 def serializer_for_vsn(vsn: Optional[str], legacy_path: bool = False) -> Optional[Serializer]:

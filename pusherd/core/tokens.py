@@ -19,6 +19,7 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 import time
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Tuple
@@ -28,6 +29,8 @@ import jwt
 from . import rails_csrf
 from .errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
 from .topics import TopicPattern, compile_patterns
+
+_DIGITS = re.compile(r"[0-9]+")  # a time claim given as a string (PyJWT accepts "1700000000")
 
 # Short development secrets ("development", "test") are legitimate here; config warns about
 # short production secrets once at start-up instead of PyJWT warning on every join.
@@ -180,6 +183,8 @@ class Verifier:
                 try:
                     if isinstance(value, bool):
                         raise ValueError
+                    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+                        raise ValueError  # ASCII digits only: int() would also read "٣٠٠", " 3" or "3_0"
                     times[name] = value if isinstance(value, (int, float)) else int(value)
                     if not math.isfinite(times[name]):
                         raise ValueError

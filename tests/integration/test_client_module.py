@@ -80,7 +80,7 @@ class _Unavailable(http.server.BaseHTTPRequestHandler):
             body, status = b'{"status": "ok", "published": 1}', 200
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Retry-After", "0")
+        self.send_header("Retry-After", self.server.retry_after)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -92,7 +92,7 @@ class _Unavailable(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def unavailable():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
-    server.bodies, server.fail = [], 2
+    server.bodies, server.fail, server.retry_after = [], 2, "0"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -105,6 +105,16 @@ def test_publish_retries_503_then_succeeds(unavailable):
     url = "http://127.0.0.1:%d" % unavailable.server_address[1]
     assert publish("public:x", "e", url=url, secret="s", backoff=0.01, sleep=sleeps.append)["published"] == 1
     assert sleeps == [0.01, 0.02] and unavailable.bodies == ["Bearer s"] * 3
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u00b9", "1\u00b3", "Wed, 21 Oct 2015 07:28:00 GMT", ""])
+def test_publish_retry_after_not_in_ascii_digits_falls_back_to_the_backoff(unavailable, value):
+    """Retry-After: ² passed str.isdigit() and then crashed float() with a ValueError out of publish()."""
+    unavailable.retry_after = value
+    sleeps = []
+    url = "http://127.0.0.1:%d" % unavailable.server_address[1]
+    assert publish("public:x", "e", url=url, secret="s", backoff=0.01, sleep=sleeps.append)["published"] == 1
+    assert sleeps == [0.01, 0.02]
 
 
 def test_publish_503_after_the_last_retry_raises_with_the_reason(unavailable):
