@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pusherd.core.broadcast import Broadcast  # noqa: E402
 from pusherd.config import HistoryRule  # noqa: E402
 from pusherd.core.history import Rules, Store  # noqa: E402
-from pusherd.redis_broker import RedisBroker  # noqa: E402
+from pusherd.brokers.redis import RedisBroker  # noqa: E402
 
 UNBOUNDED = dict(max_topics=10**6, max_bytes=10**12)
 

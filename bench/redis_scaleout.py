@@ -48,7 +48,7 @@ SHARED_LAUNCHER = r"""
 import sys
 sys.path.insert(0, sys.argv.pop(1))
 from pusherd import server
-from pusherd.redis_broker import RedisBroker
+from pusherd.brokers.redis import RedisBroker
 
 class SharedChannelRedisBroker(RedisBroker):
     '''Every event on one channel; each process filters by its local topics.'''
@@ -397,7 +397,7 @@ def receive_cost_us(redis_url: str, n: int = 20000) -> float:
     sys.path.insert(0, str(ROOT))
     import threading
     from pusherd.core.broadcast import Broadcast
-    from pusherd.redis_broker import RedisBroker, encode_envelope
+    from pusherd.brokers.redis import RedisBroker, encode_envelope
 
     async def measure_it():
         got = [0]

@@ -16,7 +16,7 @@ import tornado.web
 import tornado.websocket
 
 from .core import errors
-from .broker import Broadcast
+from .core.broadcast import Broadcast
 from .core.errors import BrokerUnavailable, PublishError
 from .framing import text_frame
 from .core.origins import upgrade_allowed

@@ -14,7 +14,7 @@ round are queued in the outboxes, to leave in one write per socket at the end of
 import logging
 from typing import Callable, Dict, Optional, Set
 
-from .broker import Broadcast
+from .core.broadcast import Broadcast
 from .framing import text_frame
 from .outbox import FlushQueue, Outbox
 

@@ -15,7 +15,8 @@ import tornado.netutil
 import tornado.web
 
 from .core.access import compile_event_patterns
-from .broker import Broadcast, Broker, MemoryBroker
+from .brokers import Broker, build_broker
+from .core.broadcast import Broadcast
 from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .core.errors import StartupError
 from .core.history import Rules, parse_position, pending_after
@@ -59,21 +60,6 @@ def build_limits(settings) -> Limits:
                   max_channels=settings.max_channels_per_socket, push_rate=settings.client_push_rate,
                   push_burst=settings.client_push_burst,
                   client_events=compile_event_patterns(settings.client_events))
-
-
-def build_broker(settings) -> Broker:
-    """`memory`, or a redis://, rediss:// or unix:// URL (redis-py is imported only then)."""
-    bounds = {"max_topics": getattr(settings, "max_history_topics", 10000),
-              "max_bytes": getattr(settings, "max_history_bytes", 64 * 1024 * 1024)}
-    if settings.broker == "memory":
-        return MemoryBroker(Rules(settings.history), settings.max_recovery, **bounds)
-    try:
-        from .redis_broker import RedisBroker
-    except ImportError as exc:
-        raise StartupError("broker %s needs redis-py >= 5: pip install 'pusherd[redis]' (%s)"
-                           % (settings.broker.split("://", 1)[0] + "://", exc)) from None
-    return RedisBroker(settings.broker, prefix=settings.broker_prefix, history_rules=Rules(settings.history),
-                       max_recovery=settings.max_recovery, **bounds)
 
 
 class Daemon:

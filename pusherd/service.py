@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any, List, Optional, Set
 
-from .broker import Broker
+from .brokers.base import Broker
 from .core import errors
 from .core.broadcast import Broadcast
 from .core.errors import BrokerUnavailable

@@ -10,7 +10,7 @@ import pytest
 
 from brokerkit import Node, redis_py, run
 from pusherd.core.broadcast import Broadcast
-from pusherd.broker import MemoryBroker
+from pusherd.brokers.memory import MemoryBroker
 from pusherd.core.errors import BrokerUnavailable
 
 
@@ -21,7 +21,7 @@ def make_broker(request):
         return MemoryBroker
     redis_py()
     server = request.getfixturevalue("redis_server")
-    from pusherd.redis_broker import RedisBroker
+    from pusherd.brokers.redis import RedisBroker
     return lambda: RedisBroker(server.url, prefix="contract")
 
 
@@ -131,7 +131,7 @@ def make_history_broker(request):
             rules_for(size, ttl, rules), max_recovery, **bounds)
     redis_py()
     server = request.getfixturevalue("redis_server")
-    from pusherd.redis_broker import RedisBroker
+    from pusherd.brokers.redis import RedisBroker
     return lambda size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds: RedisBroker(
         server.url, prefix="contract", history_rules=rules_for(size, ttl, rules), max_recovery=max_recovery,
         **bounds)

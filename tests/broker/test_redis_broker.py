@@ -17,8 +17,8 @@ from pusherd.core.broadcast import Broadcast
 from pusherd.core.errors import BrokerUnavailable
 
 redis_py()
-from pusherd import redis_broker  # noqa: E402
-from pusherd.redis_broker import RedisBroker, backoff_delay, decode_envelope, encode_envelope  # noqa: E402
+from pusherd.brokers import redis as redis_broker  # noqa: E402
+from pusherd.brokers.redis import RedisBroker, backoff_delay, decode_envelope, encode_envelope  # noqa: E402
 from pusherd.config.values import mask_url  # noqa: E402
 
 FAST = dict(backoff_base=0.02, backoff_cap=0.2, connect_timeout=0.5, command_timeout=1.0)
@@ -285,7 +285,7 @@ def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
     from types import SimpleNamespace
     from pusherd import server
     from pusherd.core.errors import StartupError
-    monkeypatch.setitem(sys.modules, "pusherd.redis_broker", None)   # as if redis-py were missing
+    monkeypatch.setitem(sys.modules, "pusherd.brokers.redis", None)   # as if redis-py were missing
     with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
         server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
     assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p", history=[], max_recovery=300))).__name__ == "MemoryBroker"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pusherd.core.broadcast import Broadcast
-from pusherd.broker import MemoryBroker
+from pusherd.brokers.memory import MemoryBroker
 from pusherd.config import HistoryRule
 from pusherd.core.history import (LIMIT_BYTES, LIMIT_TOPICS, STREAM_OVERHEAD, Rules, Store, Stream, decide_history,
                                   empty_position, empty_since, format_position, parse_position, pending_after)

@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 
 from pusherd import config, server  # noqa: E402
 from pusherd.core.broadcast import Broadcast  # noqa: E402
-from pusherd.broker import MemoryBroker  # noqa: E402
+from pusherd.brokers.memory import MemoryBroker  # noqa: E402
 from pusherd.core.protocol import V2  # noqa: E402
 from pusherd.core.session import Send, Subscribe  # noqa: E402
 

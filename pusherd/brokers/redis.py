@@ -76,11 +76,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .broker import Broadcast, Broker, Deliver, log_evictions
-from .config.values import mask_url
-from .core import protocol
-from .core.errors import BrokerUnavailable
-from .core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, decide_history, empty_since,
+from ..core.broadcast import Broadcast
+from .base import Broker, Deliver, log_evictions
+from ..config.values import mask_url
+from ..core import protocol
+from ..core.errors import BrokerUnavailable
+from ..core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, decide_history, empty_since,
                            format_position, new_epoch, parse_position)
 
 log = logging.getLogger("pusherd.broker")
