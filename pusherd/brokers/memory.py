@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..core.broadcast import Broadcast
 from ..core.errors import BrokerUnavailable
-from ..core.history import Recovery, Rules, Store
+from ..core.history import LIMIT_BYTES, LIMIT_TOPICS, Recovery, Rules, Store
 from .base import Broker, Deliver, log_evictions
 
 

@@ -283,12 +283,13 @@ def test_unix_socket_url(tmp_path):
 def test_build_broker_without_redis_py_is_a_clear_startup_error(monkeypatch):
     import sys
     from types import SimpleNamespace
-    from pusherd import server
+    from pusherd.brokers import build_broker
     from pusherd.core.errors import StartupError
+    bounds = {"max_history_topics": 10, "max_history_bytes": 1000, "history": [], "max_recovery": 300}
     monkeypatch.setitem(sys.modules, "pusherd.brokers.redis", None)   # as if redis-py were missing
     with pytest.raises(StartupError, match=r"pip install 'pusherd\[redis\]'"):
-        server.build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p"))
-    assert type(server.build_broker(SimpleNamespace(broker="memory", broker_prefix="p", history=[], max_recovery=300))).__name__ == "MemoryBroker"
+        build_broker(SimpleNamespace(broker="redis://h:6379/0", broker_prefix="p", **bounds))
+    assert type(build_broker(SimpleNamespace(broker="memory", broker_prefix="p", **bounds))).__name__ == "MemoryBroker"
 
 
 # -- history on Redis: one epoch and one offset sequence for every process --------------------
