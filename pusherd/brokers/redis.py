@@ -66,6 +66,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import random
 import secrets
 import time
@@ -82,7 +83,7 @@ from ..config.values import mask_url
 from ..core import protocol
 from ..core.errors import BrokerUnavailable
 from ..core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, decide_history, empty_since,
-                           format_position, new_epoch, parse_position)
+                           EPOCH_BYTES, format_position, new_epoch, parse_position)
 
 log = logging.getLogger("pusherd.broker")
 
@@ -302,7 +303,7 @@ class _Pending:
             return (b"PUBLISH", self.channel, self.data)
         meta, stream, registry, sizes, info, size, ttl_ms, topic, max_topics, max_bytes, prefix = self.history
         return (b"EVALSHA", sha, 5, meta, stream, registry, sizes, info, self.channel, self.data, size, ttl_ms,
-                new_epoch(), topic, max_topics, max_bytes, prefix)
+                new_epoch(os.urandom(EPOCH_BYTES)), topic, max_topics, max_bytes, prefix)
 
 
 class RedisBroker(Broker):
@@ -435,7 +436,8 @@ class RedisBroker(Broker):
         failed = [item.future.exception() for item in group if item.future.exception() is not None]
         if failed:
             raise BrokerUnavailable("%d of %d events published: %s" % (len(group) - len(failed), len(group),
-                                                                        failed[0]))
+                                                                        failed[0]),
+                                    published=len(group) - len(failed), total=len(group))
         return [b.position for b in broadcasts]
 
     def _admit(self, count: int) -> None:
