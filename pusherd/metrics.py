@@ -90,7 +90,8 @@ class Counters:
     """What the daemon counts for metrics, as plain ints (always kept; costs next to nothing)."""
 
     __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
-                 "latency", "replayed", "recoveries", "encodes", "delivered", "slow_consumer_closes")
+                 "latency", "replayed", "recoveries", "encodes", "delivered", "slow_consumer_closes",
+                 "connections_refused")
 
     def __init__(self):
         self.frames_received = 0                      # frames from clients
@@ -104,6 +105,7 @@ class Counters:
         self.encodes = 0                              # broadcast frames encoded (once per serializer)
         self.delivered = 0                            # broadcast frames handed to connections
         self.slow_consumer_closes = 0                 # connections closed as slow consumers
+        self.connections_refused = collections.Counter()  # reason -> connections refused at open
 
     def dropped(self, frames: int) -> None:
         self.frames_dropped += frames
@@ -199,6 +201,12 @@ class DaemonCollector:
             "Seconds from publish to the frames being handed to local sockets (per broadcast).",
             buckets=latency.buckets(), sum_value=latency.total)
 
+        refused = core.CounterMetricFamily("pusherd_connections_refused",
+                                           "Connections refused before they opened (upgrade or long-poll open), "
+                                           "by reason.", labels=["reason"])
+        for reason, n in sorted(counters.connections_refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
         yield core.CounterMetricFamily("pusherd_slow_consumer_closes", "Sockets closed as slow consumers.",
                                        value=counters.slow_consumer_closes)
         broker = core.GaugeMetricFamily("pusherd_broker_up", "1 when the broker takes publishes, else 0.",

@@ -611,3 +611,28 @@ def test_crit_header_is_refused_on_every_pyjwt(verifier, crit):
     publisher = jwt.encode({"exp": NOW + 60, "publish": ["a:*"]}, SECRET, algorithm="HS256", headers={"crit": crit})
     with pytest.raises(AuthError):
         verify_publish_token(publisher, [SECRET], now=NOW)
+
+
+# --- socket-level tokens -------------------------------------------------------------------------
+
+def test_socket_token_from_connect_params_or_the_auth_token():
+    from pusherd.core.tokens import socket_token
+    assert socket_token({}) == (None, None)
+    assert socket_token({"guardian_token": "g", "csrf_token": "c"}) == ("g", "c")
+    assert socket_token({"token": "t"}) == ("t", None)
+    assert socket_token({"guardian_token": "g", "token": "t"}) == ("g", None)   # Guardian's name first
+    assert socket_token({"guardian_token": "g", "csrf_token": "c"}, auth_token="a") == ("a", "c")
+
+
+@pytest.mark.parametrize("protocols,token", [
+    (["phoenix"], None),
+    ([], None),
+    (["phoenix", "base64url.bearer.phx." + base64.b64encode(b"a.b.c").decode().rstrip("=")], "a.b.c"),
+    (["phoenix", "base64url.bearer.phx." + base64.urlsafe_b64encode(b"x?y>z").decode().rstrip("=")], "x?y>z"),
+    (["phoenix", "base64url.bearer.phx.%%%"], ""),                 # not Base64: no usable token
+    (["phoenix", "base64url.bearer.phx." + base64.b64encode("é".encode()).decode()], ""),   # not ASCII
+    (["phoenix", "base64url.bearer.phx." + "A" * 40000], ""),     # absurdly long
+])
+def test_auth_token_from_subprotocols(protocols, token):
+    from pusherd.core.tokens import auth_token_from_subprotocols
+    assert auth_token_from_subprotocols(protocols) == token
