@@ -24,6 +24,7 @@ from .core.access import compile_event_patterns
 from .core.errors import StartupError
 from .core.fanout import Hub, PlainGroup
 from .core.origins import OriginPolicy
+from .core.presence import PresenceRule, PresenceRules
 from .core.session import Limits, Policy
 from .core.tokens import Verifier
 from .fast.listener import MAX_HEADER_SIZE, Server
@@ -52,16 +53,22 @@ STATUS_POLL_SECONDS = 1.0
 STATUS_EVERY_SECONDS = 10.0
 
 
-def build_config(settings, joins=None) -> Config:
-    """Everything connections and requests consult, from the settings (a reload builds anew)."""
+def presence_rules(settings) -> PresenceRules:
+    return PresenceRules(PresenceRule(r.topics, r.key, list(r.meta), r.limit) for r in settings.presence)
+
+
+def build_config(settings, joins=None, presence: Optional[PresenceRules] = None) -> Config:
+    """Everything connections and requests consult, from the settings (a reload builds anew).
+    ``presence``: the rules the process started with (a restart key: a reload keeps them)."""
     verifier = Verifier(settings.guardian_secrets, algorithm=settings.guardian_algorithm,
                         public_key=settings.guardian_public_key, issuers=settings.issuer)
     limits = Limits(heartbeat_timeout=settings.heartbeat_timeout, max_topic_length=settings.max_topic_length,
                     max_channels=settings.max_channels_per_socket, push_rate=settings.client_push_rate,
                     push_burst=settings.client_push_burst,
                     client_events=compile_event_patterns(settings.client_events))
-    return Config(settings=settings, policy=Policy(verifier, limits, joins), origins=OriginPolicy(settings.allowed_origins),
-                  publish_secrets=(settings.publish_secret,))
+    presence = presence_rules(settings) if presence is None else presence
+    return Config(settings=settings, policy=Policy(verifier, limits, joins, presence),
+                  origins=OriginPolicy(settings.allowed_origins), publish_secrets=(settings.publish_secret,))
 
 
 class Daemon:
@@ -84,7 +91,13 @@ class Daemon:
             self.rounds = FlushQueue()
             make_group = direct_group(self.rounds, PlainGroup)
         hub = Hub(self.broker.subscribe, self.broker.unsubscribe, make_group=make_group, counters=counters)
-        self.service = Service(self.broker, build_config(settings, counters.joins), counters, hub, freezer)
+        config = build_config(settings, counters.joins)
+        presence = None
+        if config.policy.presence:
+            from .presence_service import PresenceService
+            presence = PresenceService(config.policy.presence, self.broker.presence_backplane(settings.presence_ttl),
+                                       hub, counters, interval=settings.presence_interval)
+        self.service = Service(self.broker, config, counters, hub, freezer, presence)
         self._servers: List[Server] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
@@ -124,6 +137,8 @@ class Daemon:
             from .metrics import MetricsServer
             self.metrics = MetricsServer(self.service, self.settings.metrics)  # MetricsUnavailable without the client
         await self.broker.start(self.service.deliver)
+        if self.service.presence is not None:
+            await self.service.presence.start()
         s = self.settings
         if sockets is None:
             sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)
@@ -170,7 +185,7 @@ class Daemon:
     def reload(self, settings) -> List[str]:
         """Apply what can change live; return the keys that need a restart to take effect."""
         restart = self._boot_settings.restart_required(settings)  # a listen change stays pending
-        self.service.reload(build_config(settings, self.service.counters.joins))
+        self.service.reload(build_config(settings, self.service.counters.joins, self.service.config.policy.presence))
         if self._app is not None:
             self._app.settings["websocket_max_message_size"] = settings.max_frame_bytes
         for server in self._servers:  # new connections get the new HTTP timeouts
@@ -227,6 +242,8 @@ class Daemon:
         for sock in self.metrics_sockets:
             sock.close()
         self.metrics_sockets = []
+        if self.service.presence is not None:  # this process's entries leave, before the broker goes
+            await self.service.presence.close()
         await self.broker.close()
 
 

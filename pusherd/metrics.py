@@ -91,7 +91,8 @@ class Counters:
 
     __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
                  "latency", "replayed", "recoveries", "encodes", "delivered", "slow_consumer_closes",
-                 "connections_refused")
+                 "connections_refused", "presence_diffs", "presence_states", "presence_encodes",
+                 "presence_untracked")
 
     def __init__(self):
         self.frames_received = 0                      # frames from clients
@@ -105,6 +106,10 @@ class Counters:
         self.encodes = 0                              # broadcast frames encoded (once per serializer)
         self.delivered = 0                            # broadcast frames handed to connections
         self.slow_consumer_closes = 0                 # connections closed as slow consumers
+        self.presence_diffs = 0                       # presence_diff broadcasts delivered here
+        self.presence_states = 0                      # presence_state pushes to joiners
+        self.presence_encodes = 0                     # presence_state payloads encoded (once per version)
+        self.presence_untracked = collections.Counter()   # joiners of presence topics not listed, by reason
         self.connections_refused = collections.Counter()  # reason -> connections refused at open
 
     def dropped(self, frames: int) -> None:
@@ -237,6 +242,31 @@ class DaemonCollector:
         yield evictions
         yield core.GaugeMetricFamily("pusherd_draining", "1 while the daemon drains its sockets to stop.",
                                      value=1 if service.draining else 0)
+        presence = service.presence
+        if presence is not None:
+            stats = presence.stats()
+            yield core.GaugeMetricFamily("pusherd_presence_tracked",
+                                         "Presence entries (connections listed on a presence topic) of this "
+                                         "process.", value=stats["tracked"])
+            yield core.GaugeMetricFamily("pusherd_presence_listed",
+                                         "Presence entries of every process on the presence topics this process "
+                                         "holds a list of.", value=stats["listed"])
+            yield core.GaugeMetricFamily("pusherd_presence_topics", "Presence topics this process holds a list of.",
+                                         value=stats["topics"])
+            untracked = core.CounterMetricFamily(
+                "pusherd_presence_untracked", "Joins of presence topics not listed, by reason (anonymous, bad_key, "
+                "bad_meta, topic_full).", labels=["reason"])
+            for reason in ("anonymous", "bad_key", "bad_meta", "topic_full"):
+                untracked.add_metric([reason], counters.presence_untracked[reason])
+            yield untracked
+            yield core.CounterMetricFamily("pusherd_presence_diffs", "presence_diff broadcasts delivered to local "
+                                           "members (one per topic per window at most, per process).",
+                                           value=counters.presence_diffs)
+            yield core.CounterMetricFamily("pusherd_presence_states", "presence_state pushes to joiners.",
+                                           value=counters.presence_states)
+            yield core.CounterMetricFamily("pusherd_presence_state_encodes",
+                                           "presence_state payloads encoded (once per version of a list).",
+                                           value=counters.presence_encodes)
 
 
 def build_registry(service: "Service"):

@@ -23,7 +23,8 @@ from .core.broadcast import Broadcast
 from .core.errors import BrokerUnavailable
 from .core.fanout import Hub
 from .core.origins import OriginPolicy
-from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Unsubscribe
+from .core.presence import NotTracked
+from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Track, Unsubscribe, Untrack
 from .logs import StormLog
 from .metrics import Counters
 
@@ -85,14 +86,20 @@ class Service:
 
     ``freezer``: the process's garbage-collector freezer (fast/gc.py), told of every connection
     that opens and closes; None to leave the collector alone (tests, PUSHERD_FAST=0).
+    ``presence``: the process's `PresenceService` (None: no presence topics; one over the
+    broker's backplane is made when the policy lists presence topics).
     """
 
     def __init__(self, broker: Broker, config: Config, counters: Optional[Counters] = None,
-                 hub: Optional[Hub] = None, freezer=None):
+                 hub: Optional[Hub] = None, freezer=None, presence=None):
         self.broker = broker
         self.config = config
         self.counters = counters if counters is not None else Counters()
         self.hub = hub if hub is not None else Hub(broker.subscribe, broker.unsubscribe, counters=self.counters)
+        if presence is None and config.policy.presence:
+            from .presence_service import PresenceService
+            presence = PresenceService(config.policy.presence, broker.presence_backplane(), self.hub, self.counters)
+        self.presence = presence
         self.freezer = freezer
         self.connections: Set[Connection] = set()
         self.requests: Set[Any] = set()   # HTTP requests being answered (a drain lets them finish)
@@ -112,7 +119,7 @@ class Service:
             self.freezer.on_open()
 
     def closed(self, conn: Connection) -> None:
-        """The connection is gone: out of every topic, its session ended."""
+        """The connection is gone: out of every topic and presence list, its session ended."""
         if conn not in self.connections:
             return
         self.connections.discard(conn)
@@ -120,10 +127,7 @@ class Service:
             self.freezer.on_close()
         session = conn.session
         if session is not None:
-            for topic in list(session.channels):
-                self.hub.unsubscribe(topic, conn)
-            session.channels.clear()
-            session.closed = True
+            self.execute(conn, session.end())
 
     def refusal(self) -> Optional[str]:
         """Why one more connection cannot open (draining, or ``max_connections`` reached), noted
@@ -159,14 +163,23 @@ class Service:
                 self.join(conn, action)
             elif kind is Publish:
                 self.spawn(self._push(conn, action))
+            elif kind is Track:
+                self.presence.track(conn, action)
+            elif kind is Untrack:
+                self.presence.untrack(conn, action)
             elif kind is Close:
                 conn.close_with(action.code, action.reason)
 
     def join(self, conn: Connection, join: Join) -> None:
-        """Answer a join: at once when the broker already delivers the topic here, else once it
-        has confirmed the subscription (or read the history after ``since``)."""
-        if not join.recover and self.broker.active(join.topic):
-            self.execute(conn, conn.session.joined(join))
+        """Answer a join: at once when the broker already delivers the topic here (and holds its
+        presence list, on a presence topic), else once it has confirmed the subscription (or
+        read the history after ``since``) and the list is read."""
+        presence = self.presence if join.presence is not None else None
+        if isinstance(join.presence, NotTracked):
+            self.counters.presence_untracked[join.presence.reason] += 1
+        if not join.recover and self.broker.active(join.topic) and (presence is None or presence.ready(join.topic)):
+            state = presence.state_text(join.topic) if presence is not None else None
+            self.execute(conn, conn.session.joined(join, presence_state=state))
         else:
             self.spawn(self._join_when_ready(conn, join))
 
@@ -193,7 +206,11 @@ class Service:
                 except Exception as exc:  # broker down: joined all the same, delivery resumes with it
                     log.debug("subscription to %.200s not confirmed by the broker: %s", topic,
                               exc or type(exc).__name__)
-            self.execute(conn, conn.session.joined(join, recovery, held))
+            state = None
+            if join.presence is not None and self.presence is not None:
+                await self.presence.prepare(topic)
+                state = self.presence.state_text(topic)
+            self.execute(conn, conn.session.joined(join, recovery, held, state))
         finally:
             self.hub.release(topic, held)
 
@@ -241,6 +258,8 @@ class Service:
             except Exception:
                 log.exception("sweep failed for one connection")
         self.refusals.flush(time.monotonic())
+        if self.presence is not None:
+            self.presence.sweep(now)
         if self.freezer is not None:
             self.freezer.maybe_refreeze(len(self.connections))
 

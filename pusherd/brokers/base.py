@@ -6,11 +6,12 @@ The same contract suite (tests/broker/test_contract.py) runs against every broke
 """
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..core.broadcast import Broadcast
 from ..core.errors import BrokerUnavailable
 from ..core.history import LIMIT_BYTES, LIMIT_TOPICS, Recovery
+from ..core.presence import Diff, Entry
 
 log = logging.getLogger("pusherd.broker")
 
@@ -88,5 +89,56 @@ class Broker:
     def describe(self) -> str:
         return self.name
 
+    def presence_backplane(self, ttl: float = 15.0) -> "PresenceBackplane":
+        """Where the presence lists of this broker's processes meet (pusherd/presence_service.py
+        drives it); ``ttl``: how long a process may stay silent before its members leave. This
+        default serves one process: nothing to share."""
+        return PresenceBackplane()
+
     async def close(self) -> None:
         pass
+
+
+class PresenceBackplane:
+    """How the processes of one broker share presence: each process's entries (its truth) kept
+    where the others can read them, each process's diffs carried to the others, and word of a
+    process that died. This base class is the one-process version: nothing is shared, nothing
+    can fail; a broker with several processes returns a subclass (brokers/redis_presence.py)
+    and states its consistency model there.
+
+    ``start(owner)`` hands over the owner (the process's `PresenceService`), which the
+    backplane calls back on the event loop: ``owner.remote_diff(node, topic, diff)`` for another
+    process's diff, ``owner.node_down(node)`` when a process is found dead,
+    ``owner.nodes_alive(nodes)`` with the processes alive (after each heartbeat), ``await
+    owner.resync(renamed_from)`` when what the backplane holds may differ from what this process
+    holds (after an outage; ``renamed_from``: this process was given up for dead under that
+    node id and goes on under `node`), and ``owner.write_failed(topic)``.
+    """
+
+    #: True: a single process. Lists start empty and are ready at once; nothing is written.
+    local = True
+    #: Seconds within which the members of a process that died leave every list (None: no
+    #: other processes).
+    ttl: Optional[float] = None
+
+    def __init__(self, node: str = "local"):
+        self.node = node
+
+    async def start(self, owner) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        return True
+
+    async def snapshot(self, topic: str) -> Tuple[List[Entry], Set[str]]:
+        """Every process's entries on `topic` as the backplane holds them, and the node ids of
+        the processes alive. Raises BrokerUnavailable when it cannot be read."""
+        return [], {self.node}
+
+    def write(self, topic: str, diff: Diff) -> None:
+        """This process's diff on `topic` (its window's joins and leaves): kept, and carried to
+        every other process, in the order written. A write that fails is reported to the owner
+        (``write_failed``), which resynchronises the topic."""
+
+    async def close(self) -> None:
+        """Flush what is written and say goodbye: this process's entries leave at once."""

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..core.presence import PresenceRule
 from . import values as v
 from .sources import DEV_ENVIRONMENTS, FAILED, UNSET, Section
 
@@ -54,6 +55,18 @@ class HistoryRule:
     size: int
     ttl: float
     client_pushes: bool = False
+
+
+@dataclass(frozen=True)
+class PresenceSetting:
+    """List who is on topics matching ``topics``: one member per ``sub[key]`` (a user with two
+    tabs is one member with two metas), showing the ``sub`` fields named in ``meta`` and nothing
+    else of the token; at most ``limit`` entries (connections) per topic."""
+
+    topics: str
+    key: str = "id"
+    meta: Tuple[str, ...] = ()
+    limit: int = 1000
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,7 @@ def _read_demo_assets(s: Section, read: Dict[str, Any]) -> Any:
 
 
 _METRICS_KEYS = ("listen", "token")
+_PRESENCE_KEYS = ("topics", "key", "meta", "limit")
 _HISTORY_KEYS = ("topics", "size", "ttl", "client_pushes")
 _HISTORY_REQUIRED = ("topics", "size", "ttl")
 
@@ -196,6 +210,46 @@ def _read_history(s: Section, read: Dict[str, Any]) -> Any:
     return tuple(rules) if ok else FAILED
 
 
+def _read_presence(s: Section, read: Dict[str, Any]) -> Any:
+    entries = s.items("presence", accept_string=False)
+    if entries is UNSET:
+        return ()
+    if entries is FAILED:
+        return FAILED
+    rules, ok = [], True
+    for label, entry in entries:
+        mapping = s.mapping(label, entry, _PRESENCE_KEYS)
+        if mapping is None:
+            ok = False
+            continue
+        if mapping.get("topics") is None:
+            s.add(f"{label}.topics", "required (a topic pattern, e.g. 'private:*')")
+            ok = False
+            continue
+        topics = s.sub(f"{label}.topics", mapping["topics"], v.string)
+        key = s.sub(f"{label}.key", mapping["key"], v.string) if mapping.get("key") is not None else "id"
+        meta: Any = ()
+        if mapping.get("meta") is not None:
+            raw = mapping["meta"]
+            if not isinstance(raw, list):
+                s.add(f"{label}.meta", f"expected a list of sub field names, got {v.show(raw)}")
+                meta = FAILED
+            else:
+                meta = s.each([(f"{label}.meta[{i}]", f) for i, f in enumerate(raw)], v.string)
+        limit = s.sub(f"{label}.limit", mapping["limit"], v.count(1)) if mapping.get("limit") is not None else 1000
+        if FAILED in (topics, key, meta, limit):
+            ok = False
+            continue
+        try:
+            PresenceRule(topics, key, list(meta), limit)  # the rule's own checks (reserved names, sizes)
+        except ValueError as exc:
+            s.add(label, str(exc))
+            ok = False
+            continue
+        rules.append(PresenceSetting(topics=topics, key=key, meta=tuple(meta), limit=limit))
+    return tuple(rules) if ok else FAILED
+
+
 # --- the keys ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +297,9 @@ class Settings:
     max_recovery: int = key(300, v.count(0), restart=True)
     max_history_topics: int = key(10000, v.count(1), restart=True)
     max_history_bytes: int = key(64 * 1024 * 1024, v.size, restart=True)
+    presence: Tuple[PresenceSetting, ...] = key((), read=_read_presence, restart=True)
+    presence_interval: float = key(0.1, v.duration(), restart=True)
+    presence_ttl: float = key(15.0, v.duration(), restart=True)
     log_level: str = key("info", v.choice(LOG_LEVELS, aliases={"warn": "warning"}))
     access_log: bool = key(True, v.boolean)
 
@@ -261,7 +318,7 @@ class Settings:
                 value = [v.MASK for _ in value] if isinstance(value, tuple) else (v.MASK if value else None)
             elif isinstance(value, MetricsSettings):
                 value = value.masked()
-            elif f.name == "history":
+            elif f.name in ("history", "presence"):
                 value = [dataclasses.asdict(rule) for rule in value]
             else:
                 value = _shown(f, value)

@@ -63,7 +63,7 @@ refused (`NotTracked`), never truncated.
 import base64
 import json
 import math
-from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from .topics import TopicPattern
 
@@ -349,6 +349,10 @@ class PresenceState:
 
     def count_of(self, node: str) -> int:
         return self._nodes.get(node, 0)
+
+    def nodes(self) -> Set[str]:
+        """The nodes with at least one entry here."""
+        return set(self._nodes)
 
     def keys(self) -> int:
         """Number of distinct keys (members)."""

@@ -189,6 +189,12 @@ class Serializer:
     def encode_broadcast(self, topic: str, event: str, payload: dict, ref: Any = None) -> str:
         return self.encode(Message(None, ref, topic, event, payload))
 
+    def encode_push_text(self, join_ref: Any, topic: str, event: str, payload_text: str) -> str:
+        """A server push to one channel (ref null) around a payload already encoded as JSON
+        text: what ``encode(Message(join_ref, None, topic, event, payload))`` returns, without
+        encoding the payload again (a large ``presence_state`` is encoded once for every joiner)."""
+        raise NotImplementedError
+
 
 class V1Serializer(Serializer):
     """vsn 1.0.x: JSON objects. The encoder never emits join_ref (phoenix.js 1.2 ignores it)."""
@@ -204,6 +210,9 @@ class V1Serializer(Serializer):
 
     def encode(self, msg: Message) -> str:
         return _dumps({"topic": msg.topic, "event": msg.event, "payload": msg.payload, "ref": msg.ref})
+
+    def encode_push_text(self, join_ref, topic, event, payload_text):
+        return '{"topic":%s,"event":%s,"payload":%s,"ref":null}' % (_dumps(topic), _dumps(event), payload_text)
 
 
 class LegacyV1Serializer(V1Serializer):
@@ -236,6 +245,9 @@ class V2Serializer(Serializer):
 
     def encode(self, msg: Message) -> str:
         return _dumps([msg.join_ref, msg.ref, msg.topic, msg.event, msg.payload])
+
+    def encode_push_text(self, join_ref, topic, event, payload_text):
+        return "[%s,null,%s,%s,%s]" % (_dumps(join_ref), _dumps(topic), _dumps(event), payload_text)
 
     def decode_binary(self, data: bytes) -> MalformedFrame:
         """Read the header of a binary push (phoenix.js >= 1.5.7, ArrayBuffer payloads).

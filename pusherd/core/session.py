@@ -1,9 +1,11 @@
 """The per-socket Phoenix Channels state machine: frames in, actions out, no I/O.
 
 ``Session.receive(frame, now)`` and ``Session.tick(now)`` return a list of actions for the
-adapter to carry out in order (`Send`, `Join`, `Subscribe`, `Unsubscribe`, `Publish`, `Close`).
-A join is answered in two steps, so that the whole join flow is decided here: `Join` says what
-the broker must do first, `Session.joined` what follows once it has (reply, replay, subscribe).
+adapter to carry out in order (`Send`, `Join`, `Subscribe`, `Unsubscribe`, `Publish`, `Close`,
+`Track`, `Untrack`). A join is answered in two steps, so that the whole join flow is decided
+here: `Join` says what the broker must do first, `Session.joined` what follows once it has
+(reply, presence list, replay, subscribe, tracking). `Session.end` is what a connection that
+went away leaves behind (every topic, every presence entry).
 Client input never raises: a bad frame becomes an error reply with a stable reason, or a close.
 That is what keeps one bad client from disturbing anyone else, and it lets the whole protocol
 be tested by feeding frames to a session and looking at the actions.
@@ -17,8 +19,12 @@ from . import errors
 from .access import EventPattern, may_listen, may_publish, may_push_event
 from .errors import AuthError
 from .history import Recovery, format_position, parse_position, pending_after
+from .presence import ANONYMOUS, Member, NotTracked, PresenceRules, identify
 from .protocol import (HEARTBEAT, PHOENIX_TOPIC, PHX_CLOSE, PHX_JOIN, PHX_LEAVE, MalformedFrame,
                        Message, Serializer, UndecodableFrame, is_reserved_event, is_valid_event)
+
+PRESENCE_STATE = "presence_state"
+PRESENCE_DIFF = "presence_diff"
 from .tokens import Claims, Verifier
 from .topics import is_public, is_valid_topic
 
@@ -83,11 +89,16 @@ class Join:
     subscription confirmed) — while holding the topic's broadcasts, then carries out
     ``session.joined(join, recovery, held)``: the reply, what was missed, what was held, in
     order, then the subscription. With nothing to wait for it may call ``joined(join)`` at once.
-    """
-    __slots__ = ("topic", "join_ref", "ref", "since", "params")
 
-    def __init__(self, topic, join_ref, ref, since, params):
+    ``presence``: None off presence topics; else who the joiner is there (`presence.Member`) or
+    why it is not tracked (`presence.NotTracked`). On a presence topic the adapter also makes
+    the topic's presence list ready and passes it, encoded, as ``joined(..., presence_state=)``.
+    """
+    __slots__ = ("topic", "join_ref", "ref", "since", "params", "presence")
+
+    def __init__(self, topic, join_ref, ref, since, params, presence=None):
         self.topic, self.join_ref, self.ref, self.since, self.params = topic, join_ref, ref, since, params
+        self.presence = presence
 
     @property
     def recover(self) -> bool:
@@ -96,6 +107,30 @@ class Join:
 
     def __repr__(self):
         return "Join(%r%s)" % (self.topic, ", since=%r" % self.since if self.since is not None else "")
+
+
+class Track:
+    """Add this connection to the presence list of `topic` as `member` (after its join's reply,
+    presence list and subscription): the adapter draws the phx_ref and broadcasts the join."""
+    __slots__ = ("topic", "join_ref", "member")
+
+    def __init__(self, topic: str, join_ref: Any, member: Member):
+        self.topic, self.join_ref, self.member = topic, join_ref, member
+
+    def __repr__(self):
+        return "Track(%r, %r)" % (self.topic, self.member.key)
+
+
+class Untrack:
+    """Take this connection's entry of the channel joined with `join_ref` off `topic`'s presence
+    list (leave, rejoin, token expiry, the connection gone): the adapter broadcasts the leave."""
+    __slots__ = ("topic", "join_ref")
+
+    def __init__(self, topic: str, join_ref: Any):
+        self.topic, self.join_ref = topic, join_ref
+
+    def __repr__(self):
+        return "Untrack(%r)" % self.topic
 
 
 class Close:
@@ -128,21 +163,24 @@ class Policy:
     hands it to every open session (``session.policy = new``).
 
     ``joins``, when given, is a Counter the sessions tally join outcomes in ("ok" or the
-    refusal reason), for metrics; the same Counter outlives reloads.
+    refusal reason), for metrics; the same Counter outlives reloads. ``presence``: the topics
+    whose members are listed (`presence.PresenceRules`).
     """
 
     verifier: Verifier
     limits: Limits = Limits()
     joins: Optional[Counter] = None
+    presence: PresenceRules = PresenceRules()
 
 
 class Channel:
-    __slots__ = ("topic", "join_ref", "claims", "expires_at")
+    __slots__ = ("topic", "join_ref", "claims", "expires_at", "tracked")
 
     def __init__(self, topic: str, join_ref: Any, claims: Optional[Claims]):
         self.topic = topic
         self.join_ref = join_ref
         self.claims = claims
+        self.tracked = False     # a Track was issued for it: its end issues an Untrack
         # A public topic joined without a token never expires.
         self.expires_at = claims.exp if claims is not None and not is_public(topic) else None
 
@@ -217,7 +255,7 @@ class Session:
         old = self.channels.pop(topic, None)
         if old is not None:
             # Phoenix >= 1.2: close the existing channel, then process the new join.
-            actions += [Send(self._encode(old.join_ref, old.join_ref, topic, PHX_CLOSE, {})), Unsubscribe(topic)]
+            actions += [Send(self._encode(old.join_ref, old.join_ref, topic, PHX_CLOSE, {}))] + self._ended(old)
         if len(self.channels) >= limits.max_channels:
             return actions + [self._refuse(msg, join_ref, errors.TOO_MANY_CHANNELS, "channel limit reached")]
         claims = None
@@ -246,7 +284,15 @@ class Session:
         if self.policy.joins is not None:
             self.policy.joins["ok"] += 1
         since = msg.payload.get("since")
-        return actions + [Join(topic, join_ref, msg.ref, since if isinstance(since, str) else None, msg.payload)]
+        presence = None
+        rule = self.policy.presence.rule_for(topic) if self.policy.presence else None
+        if rule is not None:
+            presence = identify(rule, claims.sub if claims is not None else None)
+            if isinstance(presence, NotTracked) and presence.reason != ANONYMOUS:
+                log.info("%s: not listed on %.200s: %s%s", self.peer, topic, presence.reason,
+                         " (sub field %s)" % presence.field if presence.field else "")
+        return actions + [Join(topic, join_ref, msg.ref, since if isinstance(since, str) else None, msg.payload,
+                               presence)]
 
     def _refuse(self, msg: Message, join_ref: Any, reason: str, detail: str) -> Send:
         log.info("%s: join refused topic=%.200s reason=%s (%s)", self.peer, msg.topic, reason, detail)
@@ -259,8 +305,15 @@ class Session:
         join_ref = channel.join_ref if channel is not None else msg.join_ref
         actions: List[object] = [self._reply(join_ref, msg.ref, msg.topic, "ok", {})]
         if channel is not None:
-            actions += [Send(self._encode(join_ref, join_ref, msg.topic, PHX_CLOSE, {})), Unsubscribe(msg.topic)]
+            actions += [Send(self._encode(join_ref, join_ref, msg.topic, PHX_CLOSE, {}))] + self._ended(channel)
         return actions
+
+    @staticmethod
+    def _ended(channel: Channel) -> List[object]:
+        """What a channel that ends leaves behind: its subscription, its presence entry."""
+        if channel.tracked:
+            return [Unsubscribe(channel.topic), Untrack(channel.topic, channel.join_ref)]
+        return [Unsubscribe(channel.topic)]
 
     def _push(self, msg: Message, now: float) -> List[object]:
         channel = self.channels.get(msg.topic)
@@ -296,12 +349,19 @@ class Session:
 
     # -- answers for the adapter ----------------------------------------------------------
 
-    def joined(self, join: Join, recovery: Optional[Recovery] = None, held: Sequence = ()) -> List[object]:
+    def joined(self, join: Join, recovery: Optional[Recovery] = None, held: Sequence = (),
+               presence_state: Optional[str] = None) -> List[object]:
         """The rest of `join`, once the broker is ready: the reply, then (a join with ``since``) the
         broadcasts it missed, then those `held` while the broker was asked (minus the ones the
         replay already covered), then the subscription. Nothing if the channel was left, rejoined
         or closed meanwhile. `recovery`: the broker's answer for a join with ``since`` (None when
-        it could not be asked: the page is told ``recovered: false``)."""
+        it could not be asked: the page is told ``recovered: false``).
+
+        On a presence topic, `presence_state` is the topic's list as this process holds it now,
+        encoded as JSON text: it is pushed right after the reply (phoenix.js 1.4+ applies no diff
+        before it, on every join and rejoin), held ``presence_diff`` broadcasts are dropped (the
+        list already has them), and a tracked joiner is `Track`ed once subscribed: its own entry
+        reaches everyone, itself included, in the next diff."""
         channel = self.channels.get(join.topic)
         if self.closed or channel is None or channel.join_ref != join.join_ref:
             return []
@@ -317,8 +377,15 @@ class Session:
                             for e in recovery.missed]
             last = parse_position(recovery.position) if recovery and recovery.position else None
             held = pending_after(held, last[1] if last else 0)
+        if join.presence is not None:
+            actions.insert(1, Send(self.serializer.encode_push_text(join.join_ref, topic, PRESENCE_STATE,
+                                                                    presence_state or "{}")))
+            held = [b for b in held if b.event != PRESENCE_DIFF]
         actions += [Send(encode(topic, b.event, b.payload, b.position)) for b in held]
         actions.append(Subscribe(topic, join.params))
+        if isinstance(join.presence, Member):
+            channel.tracked = True
+            actions.append(Track(topic, join.join_ref, join.presence))
         return actions
 
     def push_ok(self, push: Publish) -> Send:
@@ -344,8 +411,18 @@ class Session:
     def _expire(self, channel: Channel) -> List[object]:
         self.channels.pop(channel.topic, None)
         log.info("%s: channel closed topic=%.200s reason=token_expired", self.peer, channel.topic)
-        return [Send(self._encode(channel.join_ref, channel.join_ref, channel.topic, PHX_CLOSE, {})),
-                Unsubscribe(channel.topic)]
+        return [Send(self._encode(channel.join_ref, channel.join_ref, channel.topic, PHX_CLOSE, {}))] + \
+            self._ended(channel)
+
+    def end(self) -> List[object]:
+        """The connection is gone (closed by either side, evicted, drained): what every channel
+        leaves behind (`Unsubscribe`, `Untrack`), nothing to send. The session is closed after."""
+        actions: List[object] = []
+        for channel in self.channels.values():
+            actions += self._ended(channel)
+        self.channels.clear()
+        self.closed = True
+        return actions
 
     def next_expiry(self) -> Optional[float]:
         times = [c.expires_at for c in self.channels.values() if c.expires_at is not None]
