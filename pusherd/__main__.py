@@ -37,7 +37,7 @@ def load_settings(args, environ=None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("publish", "token"):
+    if argv and argv[0] in ("publish", "presence", "token"):
         from . import cli
         return cli.main(argv)
     from . import config

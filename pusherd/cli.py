@@ -1,4 +1,5 @@
-"""``pusherd publish`` and ``pusherd token``: the deploy hook and the token minter.
+"""``pusherd publish``, ``pusherd presence`` and ``pusherd token``: the deploy hook, who is on a
+topic, and the token minter.
 
 Both find the configuration as the daemon does (``--config``/``--env``, ``PUSHERD_CONFIG``,
 ``PUSHERD_ENV``, ``RAILS_ENV``) but read it only for what the command line did not give.
@@ -18,7 +19,7 @@ from . import client
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Settings
 
-COMMANDS = ("publish", "token")
+COMMANDS = ("publish", "presence", "token")
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 
@@ -45,6 +46,23 @@ def publish_parser() -> argparse.ArgumentParser:
     p.add_argument("event", metavar="EVENT")
     p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?",
                    help="a JSON object (default {}); '-' reads it from standard input")
+    p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
+    p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
+    add_config_options(p)
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per attempt (default 5)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries on 503 or connection errors, with backoff (default 3)")
+    return p
+
+
+def presence_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pusherd presence",
+        description="Print who is on a presence topic now, across every pusherd process, as phoenix.js's "
+                    "presence_state: {key: {metas: [...]}}, e.g. pusherd presence private:ops",
+        epilog="URL and secret as for pusherd publish. Exit 0 with the list; 1 with pusherd's reason (404: "
+               "no presence on that topic) or when unreachable; 2 for bad arguments or configuration.")
+    p.add_argument("topic", metavar="TOPIC")
     p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
     p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
     add_config_options(p)
@@ -132,6 +150,19 @@ def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdo
     return 0
 
 
+def run_presence(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
+    args = presence_parser().parse_args(argv)
+    url = args.url or environ.get("PUSHERD_URL")
+    secret = args.secret or environ.get("PUSHERD_PUBLISH_SECRET")
+    if not url or not secret:
+        settings = _load(args, environ)
+        url = url or base_url(settings)
+        secret = secret or settings.publish_secret
+    answer = client.presence(args.topic, url=url, secret=secret, timeout=args.timeout, retries=max(0, args.retries))
+    stdout.write(json.dumps(answer, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
 def run_token(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
     from .config.values import Invalid, seconds
     args = token_parser().parse_args(argv)
@@ -167,7 +198,7 @@ def run_token(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> in
 
 def main(argv: List[str], environ: Optional[Mapping[str, str]] = None, stdin: Optional[TextIO] = None,
          stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None) -> int:
-    """``argv[0]`` is the command (``publish`` or ``token``)."""
+    """``argv[0]`` is the command (``publish``, ``presence`` or ``token``)."""
     environ = os.environ if environ is None else environ
     stdin = stdin if stdin is not None else sys.stdin
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
@@ -175,10 +206,12 @@ def main(argv: List[str], environ: Optional[Mapping[str, str]] = None, stdin: Op
     try:
         if command == "publish":
             return run_publish(rest, environ, stdin, stdout, stderr)
+        if command == "presence":
+            return run_presence(rest, environ, stdout)
         return run_token(rest, environ, stdout)
     except UsageError as exc:
         stderr.write("pusherd %s: %s\n" % (command, exc))
         return 2
     except client.PublishFailed as exc:
-        stderr.write("pusherd publish: %s\n" % exc)
+        stderr.write("pusherd %s: %s\n" % (command, exc))
         return 1

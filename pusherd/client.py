@@ -1,9 +1,11 @@
-"""Publish to pusherd and mint join tokens from Python (Django, workers, scripts): standard library only.
+"""Publish to pusherd, read presence lists and mint join tokens from Python (Django, workers, scripts):
+standard library only.
 
-    from pusherd.client import publish, mint_token, PublishFailed
+    from pusherd.client import publish, presence, mint_token, PublishFailed
 
     publish("deploys:web", "new_version", {"version": "abc123"},
             url="https://push.example.com", secret=os.environ["PUSHERD_PUBLISH_SECRET"])
+    presence("private:ops")   # {"42": {"metas": [{"phx_ref": ..., "online_at": ..., "name": ...}]}}
 
     token = mint_token(GUARDIAN_SECRET, sub={"id": user.id}, listen=["deploys:web"],
                        csrf_token=csrf, ttl="30d")
@@ -22,7 +24,7 @@ import re
 import socket
 import time
 from typing import Any, Callable, Dict, Iterable, Optional, Union
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 RETRY_STATUSES = (503,)
@@ -69,22 +71,49 @@ def publish(topic: Union[str, Iterable[str]], event: str, payload: Optional[Dict
     return post(publish_url(url), data, secret, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
 
 
-def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retries: int = 3,
+def presence_url(url: str, topic: str) -> str:
+    """The presence endpoint of a pusherd base URL for `topic` (``.../presence?topic=...``)."""
+    base = publish_url(url)[:-len("/publish")]
+    return base + "/presence?" + urlencode({"topic": topic})
+
+
+def presence(topic: str, *, url: Optional[str] = None, secret: Optional[str] = None, timeout: float = 5.0,
+             retries: int = 3, backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Who is on `topic` now, across every pusherd process: phoenix.js's ``presence_state``
+    payload, ``{key: {"metas": [{"phx_ref", "online_at", ...listed sub fields}]}}``.
+
+    Publisher credentials (the publish secret, or a publisher token covering the topic). Raises
+    ``PublishFailed`` (404: no presence on that topic; 400: not a topic; 401/403; 503 after the
+    retries), ``ValueError`` without a secret. A timeout is retried too: reading changes nothing.
+    """
+    url = url or os.environ.get("PUSHERD_URL") or DEFAULT_URL
+    secret = secret if secret is not None else os.environ.get("PUSHERD_PUBLISH_SECRET")
+    if not secret:
+        raise ValueError("no publish secret: pass secret= or set PUSHERD_PUBLISH_SECRET")
+    return post(presence_url(url, topic), None, secret, timeout=timeout, retries=retries, backoff=backoff,
+                sleep=sleep, method="GET")
+
+
+def post(endpoint: str, data: Optional[bytes], secret: str, *, timeout: float = 5.0, retries: int = 3,
          backoff: float = 0.25, sleep: Callable[[float], None] = time.sleep,
-         on_retry: Optional[Callable[[PublishFailed, float], None]] = None) -> dict:
+         on_retry: Optional[Callable[[PublishFailed, float], None]] = None, method: str = "POST") -> dict:
     """POST a ready JSON body to ``endpoint`` with the retry policy of :func:`publish`.
 
-    ``on_retry(failure, delay)`` is called before each retry (e.g. to log it).
+    ``on_retry(failure, delay)`` is called before each retry (e.g. to log it). ``method="GET"``
+    (no body): a read, whose timeouts are retried as well.
     """
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + secret,
-               "User-Agent": "pusherd-client"}
+    headers = {"Authorization": "Bearer " + secret, "User-Agent": "pusherd-client"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     attempt = 0
     while True:
         retry_after = None
         try:
-            status, raw, answer_headers = _attempt(endpoint, data, headers, timeout)
+            status, raw, answer_headers = _attempt(endpoint, data, headers, timeout, method)
         except (socket.timeout, TimeoutError):
-            raise PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout)) from None
+            failure = PublishFailed(None, "no answer from %s within %gs" % (endpoint, timeout))
+            if method == "POST" or attempt >= retries:
+                raise failure from None
         except http.client.HTTPException as exc:
             raise PublishFailed(None, "bad answer from %s: %s" % (endpoint, type(exc).__name__)) from None
         except OSError as exc:  # refused, reset, unknown host: nothing was taken
@@ -107,8 +136,9 @@ def post(endpoint: str, data: bytes, secret: str, *, timeout: float = 5.0, retri
         sleep(delay)
 
 
-def _attempt(endpoint: str, data: bytes, headers: Dict[str, str], timeout: float):
-    """One POST: ``(status, body, headers)``.
+def _attempt(endpoint: str, data: Optional[bytes], headers: Dict[str, str], timeout: float,
+             method: str = "POST"):
+    """One request: ``(status, body, headers)``.
 
     A server that refuses a body before reading all of it (413) may reset the connection while
     the body is still being sent: its answer is read all the same, as curl does.
@@ -122,7 +152,7 @@ def _attempt(endpoint: str, data: bytes, headers: Dict[str, str], timeout: float
     try:
         send_error = None
         try:
-            conn.request("POST", target, body=data, headers=headers)
+            conn.request(method, target, body=data, headers=headers)
         except (BrokenPipeError, ConnectionResetError) as exc:
             send_error = exc
         try:

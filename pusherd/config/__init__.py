@@ -16,13 +16,13 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 from .settings import (DEFAULTS, DEV_ALLOWED_ORIGINS, KNOWN_KEYS, RESTART_KEYS, HistoryRule, MetricsSettings,
-                       Settings, read_section)
+                       PresenceSetting, Settings, read_section)
 from .sources import (DEFAULT_CONFIG_YAML, DEV_ENVIRONMENTS, EMBEDDED_SOURCE, FAILED, ConfigError, Section,
                       parse_yaml, read_text, reason)
 from .values import kind
 
 __all__ = [
-    "ConfigError", "HistoryRule", "MetricsSettings", "Settings", "DEFAULT_CONFIG_YAML", "EMBEDDED_SOURCE",
+    "ConfigError", "HistoryRule", "MetricsSettings", "PresenceSetting", "Settings", "DEFAULT_CONFIG_YAML", "EMBEDDED_SOURCE",
     "DEV_ENVIRONMENTS", "DEV_ALLOWED_ORIGINS", "RESTART_KEYS", "from_mapping", "load", "load_selected",
     "resolve_env", "resolve_path",
 ]

@@ -59,6 +59,9 @@ class Grant:
     def __init__(self, patterns: Optional[Tuple[TopicPattern, ...]] = None):
         self.patterns = patterns  # None: any topic
 
+    def allows(self, topic: str) -> bool:
+        return self.patterns is None or any_match(self.patterns, topic)
+
     def check(self, broadcasts: Sequence[Broadcast]) -> None:
         """Raise PublishError(403) naming the first topic the grant does not cover (all or nothing)."""
         if self.patterns is None:

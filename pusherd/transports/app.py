@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Optional
 import tornado.web
 
 from ..demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
-from .http import HealthHandler, NotFoundHandler, PublishHandler, log_request
+from .http import HealthHandler, NotFoundHandler, PresenceHandler, PublishHandler, log_request
 from .websocket import SocketHandler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def make_app(service: "Service", socket_handler: type = SocketHandler, socket_args: Optional[dict] = None,
              log_function=None) -> tornado.web.Application:
     """The routes under ``settings.path`` (the WebSocket, also at the bare path for the 2015
-    client), ``/publish``, ``/healthz`` and the demo. ``socket_handler``/``socket_args``: the
+    client), ``/publish``, ``/presence``, ``/healthz`` and the demo. ``socket_handler``/``socket_args``: the
     WebSocket handler (transports/websocket.py, or fast/websocket.py with its arguments)."""
     settings = service.config.settings
     deps = {"service": service}
@@ -25,6 +25,7 @@ def make_app(service: "Service", socket_handler: type = SocketHandler, socket_ar
         (path + "/websocket", socket_handler, sockets),
         (path or "/", socket_handler, dict(sockets, legacy_path=True)),
         ("/publish", PublishHandler, deps),
+        ("/presence", PresenceHandler, deps),
         ("/healthz", HealthHandler, deps),
         ("/", DemoRootHandler, deps),
         ("/demo", DemoPageHandler, deps),

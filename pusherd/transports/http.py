@@ -1,4 +1,5 @@
-"""The HTTP endpoints on Tornado's public API: ``POST /publish``, ``GET /healthz``, the JSON 404.
+"""The HTTP endpoints on Tornado's public API: ``POST /publish``, ``GET /presence``, ``GET /healthz``,
+the JSON 404.
 
 No protocol logic lives here: publish bodies go to `core.publish`, publishing to the service.
 Dependencies arrive through ``initialize(service)`` (no globals), so several daemons can run in
@@ -16,6 +17,7 @@ import tornado.web
 
 from ..core.errors import BrokerUnavailable, PublishError
 from ..core.publish import Grant, authorize, parse_body
+from ..core.topics import is_valid_topic
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -89,6 +91,35 @@ class HealthHandler(JSONHandler):
         if not healthy:
             body["error"] = "broker %s is unavailable" % broker.name
         self.send_json(200 if healthy else 503, body)
+
+
+class PresenceHandler(JSONHandler):
+    """GET /presence?topic=T: the topic's presence list as phoenix.js's ``presence_state``
+    payload (``{key: {"metas": [...]}}``), for the Rails app. Publisher credentials, as for
+    POST /publish: the shared secret, or a publisher token whose ``publish`` claim covers T."""
+
+    async def get(self):
+        grant, refusal = authorize_head(self.service, self.request.headers.get_list("Authorization"))
+        if refusal is not None:
+            status, answer, headers = refusal
+            for name, value in headers:
+                self.set_header(name, value)
+            return self.send_json(status, answer)
+        topic = self.get_query_argument("topic", None, strip=False)
+        if not is_valid_topic(topic, self.service.config.settings.max_topic_length):
+            return self.send_json(400, {"error": "topic must be given (?topic=) and be a valid topic"})
+        if not grant.allows(topic):
+            return self.send_json(403, {"error": "token does not allow %r" % topic})
+        presence = self.service.presence
+        if presence is None or presence.rule_for(topic) is None:
+            return self.send_json(404, {"error": "no presence on this topic (see presence: in the configuration)"})
+        try:
+            listing = await presence.listing(topic)
+        except BrokerUnavailable as exc:
+            log.debug("presence list refused (503): %s", exc)
+            self.set_header("Retry-After", "1")
+            return self.send_json(503, {"error": "broker unavailable: %s" % self.service.broker.name})
+        self.send_json(200, listing)
 
 
 def authorize_head(service: "Service", authorizations: List[str]):

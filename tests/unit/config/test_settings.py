@@ -16,6 +16,7 @@ from pusherd.config import (
     ConfigError,
     HistoryRule,
     MetricsSettings,
+    PresenceSetting,
     Settings,
     from_mapping,
     load,
@@ -749,13 +750,16 @@ def test_restart_required():
     c = dataclasses.replace(a, port=1, path="/socket", broker="redis://h", broker_prefix="p",
                             reuse_port=True, metrics=MetricsSettings("127.0.0.1", 9),
                             history=(HistoryRule("a", 1, 1.0),), max_recovery=5, max_history_topics=9,
-                            max_history_bytes=9000)
+                            max_history_bytes=9000, presence=(PresenceSetting("a:*"),), presence_interval=1.0,
+                            presence_ttl=3.0)
     assert a.restart_required(c) == ["listen", "path", "broker", "broker_prefix", "reuse_port", "metrics",
-                                     "history", "max_recovery", "max_history_topics", "max_history_bytes"]
+                                     "history", "max_recovery", "max_history_topics", "max_history_bytes",
+                                     "presence", "presence_interval", "presence_ttl"]
     assert a.restart_required(dataclasses.replace(a, host="::1")) == ["listen"]
     # derived from the declarations (settings.key(restart=True)): the broker and its history are built at start
     assert config.RESTART_KEYS == ("listen", "path", "broker", "broker_prefix", "reuse_port", "metrics",
-                                   "history", "max_recovery", "max_history_topics", "max_history_bytes")
+                                   "history", "max_recovery", "max_history_topics", "max_history_bytes",
+                                   "presence", "presence_interval", "presence_ttl")
 
 
 def test_warnings():
