@@ -593,6 +593,12 @@ class RedisBroker(Broker):
     def describe(self) -> str:
         return mask_url(self.url)
 
+    def presence_backplane(self, ttl: float = 15.0):
+        """Presence across processes on this Redis (brokers/redis_presence.py: its own keys, channel
+        and subscriber connection, from this broker's connection pool)."""
+        from .redis_presence import RedisPresence
+        return RedisPresence(self._pool, self.prefix, ttl, self._command_timeout, self._backoff, self.describe())
+
     def _unavailable(self) -> str:
         if self._closing:
             return "%s (broker closed)" % self.describe()
