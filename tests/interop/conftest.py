@@ -366,11 +366,19 @@ class PhoenixClient:
         return self.send({"cmd": "reconnect"})
 
     def join(self, id: str, topic: str, params: Optional[Dict[str, Any]] = None,
-             timeout: Optional[int] = None) -> Dict[str, Any]:
+             timeout: Optional[int] = None, presence: Optional[str] = None) -> Dict[str, Any]:
+        """``presence``: "class" (1.4+'s ``new Presence(channel)``) or "static" (1.2's
+        syncState/syncDiff wired by the page): every sync is a ``presence_sync`` line."""
         cmd: Dict[str, Any] = {"cmd": "join", "id": id, "topic": topic, "params": params or {}}
         if timeout is not None:
             cmd["timeout"] = timeout
+        if presence is not None:
+            cmd["presence"] = presence
         return self.send(cmd)
+
+    def presence_list(self, id: str) -> List[Dict[str, Any]]:
+        """The channel's presence list now: ``[{"key", "metas"}]`` (phoenix.js's ``list``)."""
+        return self.send({"cmd": "presence_list", "id": id})["list"]
 
     def push(self, id: str, event: str, payload: Any = None, *, tag: Any = None,
              timeout: Optional[int] = None, statuses: Optional[List[str]] = None) -> Dict[str, Any]:

@@ -260,6 +260,37 @@ function recoveryHelper() {
 
 const FUNCTION_OPTS = new Set(["reconnectAfterMs", "rejoinAfterMs"]);
 
+// Presence, as a page uses it: "class" is 1.4+'s `new Presence(channel)` (onSync, onJoin,
+// onLeave, list); "static" is 1.2's helpers wired to the channel's events by the page
+// (syncState on presence_state, syncDiff on presence_diff, list). Every sync emits the list:
+// {"type": "presence_sync", "id", "topic", "list": [{"key", "metas"}], "state"}.
+function attachPresence(me, channel, id, topic, mode, live, entry) {
+  const Presence = me.lib.Presence;
+  if (!Presence) throw new Error(`phoenix ${me.exactVersion} exports no Presence`);
+  const chooser = (key, presence) => ({ key, metas: presence.metas });
+  if (mode === "class") {
+    if (typeof Presence !== "function" || !Presence.prototype || typeof Presence.prototype.onSync !== "function") {
+      throw new Error(`phoenix ${me.exactVersion} has no Presence class (use presence: "static")`);
+    }
+    const presence = new Presence(channel);
+    presence.onJoin((key, current, joined) => live() && emit({ type: "presence_join", id, key,
+      had: current ? current.metas.length : 0, joined: joined.metas.length }));
+    presence.onLeave((key, current, left) => live() && emit({ type: "presence_leave", id, key,
+      left: left.metas.length, remaining: current.metas.length }));
+    presence.onSync(() => live() && emit({ type: "presence_sync", id, topic, list: presence.list(chooser),
+      state: presence.state }));
+    entry.presenceList = () => presence.list(chooser);
+  } else if (mode === "static") {
+    let state = {};
+    const sync = () => live() && emit({ type: "presence_sync", id, topic, list: Presence.list(state, chooser), state });
+    channel.on("presence_state", (s) => { state = Presence.syncState(state, s); sync(); });
+    channel.on("presence_diff", (d) => { state = Presence.syncDiff(state, d); sync(); });
+    entry.presenceList = () => Presence.list(state, chooser);
+  } else {
+    throw new Error(`presence must be "class" or "static", got ${JSON.stringify(mode)}`);
+  }
+}
+
 const commands = {
   connect(cmd) {
     if (!cmd.url) throw new Error("connect needs a url (use reconnect to reuse the existing socket)");
@@ -359,6 +390,7 @@ const commands = {
       }
       return previousOnMessage.apply(this, arguments);
     };
+    if (cmd.presence) attachPresence(me, channel, id, topic, cmd.presence, live, entry);
     channel.onClose((payload) => live() && emit({ type: "channel_close", id, topic, payload }));
     channel.onError((reason) => live() && emit({ type: "channel_error", id, topic, reason }));
 
@@ -367,6 +399,12 @@ const commands = {
     });
     const push = cmd.timeout !== undefined ? channel.join(cmd.timeout) : channel.join();
     push.receive("ok", report("ok")).receive("error", report("error")).receive("timeout", report("timeout"));
+  },
+
+  presence_list(cmd) {
+    const entry = requireChannel(cmd.id);
+    if (!entry.presenceList) throw new Error(`channel ${cmd.id} was joined without presence`);
+    return { list: entry.presenceList() };
   },
 
   push(cmd) {
