@@ -75,14 +75,15 @@ class PresenceService:
     are delivered through it); ``counters``: metrics.Counters."""
 
     def __init__(self, rules: PresenceRules, backplane: PresenceBackplane, hub, counters, interval: float = 0.1,
-                 random=os.urandom, clock=time.time):
+                 random=os.urandom, clock=time.time, monotonic=time.monotonic):
         self.rules = rules
         self.backplane = backplane
         self.hub = hub
         self.counters = counters
         self.interval = interval
         self._random = random
-        self._clock = clock
+        self._clock = clock            # online_at
+        self._monotonic = monotonic    # how long a process has been missing
         self.replicas: Dict[str, Replica] = {}
         self._tracked: Dict[Tuple[Any, str], Tuple[Any, Tracked]] = {}   # (conn, topic) -> (join_ref, handle)
         self._pending: Set[str] = set()       # topics whose window is open
@@ -215,7 +216,7 @@ class PresenceService:
         """A process died (no heartbeat within the backplane's ttl): its members leave every list."""
         if node == self.node:
             return
-        self._dead[node] = time.monotonic()
+        self._dead[node] = self._monotonic()
         self._absent.pop(node, None)
         for replica in self.replicas.values():
             replica.buffer = [(n, d) for n, d in replica.buffer if n != node]
@@ -226,7 +227,7 @@ class PresenceService:
         again (Redis lost its data and it wrote its entries again) has its topics read again; lists
         that could not be read or written are read again."""
         alive = set(alive)
-        now = time.monotonic()
+        now = self._monotonic()
         present: Dict[str, List[Replica]] = {}
         for replica in self.replicas.values():
             for node in replica.tp.state.nodes():
@@ -260,7 +261,7 @@ class PresenceService:
         ``renamed_from``: the others gave this process up for dead under that id: its entries
         go on under `node` (here they leave and join again)."""
         if renamed_from is not None:
-            self._dead[renamed_from] = time.monotonic()
+            self._dead[renamed_from] = self._monotonic()
             for replica in self.replicas.values():
                 self._deliver(replica.topic, replica.tp.state.remove_node(renamed_from))
                 replica.tp.node = self.node
