@@ -91,7 +91,7 @@ class PresenceService:
         self._dead: Dict[str, float] = {}     # node -> when it was found dead (monotonic)
         self._absent: Dict[str, float] = {}   # node with entries here, not alive -> since (monotonic)
         self._tasks: Set[asyncio.Future] = set()
-        self._sync_slots: Optional[asyncio.Semaphore] = None
+        self._sync_slots = asyncio.Semaphore(SYNC_CONCURRENCY)
         self.full = StormLog("presence: %d join(s) not listed: topic %.200s holds its limit of %d entries")
         self.closed = False
 
@@ -100,7 +100,6 @@ class PresenceService:
         return self.backplane.node
 
     async def start(self) -> None:
-        self._sync_slots = asyncio.Semaphore(SYNC_CONCURRENCY)
         await self.backplane.start(self)
 
     def rule_for(self, topic: str):

@@ -225,3 +225,24 @@ def test_page_with_history_reloads_once_per_deploy_and_recovers_deploys_missed_w
     pusherd_cli(daemon, "publish", "deploys:web", "new_version", '{"version": "v3"}')
     chromium.call("goto", url=daemon.http_url + "/demo")
     chromium.wait('#reloaded:has-text("v3")')
+
+
+def test_page_lists_who_is_on_a_joined_presence_topic(pusherd_factory, chromium):
+    from presence_testing import Page
+    daemon = demo_daemon(pusherd_factory, presence=[{"topics": "private:*", "key": "id", "meta": ["name"]}])
+    chromium.call("goto", url=daemon.http_url + "/demo")
+    chromium.wait('#state[data-state="open"]')
+    token, csrf = pusherd_cli(daemon, "token", "--listen", "private:*", "--sub", '{"id": 1, "name": "Ann"}',
+                              "--csrf").split()
+    chromium.call("fill", selector="#topic", value="private:ops")
+    chromium.call("fill", selector="#token", value=token)
+    chromium.call("fill", selector="#csrf", value=csrf)
+    chromium.click("#join")
+    chromium.wait('.presence-topic[data-topic="private:ops"] li[data-key="1"]:has-text("Ann")')
+    # Another member with two tabs comes and goes: the page's list follows.
+    tabs = [Page(daemon, "private:ops", {"id": 2, "name": "Bob"}) for _ in range(2)]
+    chromium.wait('.presence-topic[data-topic="private:ops"] li[data-key="2"][data-metas="2"]:has-text("Bob")')
+    for tab in tabs:
+        tab.close()
+    chromium.wait('.presence-topic[data-topic="private:ops"] li[data-key="2"]', state="detached")
+    assert chromium.call("evaluate", expression="document.querySelectorAll('.presence li').length") == 1
