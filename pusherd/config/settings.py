@@ -337,6 +337,14 @@ class Settings:
                 notes.append("allowed_origins: '*' lets any web page open a socket with a visitor's cookies")
             if self.demo:
                 notes.append("demo: the live demo page is served at /demo (meant for development)")
+        for i, rule in enumerate(self.presence):
+            # An entry: phx_ref, online_at and the key take ~80 bytes of JSON, a short field ~40 more.
+            estimate = rule.limit * (80 + 40 * len(rule.meta))
+            if estimate > self.max_outbox_bytes // 2:
+                notes.append("presence[%d]: a full topic's list (limit %d) is about %d KB, more than half of "
+                             "max_outbox_bytes (%d KB): its joiners may be closed as slow consumers; lower the "
+                             "limit or raise max_outbox_bytes" % (i, rule.limit, estimate // 1024,
+                                                                  self.max_outbox_bytes // 1024))
         if self.metrics is not None and not self.metrics.token and not v.is_loopback(self.metrics.host):
             notes.append("metrics.token: unset while metrics listen on %s: anyone who reaches it may scrape"
                          % self.metrics.host)

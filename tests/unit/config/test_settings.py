@@ -738,6 +738,37 @@ def test_history_problems_all_reported():
     assert len(found) == 5
 
 
+def test_presence():
+    s = prod(presence=[{"topics": "private:*", "key": "uid", "meta": ["name", "avatar"], "limit": 50},
+                       {"topics": "room:*"}], presence_interval="250ms", presence_ttl="30s")
+    assert s.presence == (PresenceSetting("private:*", "uid", ("name", "avatar"), 50), PresenceSetting("room:*"))
+    assert (s.presence_interval, s.presence_ttl) == (0.25, 30.0)
+    assert (prod().presence, prod().presence_interval, prod().presence_ttl) == ((), 0.1, 15.0)
+    assert prod(presence=[{"topics": "a:*"}]).masked()["presence"] == [
+        {"topics": "a:*", "key": "id", "meta": (), "limit": 1000}]
+    found = "\n".join(problems(dict(PROD_OK, presence=[
+        {"key": "id"}, {"topics": "a:*", "meta": "name"}, {"topics": "b:*", "meta": ["phx_ref"]},
+        {"topics": "c:*", "meta": ["n", "n"]}, {"topics": "d:*", "limit": 0}, {"topics": "e:*", "colour": 1},
+        {"topics": "f:*", "meta": ["__proto__"]}, {"topics": "g:*", "meta": [3]}, "h:*"],
+        presence_interval=0, presence_ttl="soon")))
+    for expected in ("presence[0].topics: required", "presence[1].meta: expected a list of sub field names",
+                     "presence[2]: meta field 'phx_ref' is reserved", "presence[3]: meta lists a field twice",
+                     "presence[4].limit: must be at least 1", "presence[5].colour: unknown key",
+                     "presence[6]: meta field '__proto__' is reserved", "presence[7].meta[0]: expected a non-empty string",
+                     "presence[8]: expected a mapping", "presence_interval: must be greater than 0",
+                     "presence_ttl: expected a number of seconds"):
+        assert expected in found, (expected, found)
+    assert problems(dict(PROD_OK, presence={"topics": "a"}))[0].endswith("presence: expected a list, got a mapping")
+
+
+def test_a_presence_limit_whose_list_could_pass_the_outbox_bound_is_warned_about():
+    assert prod(presence=[{"topics": "a:*", "meta": ["name"]}]).warnings() == []
+    notes = prod(presence=[{"topics": "a:*", "meta": ["name"], "limit": 10000}]).warnings()
+    assert len(notes) == 1 and notes[0].startswith("presence[0]: a full topic's list (limit 10000)")
+    assert prod(presence=[{"topics": "a:*", "meta": ["name"], "limit": 10000}],
+                max_outbox_bytes="16MiB").warnings() == []
+
+
 # ---------------------------------------------------------------- restart_required, warnings
 
 
