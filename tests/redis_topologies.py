@@ -36,6 +36,22 @@ def _need(*programs: str) -> None:
         require(False, "redis-py not installed (pip install 'pusherd[redis]')")
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port + 10000 > 65535:
+                continue
+            try:
+                b.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 def _client(port: int):
     import redis
     return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1)
@@ -69,8 +85,9 @@ class SentinelSetup:
 
     def start(self) -> "SentinelSetup":
         _need("redis-server", "redis-sentinel")
-        master = RedisServer(self._dir("master")).start()
-        replica = RedisServer(self._dir("replica"), args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+        master = RedisServer(self._dir("master"), args=["--repl-diskless-sync-delay", "0"]).start()
+        replica = RedisServer(self._dir("replica"), args=["--replicaof", "127.0.0.1", str(master.port),
+                                                          "--repl-diskless-sync-delay", "0"]).start()
         self.servers = [master, replica]
         for i in range(3):
             port = free_port()
@@ -155,16 +172,25 @@ class ClusterSetup:
         for i in range(self.masters * (1 + self.replicas)):
             path = self.tmp / ("node%d" % i)
             path.mkdir(parents=True, exist_ok=True)
-            self.servers.append(RedisServer(path, args=[
+            self.servers.append(RedisServer(path, port=cluster_port(), args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", str(path / "nodes.conf"),
-                "--cluster-node-timeout", str(self.node_timeout_ms)]).start())
+                "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0"]).start())
         out = subprocess.run([shutil.which("redis-cli"), "--cluster", "create"]
                              + ["127.0.0.1:%d" % s.port for s in self.servers]
                              + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         self.wait_ok()
+        # A replica that never finished its first sync does not take over (no data age).
+        for server in self.servers:
+            _wait(lambda: _client(server.port).info("replication").get("master_link_status", "up") == "up", 15,
+                  "replica %d in sync" % server.port)
         return self
+
+    def wait_failover(self, old_port: int, timeout: float = 30.0) -> None:
+        """Until `old_port` owns no slot in the live nodes' view and the cluster is ok again."""
+        _wait(lambda: old_port not in self.master_ports(), timeout, "a replica promoted in place of %d" % old_port)
+        self.wait_ok(timeout)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node says cluster_state:ok and agrees on who owns the slots."""

@@ -332,13 +332,23 @@ Address = Tuple[str, int]
 
 
 def _moved(exc: BaseException) -> Optional[Address]:
-    """The node named by a ``MOVED <slot> <host>:<port>`` error (redis-py 5.0 raises it as a
-    plain ResponseError), else None."""
+    """The node named by a ``MOVED <slot> <host>:<port>`` error, else None (redis-py 5.0 raises
+    it as a plain ResponseError "MOVED ...", later ones as MovedError without the word)."""
     text = str(exc)
-    if not text.startswith("MOVED "):
+    if type(exc).__name__ == "MovedError":
+        text = "MOVED " + text
+    if not isinstance(exc, ResponseError) or not text.startswith("MOVED "):
         return None
     host, _, port = text.split(" ")[-1].rpartition(":")
     return (host, int(port)) if port.isdigit() else None
+
+
+def _moved_slot(exc: BaseException) -> Optional[int]:
+    if _moved(exc) is None:
+        return None
+    words = str(exc).split(" ")
+    slot = words[1] if words[0] == "MOVED" else words[0]
+    return int(slot) if slot.isdigit() else None
 
 
 class _Lane:
@@ -490,7 +500,12 @@ class _Lane:
         deadline = time.monotonic() + self.b._command_timeout + 0.001 * len(topics)
         while True:
             left = deadline - time.monotonic()
-            resp = await conn.read_response(timeout=max(left, 0.001)) if left > 0 else None
+            try:
+                resp = await conn.read_response(timeout=max(left, 0.001)) if left > 0 else None
+            except ResponseError as exc:
+                if self.moved_subscription(exc):
+                    continue
+                raise
             if resp is None:
                 raise asyncio.TimeoutError("no PING answer after resubscribing")
             if _is_pong(resp) and not (isinstance(resp, list) and len(resp) > 1 and resp[1]):
@@ -535,7 +550,12 @@ class _Lane:
         pinged = False
         interval = self.b._ping_interval
         while True:
-            resp = await conn.read_response(timeout=interval)
+            try:
+                resp = await conn.read_response(timeout=interval)
+            except ResponseError as exc:
+                if self.moved_subscription(exc):
+                    continue
+                raise
             if resp is None:
                 if pinged:
                     raise asyncio.TimeoutError("no answer to PING within %.0fs" % interval)
@@ -568,6 +588,21 @@ class _Lane:
                 self.b._refresh_map()
                 self.sync_wake.set()
         # else: subscribe/unsubscribe confirmations
+
+    def moved_subscription(self, exc: ResponseError) -> bool:
+        """An SSUBSCRIBE answered MOVED (the slot moved before the map said so): forget the
+        topics of that slot here and fetch the map; they are subscribed where it says. False for
+        any other error."""
+        slot = _moved_slot(exc)
+        if slot is None:
+            return False
+        for topic in [t for t in self.active if key_slot(self.b.channel(t)) == slot]:
+            self.active.discard(topic)
+            self.confirmed.discard(topic)
+        self.b.stats["slot_moves"] += 1
+        self.b._refresh_map()
+        self.sync_wake.set()
+        return True
 
     def barrier_answered(self, token: bytes) -> None:
         barrier = self.barriers.pop(token, None)
@@ -1438,7 +1473,7 @@ class RedisBroker(Broker):
         try:
             if address not in self._lanes:
                 self._apply_map(await asyncio.wait_for(self._fetch_map(), self._command_timeout))
-            lane = self._lane_for(item.broadcast.topic)
+            lane = self._lanes.get(address) or self._lane_for(item.broadcast.topic)   # where MOVED says
             lane.admit(1)
             lane.enqueue([item])
         except (RedisError, OSError, asyncio.TimeoutError, ValueError, BrokerUnavailable) as exc:
