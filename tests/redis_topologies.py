@@ -175,6 +175,16 @@ class ClusterSetup:
             self.servers.append(RedisServer(path, port=cluster_port(), args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", str(path / "nodes.conf"),
                 "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0"]).start())
+        if self.masters < 3:   # redis-cli --cluster create wants three: assign the slots by hand
+            assert self.replicas == 0, "replicas need 3 masters here"
+            step = 16384 // self.masters
+            for i, server in enumerate(self.servers):
+                last = 16383 if i == self.masters - 1 else (i + 1) * step - 1
+                _client(server.port).execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+                if i:
+                    _client(server.port).execute_command("CLUSTER", "MEET", "127.0.0.1", self.servers[0].port)
+            self.wait_ok()
+            return self
         out = subprocess.run([shutil.which("redis-cli"), "--cluster", "create"]
                              + ["127.0.0.1:%d" % s.port for s in self.servers]
                              + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
