@@ -473,8 +473,11 @@ def _subscriber_process(url, topics, classic, ready, stop, out):
         ready.set()
         while not stop.is_set():
             await aio.sleep(0.05)
-        await aio.sleep(0.5)
-        out.put((count[0], time.process_time()))
+        last = -1
+        while count[0] != last:        # drained: nothing more for half a second
+            last = count[0]
+            await aio.sleep(0.5)
+        out.put((count[0], time.process_time(), broker.stats["outages"]))
         await broker.close()
     aio.run(main())
 
@@ -522,7 +525,8 @@ def cluster_run(tmp, shards, classic, seconds, payload):
             return done[0], elapsed, cpu
         published, elapsed, cpu = asyncio.run(publish())
         stop.set()
-        received = [out.get(timeout=30)[0] for _ in subs]
+        reports = [out.get(timeout=60) for _ in subs]
+        received = ["%d%s" % (r[0], " (%d outages)" % r[2] if r[2] else "") for r in reports]
         for proc in subs:
             proc.join(10)
         return {"published": published, "rate": published / elapsed, "received": received,
@@ -637,10 +641,10 @@ def main():
                 for classic in (False, True):
                     for shards in (1, 2, 3):
                         r = cluster_run(tmp, shards, classic, seconds, args.payload)
-                        print("  %-30s %d shard(s): %6.0f publishes/s, received %s; redis CPU per publish %5.1f us in "
+                        print("  %-30s %d shard(s): %6.0f publishes/s, %d published, received %s; redis CPU per publish %5.1f us in "
                               "all, %5.1f us on the busiest master (%.0f%% busy) -> capacity ~%.0f publishes/s" % (
                                   "classic PUBLISH/SUBSCRIBE" if classic else "sharded SPUBLISH (shipped)", shards,
-                                  r["rate"], "/".join(str(x) for x in r["received"]), r["cpu_us_total"],
+                                  r["rate"], r["published"], "/".join(r["received"]), r["cpu_us_total"],
                                   r["cpu_us_busiest"], 100 * r["busiest_util"], 1e6 / r["cpu_us_busiest"]), flush=True)
             if args.only in (None, "failover"):
                 print("\n4. failover switch-over (SIGKILL of the master; publishing every 5 ms)")

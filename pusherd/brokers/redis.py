@@ -60,6 +60,39 @@ The subscriber connection is owned by one supervisor task: connect, resubscribe,
 jittered exponential backoff. An outage is logged once when it starts and once when it ends.
 ``healthy()`` gates publishes: while it is false they are refused at once (503), so a down Redis
 costs the publisher no timeout.
+
+Topologies: one Redis, Sentinel, Cluster
+----------------------------------------
+The connections to one node (subscriber, barriers, writer) are a `_Lane` under that supervisor;
+what differs is how a lane finds its node. The guarantee above holds for all three, and the
+contract suite runs on all three.
+
+* ``redis://``, ``rediss://``, ``unix://``: one lane, the one server.
+* ``redis+sentinel://[user:pw@]h1:26379,h2:26379/<master name>[/db][?sentinel_password=...]``: one
+  lane whose node is asked of the sentinels on every (re)connect (the first that answers) and
+  must answer ``ROLE`` ``master``. A sentinel's ``+switch-master`` drops the old master's
+  connections at once. A plain publish is `GUARDED_PUBLISH_SCRIPT`, refused by a read-only
+  replica (a demoted master) instead of answering 0 and reaching nobody; a ``READONLY`` answer
+  (to it or to the history script) is a 503 and makes the lane find the master again. While
+  there is no master, publishes are refused (503) and ``healthy()`` is false; once one is
+  promoted, the lane resubscribes, waits for its barrier and catches history topics up, as
+  after any reconnect.
+* ``redis+cluster://[user:pw@]h1:7000,h2:7001,...``: a lane per master of the slot map (``CLUSTER
+  SLOTS``), each topic on the lane owning its channel's slot, sharded pub/sub (``SSUBSCRIBE``,
+  ``SPUBLISH``): an event goes to that master only. Every key and the channel of a topic carry
+  one of CLUSTER_BUCKETS hash tags (`RedisBroker.tag`), so a history publish is one script on
+  one slot, atomic as on one Redis; the global bounds are kept per bucket (``max / buckets``
+  each), and a batch is one MULTI/EXEC per bucket. The map is fetched again every MAP_REFRESH,
+  on ``MOVED`` (a publish answered ``MOVED`` was not run and is sent where it says), on an
+  unasked ``SUNSUBSCRIBE`` (a slot moved), and every MAP_RETRY while a lane is down: a replica
+  promoted in place of a dead master becomes a new lane, which subscribes the topics that moved
+  to it and catches their histories up. ``ASK`` (a slot migrating) is refused (503). Publishes
+  on a topic whose master is down are refused; the other masters' topics are served;
+  ``healthy()`` is true only when every master is reachable.
+
+Redis replicates asynchronously: a failover may lose writes the old master acknowledged last.
+`_catch_up` then finds a history behind what this process delivered and follows it (the next
+offsets are new broadcasts), rather than dropping them as duplicates.
 """
 
 import asyncio
