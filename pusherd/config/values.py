@@ -298,7 +298,7 @@ def _is_ip(text: str) -> bool:
 
 
 def broker_url(value: Any) -> str:
-    expected = ("expected 'memory' or a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL")
+    expected = "expected 'memory' or a redis://, rediss:// or unix:// URL (or redis+sentinel://, redis+cluster://)"
     if value == "memory":
         return value
     if not isinstance(value, str):
