@@ -1401,7 +1401,9 @@ class RedisBroker(Broker):
 
     async def _fetch_map(self) -> List[Tuple[int, int, Address]]:
         """``CLUSTER SLOTS`` from the first node that answers (the URL's, then the known masters)."""
-        candidates = list(dict.fromkeys([a for a in self._lanes if a is not None] + self._seeds))
+        # The masters that answer first (a dead one may cost a connect timeout), then the URL's.
+        lanes = sorted((a for a in self._lanes if a is not None), key=lambda a: not self._lanes[a].healthy)
+        candidates = list(dict.fromkeys(lanes + self._seeds))
         errors = []
         for address in candidates:
             conn = self._connection(address)
