@@ -402,7 +402,7 @@ class _Lane:
         self.channels: Dict[bytes, str] = {}  # channel -> topic, for what Redis sends back
         self.confirmed: Set[str] = set()
         self.waiting: List[Tuple[str, asyncio.Future]] = []
-        self.barriers: Dict[bytes, Tuple[List[str], List[asyncio.Future]]] = {}
+        self.barriers: Dict[bytes, Tuple[List[str], List[Tuple[str, asyncio.Future]]]] = {}
         self.sub = None
         self.healthy = False
         self.closing = False
@@ -641,18 +641,24 @@ class _Lane:
         barrier = self.barriers.pop(token, None)
         if barrier is None:
             return  # a keepalive PING
-        topics, futures = barrier
+        topics, waiting = barrier
         self.confirmed.update(t for t in topics if t in self.active)
-        for future in futures:
-            if not future.done():
+        for topic, future in waiting:
+            if topic in self.b._wanted and topic not in self.active and not future.done():
+                # Its SSUBSCRIBE was answered MOVED, or its slot moved to another lane: wait for
+                # a barrier on the lane that holds it now (or time out), never return unsubscribed.
+                lane = self.b._lane_or_none(topic) or self
+                lane.waiting.append((topic, future))
+                lane.sync_wake.set()
+            elif not future.done():
                 future.set_result(None)
 
     def forget_confirmations(self, reason: str) -> None:
         """The subscriber connection is gone: nothing is confirmed, nobody waits for a barrier."""
         self.confirmed.clear()
         pending = [f for _, f in self.waiting]
-        for _topics, futures in self.barriers.values():
-            pending += futures
+        for _topics, waiting in self.barriers.values():
+            pending += [f for _, f in waiting]
         self.waiting, self.barriers = [], {}
         _fail_futures(pending, reason)
 
@@ -697,7 +703,7 @@ class _Lane:
                 if add or waiting:
                     b._barrier_seq += 1
                     token = b"sync:%d" % b._barrier_seq
-                    self.barriers[token] = (add + [t for t, _ in waiting], [f for _, f in waiting])
+                    self.barriers[token] = (add + [t for t, _ in waiting], waiting)
                     b.stats["barriers"] += 1
                     await conn.send_command("PING", token, check_health=False)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
