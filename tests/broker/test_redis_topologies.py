@@ -253,3 +253,21 @@ def test_cluster_publish_to_a_moved_slot_follows_moved(redis_cluster):
             await a.broker.close()
             await b.broker.close()
     run(scenario(), timeout=60)
+
+
+def test_cluster_keys_share_the_channel_slot_and_buckets_spread():
+    """Every key of a topic and its channel hash to one slot (one atomic script); the 64 bucket
+    tags spread topics over the slot space; a prefix with braces is refused on a cluster."""
+    from redis.crc import key_slot
+    from pusherd.core.errors import StartupError
+    broker = RedisBroker("redis+cluster://127.0.0.1:7000", prefix="p")
+    for topic in ("deploys:web", "}odd{topic", "é{x}", "public:room:42"):
+        tag = broker.tag(topic)
+        keys = [broker.channel(topic), b"p:h:" + tag + topic.encode(), b"p:hm:" + tag + topic.encode(),
+                b"p:history:topics" + tag, b"p:history:bytes" + tag, b"p:history:info" + tag]
+        assert len({key_slot(k) for k in keys}) == 1, topic
+    slots = {key_slot(broker.channel("public:%d" % i)) for i in range(2000)}
+    assert len(slots) == 64 and min(slots) < 16384 // 3 and max(slots) > 2 * 16384 // 3
+    with pytest.raises(StartupError, match="broker_prefix"):
+        RedisBroker("redis+cluster://127.0.0.1:7000", prefix="a{b}")
+    assert RedisBroker("redis://127.0.0.1:1/0", prefix="p").channel("x{y}") == b"p:t:x{y}"   # unchanged there
