@@ -12,6 +12,7 @@ Prints counted / real for each payload size.
 
 import argparse
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ UNBOUNDED = dict(max_topics=10**6, max_bytes=10**12)
 
 
 def memory_broker(payload: int) -> None:
-    store = Store(Rules([HistoryRule("t:*", 100, 3600.0)]), **UNBOUNDED)
+    store = Store(Rules([HistoryRule("t:*", 100, 3600.0)]), random=os.urandom, **UNBOUNDED)
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for t in range(200):
@@ -49,7 +50,7 @@ async def redis_broker(url: str, payload: int) -> None:
     import redis
     client = redis.Redis.from_url(url)
     client.flushall()
-    broker = RedisBroker(url, prefix="bench", history_rules=Rules([HistoryRule("t:*", 100, 3600.0)]), **UNBOUNDED)
+    broker = RedisBroker(url, prefix="bench", history_rules=Rules([HistoryRule("t:*", 100, 3600.0)]), random=os.urandom, **UNBOUNDED)
     await broker.start(lambda b: None)
     try:
         for t in range(20):

@@ -60,7 +60,7 @@ ORIGIN = "http://localhost:3000"
 SHARED_LAUNCHER = r"""
 import sys
 sys.path.insert(0, sys.argv.pop(1))
-from pusherd import server
+from pusherd import daemon as server
 from pusherd.brokers.redis import RedisBroker
 
 class SharedChannelRedisBroker(RedisBroker):

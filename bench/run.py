@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import loadgen  # noqa: E402
-from pusherd.core.tokens import mint_token  # noqa: E402
+from pusherd.client import mint_token  # noqa: E402
 
 GSECRET = "bench-guardian-secret-0123456789abcdef"
 PSECRET = "bench-publish-secret-0123456789abcdef"

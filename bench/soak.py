@@ -151,7 +151,7 @@ async def client_life(base, counters, token, stop_at, rng):
 
 
 async def worker_main(base, sockets, seconds, queue, seed):
-    from pusherd.core.tokens import mint_token
+    from pusherd.client import mint_token
     rng = random.Random(seed)
     token = (mint_token(GUARDIAN_SECRET, listen=["private:*"], csrf_token="soak-csrf", ttl=86400), "soak-csrf")
     counters = Counters()

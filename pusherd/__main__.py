@@ -60,7 +60,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .logs import setup_logging
     from .core.errors import StartupError
-    from .server import serve
+    from .daemon import serve
     setup_logging(settings.log_level)
     import logging
     for warning in settings.warnings():
@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def reload_settings():
         return load_settings(args)
 
-    from .speedups import loop_factory
+    from .fast import loop_factory
     factory = loop_factory()
     try:
         if factory is not None and sys.version_info >= (3, 11):

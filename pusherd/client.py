@@ -170,11 +170,31 @@ def _describe(reason: Any) -> str:
 
 
 def mint_token(secret: str, sub: Any = None, listen: Iterable[str] = (), publish: Iterable[str] = (),
-               ttl: Union[str, float] = "30d", csrf_token: Optional[str] = None,
-               issuer: Optional[str] = None) -> str:
-    """A join token exactly as the Rails helper mints it (HS256; ``aud: "csrf"`` and ``s_csrf``
-    when ``csrf_token`` is given; ``ttl`` in seconds or ``"30d"``, ``"12h"``, ``"15m"``)."""
+               ttl: Union[str, float] = "30d", csrf_token: Union[str, bytes, None] = None,
+               issuer: Optional[str] = None, now: Optional[float] = None, algorithm: str = "HS256",
+               private_key: Optional[str] = None) -> str:
+    """A join token exactly as the Rails helper mints it (no iat; ``aud: "csrf"`` and ``s_csrf``
+    when ``csrf_token`` is given; ``ttl`` in seconds or ``"30d"``, ``"12h"``, ``"15m"``; HS256,
+    or RS256/ES256 with ``private_key`` as a Rails app holding the private key would)."""
+    import jwt  # PyJWT (and cryptography) only when tokens are minted
     from .config.values import seconds
-    from .core import tokens  # PyJWT (and cryptography) only when tokens are minted
-    return tokens.mint_token(secret, sub=sub, listen=list(listen), publish=list(publish),
-                             ttl=seconds(ttl), csrf_token=csrf_token, issuer=issuer)
+    from .core.tokens import ASYMMETRIC, s_csrf
+    now = time.time() if now is None else now
+    claims = {"sub": {} if sub is None else sub, "exp": int(now + seconds(ttl)),
+              "listen": list(listen), "publish": list(publish)}
+    if issuer:
+        claims["iss"] = issuer
+    if csrf_token is not None:
+        claims["aud"] = "csrf"
+        claims["s_csrf"] = s_csrf(secret, csrf_token)
+    key = private_key if algorithm in ASYMMETRIC else secret
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def mint_publish_token(secret: str, publish: Iterable[str], ttl: Union[str, float] = 300,
+                       now: Optional[float] = None, **extra) -> str:
+    """A publisher token as the Rails app would mint it for /publish (short-lived, topic-limited)."""
+    import jwt
+    from .config.values import seconds
+    now = time.time() if now is None else now
+    return jwt.encode(dict(extra, exp=int(now + seconds(ttl)), publish=list(publish)), secret, algorithm="HS256")

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import tornado.web
 
 from . import __version__
-from .handlers import JSONHandler
+from .transports.http import JSONHandler
 
 CLIENT_FILES = ("phoenix.min.js", "phoenix.js")
 _NPM_STATIC = Path("node_modules", "phoenix", "priv", "static")
@@ -59,7 +59,7 @@ def _client_for(settings) -> Tuple[Optional[Path], List[Path]]:
 
 class _DemoHandler(JSONHandler):
     def prepare(self):
-        if not self.daemon.settings.demo:
+        if not self.service.config.settings.demo:
             self.send_json(404, {"error": "not found"})
 
 
@@ -70,7 +70,7 @@ class DemoRootHandler(_DemoHandler):
 
 class DemoPageHandler(_DemoHandler):
     def get(self):
-        settings = self.daemon.settings
+        settings = self.service.config.settings
         client, places = _client_for(settings)
         config = {
             "socketPath": settings.path,
@@ -90,7 +90,7 @@ class DemoPageHandler(_DemoHandler):
 
 class DemoAssetHandler(_DemoHandler):
     def get(self):
-        client, places = _client_for(self.daemon.settings)
+        client, places = _client_for(self.service.config.settings)
         self.set_header("Content-Type", "application/javascript; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         if client is None:

@@ -20,6 +20,7 @@ the level at runtime, e.g. on SIGHUP.
 
 import logging
 import os
+import re
 import sys
 from typing import Mapping, Optional, TextIO, Union
 
@@ -32,6 +33,8 @@ __all__ = [
     "JournalFormatter",
     "HumanFormatter",
     "escape",
+    "StormLog",
+    "install_tornado_redaction",
 ]
 
 PACKAGE_LOGGER = "pusherd"
@@ -176,3 +179,68 @@ def set_level(level: Union[str, int]) -> None:
     levelno = parse_level(level)
     logging.getLogger(PACKAGE_LOGGER).setLevel(levelno)
     logging.getLogger().setLevel(_third_party_level(levelno))
+
+
+class StormLog:
+    """One log line per ``interval`` seconds at most for a refusal that comes in storms (a
+    connection limit reached), counting the refusals since the previous line: a storm of
+    thousands is a handful of lines, not one each. ``flush`` (from the daemon's sweep) reports
+    the last ones of a storm that stopped. Time comes in as ``now`` (time.monotonic)."""
+
+    __slots__ = ("message", "level", "interval", "pending", "args", "_quiet_until", "_log")
+
+    def __init__(self, message: str, level: int = logging.WARNING, interval: float = 10.0,
+                 logger: str = PACKAGE_LOGGER):
+        self.message = message  # %-formatted with the count, then the args of the latest note()
+        self.level = level
+        self.interval = interval
+        self.pending = 0
+        self.args: tuple = ()
+        self._quiet_until = float("-inf")
+        self._log = logging.getLogger(logger)
+
+    def note(self, now: float, *args) -> None:
+        self.pending += 1
+        self.args = args
+        if now >= self._quiet_until:
+            self._emit(now)
+
+    def flush(self, now: float) -> None:
+        if self.pending and now >= self._quiet_until:
+            self._emit(now)
+
+    def _emit(self, now: float) -> None:
+        self._log.log(self.level, self.message, self.pending, *self.args)
+        self.pending = 0
+        self._quiet_until = now + self.interval
+
+
+class RedactTornadoLog(logging.Filter):
+    """Tornado's own log lines can quote request bytes: a malformed header's value (a publish
+    secret with a stray control character) or a URL's query string (join tokens travel there).
+    Keep the line, cut those parts."""
+
+    _QUERY = re.compile(r"\?[^\s'\"]*")
+    _QUOTED = re.compile(r"""\s*:?\s*b?['"].*$""", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True
+        redacted = self._QUOTED.sub(" (value withheld)", message) if "Malformed HTTP" in message else message
+        redacted = self._QUERY.sub("?...", redacted)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+TORNADO_LOGGERS = ("tornado.general", "tornado.application", "tornado.access")
+
+
+def install_tornado_redaction() -> None:
+    """Idempotent: one filter per Tornado logger, however many daemons run in the process."""
+    for name in TORNADO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTornadoLog) for f in logger.filters):
+            logger.addFilter(RedactTornadoLog())

@@ -1,8 +1,9 @@
 """Prometheus metrics: plain ints on the daemon's paths, turned into metric families at scrape time.
 
-The hot paths never call prometheus_client: they bump ints in `Counters` (or numbers the daemon
-keeps anyway: `Hub.delivered`, `len(daemon.sockets)`), and `DaemonCollector` reads them when
-Prometheus scrapes. ``prometheus_client`` is imported only when ``metrics:`` is configured;
+The hot paths never call prometheus_client: they bump ints in `Counters`, the one place every
+counter of the daemon lives (the service, the hub, the transports and the outboxes write there),
+and `DaemonCollector` reads them, with what the service knows anyway (its connections, the hub's
+topics, the broker's health), when Prometheus scrapes. ``prometheus_client`` is imported only when ``metrics:`` is configured;
 each daemon has its own ``CollectorRegistry``, so two daemons in one process never clash.
 The endpoint has its own listener and wants ``Authorization: Bearer <token>`` when a token is set.
 """
@@ -23,7 +24,7 @@ from .core.errors import PusherdError
 from .core.publish import bearer_value
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .server import Daemon
+    from .service import Service
 
 log = logging.getLogger("pusherd")
 
@@ -89,7 +90,7 @@ class Counters:
     """What the daemon counts for metrics, as plain ints (always kept; costs next to nothing)."""
 
     __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
-                 "latency", "replayed", "recoveries")
+                 "latency", "replayed", "recoveries", "encodes", "delivered", "slow_consumer_closes")
 
     def __init__(self):
         self.frames_received = 0                      # frames from clients
@@ -100,6 +101,9 @@ class Counters:
         self.latency = Histogram()
         self.replayed = 0                             # missed broadcasts replayed on joins with `since`
         self.recoveries = collections.Counter()       # "recovered" / "not_recovered" -> count
+        self.encodes = 0                              # broadcast frames encoded (once per serializer)
+        self.delivered = 0                            # broadcast frames handed to connections
+        self.slow_consumer_closes = 0                 # connections closed as slow consumers
 
     def dropped(self, frames: int) -> None:
         self.frames_dropped += frames
@@ -136,19 +140,20 @@ class PrefixLabels:
 class DaemonCollector:
     """A custom collector: reads the daemon's numbers when Prometheus scrapes."""
 
-    def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon
+    def __init__(self, service: "Service"):
+        self.service = service
         self.prefixes = PrefixLabels()
         require_client()
         import prometheus_client.core
         self._families = prometheus_client.core
 
     def collect(self):
-        core, daemon = self._families, self.daemon
-        counters: Counters = daemon.counters
-        hub = daemon.hub
+        core, service = self._families, self.service
+        counters: Counters = service.counters
+        hub = service.hub
 
-        yield core.GaugeMetricFamily("pusherd_sockets", "Open WebSocket connections.", value=len(daemon.sockets))
+        yield core.GaugeMetricFamily("pusherd_sockets", "Open connections (WebSocket and long-poll).",
+                                     value=len(service.connections))
         yield core.GaugeMetricFamily("pusherd_topics", "Topics with at least one local member.",
                                      value=len(hub.topics))
         channels = core.GaugeMetricFamily(
@@ -175,13 +180,13 @@ class DaemonCollector:
                                        "Broadcasts handed to this process for local delivery.",
                                        value=counters.messages_received)
         yield core.CounterMetricFamily("pusherd_messages_delivered", "Broadcast frames handed to sockets.",
-                                       value=hub.delivered)
+                                       value=counters.delivered)
         yield core.CounterMetricFamily("pusherd_messages_dropped",
                                        "Frames handed to a socket that were discarded unsent "
                                        "(slow consumer or socket closing).", value=counters.frames_dropped)
         yield core.CounterMetricFamily("pusherd_frames_encoded",
                                        "Broadcast frames encoded (once per protocol version per broadcast).",
-                                       value=hub.encodes)
+                                       value=counters.encodes)
         publish = core.CounterMetricFamily("pusherd_publish_requests", "POST /publish requests by HTTP status.",
                                            labels=["status"])
         for status, n in sorted(counters.publish_requests.items()):
@@ -195,10 +200,10 @@ class DaemonCollector:
             buckets=latency.buckets(), sum_value=latency.total)
 
         yield core.CounterMetricFamily("pusherd_slow_consumer_closes", "Sockets closed as slow consumers.",
-                                       value=daemon.stats["slow_consumer_closes"])
+                                       value=counters.slow_consumer_closes)
         broker = core.GaugeMetricFamily("pusherd_broker_up", "1 when the broker takes publishes, else 0.",
                                         labels=["broker"])
-        broker.add_metric([daemon.broker.name], 1 if daemon.broker.healthy() else 0)
+        broker.add_metric([service.broker.name], 1 if service.broker.healthy() else 0)
         yield broker
         yield core.CounterMetricFamily("pusherd_messages_replayed",
                                        "Missed broadcasts replayed to joins that carried `since`.",
@@ -208,7 +213,7 @@ class DaemonCollector:
         for outcome in ("recovered", "not_recovered"):
             recoveries.add_metric([outcome], counters.recoveries[outcome])
         yield recoveries
-        stats = daemon.broker.history_stats()
+        stats = service.broker.history_stats()
         if stats is not None:
             yield core.GaugeMetricFamily("pusherd_history_streams", "Topics keeping history in this process.",
                                          value=stats["streams"])
@@ -219,18 +224,18 @@ class DaemonCollector:
         evictions = core.CounterMetricFamily(
             "pusherd_history_evictions", "Topic histories evicted by this process's publishes to keep a global "
             "bound, by the config key of the bound.", labels=["limit"])
-        for limit, count in sorted(daemon.broker.history_evictions().items()):
+        for limit, count in sorted(service.broker.history_evictions().items()):
             evictions.add_metric([limit], count)
         yield evictions
         yield core.GaugeMetricFamily("pusherd_draining", "1 while the daemon drains its sockets to stop.",
-                                     value=1 if daemon.draining else 0)
+                                     value=1 if service.draining else 0)
 
 
-def build_registry(daemon: "Daemon"):
+def build_registry(service: "Service"):
     """A registry of this daemon's own (no global registry), with the process collector."""
     client = require_client()
     registry = client.CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon))
+    registry.register(DaemonCollector(service))
     client.ProcessCollector(registry=registry)
     return registry
 
@@ -263,9 +268,9 @@ class MetricsHandler(tornado.web.RequestHandler):
 class MetricsServer:
     """The metrics listener: only ``GET /metrics``, on its own address."""
 
-    def __init__(self, daemon: "Daemon", settings):
+    def __init__(self, service: "Service", settings):
         self.settings = settings
-        self.registry = build_registry(daemon)
+        self.registry = build_registry(service)
         self._server: Optional[tornado.httpserver.HTTPServer] = None
         self.bound: List[tuple] = []
 

@@ -14,14 +14,17 @@ A connection, as the service sees it (`Connection`), is a hub member (``serializ
 import asyncio
 import logging
 import time
-from typing import Any, List, Optional, Set
+from dataclasses import dataclass
+from typing import Any, List, Optional, Set, Tuple
 
 from .brokers.base import Broker
 from .core import errors
 from .core.broadcast import Broadcast
 from .core.errors import BrokerUnavailable
 from .core.fanout import Hub
+from .core.origins import OriginPolicy
 from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Unsubscribe
+from .logs import StormLog
 from .metrics import Counters
 
 log = logging.getLogger("pusherd")
@@ -47,27 +50,74 @@ class Connection:
         """The periodic check (the service's sweep calls it)."""
 
 
-class Service:
-    """Sessions' actions carried out against the hub and the broker, for every transport."""
+@dataclass(frozen=True)
+class Config:
+    """What connections and requests consult, built from the settings; a reload replaces it whole
+    (`Service.reload`): nothing in it is ever mutated."""
 
-    def __init__(self, broker: Broker, policy: Policy, counters: Optional[Counters] = None,
-                 hub: Optional[Hub] = None):
+    settings: Any               # config.Settings
+    policy: Policy              # what sessions consult on joins and pushes
+    origins: OriginPolicy       # which pages may open a connection
+    publish_secrets: Tuple[str, ...]
+
+
+class Refusals:
+    """Refusals that come in storms (every client of a full or stopping process retries): one
+    line per 10 s at most, with a count (logs.StormLog). The daemon's sweep flushes them."""
+
+    def __init__(self):
+        self.connections = StormLog("refused %d connection(s) with 503: max_connections (%d) reached")
+        self.draining = StormLog("refused %d connection(s) with 503: shutting down", logging.INFO)
+        self.http = StormLog("refused %d new HTTP connection(s) with 503: max_http_connections (%d) reached,"
+                             " every connection inside a request")
+        self.http_evictions = StormLog("closed %d HTTP connection(s) waiting for a request to let new ones in:"
+                                       " max_http_connections (%d) reached")
+
+    def flush(self, now: float) -> None:
+        for storm in (self.connections, self.draining, self.http, self.http_evictions):
+            storm.flush(now)
+
+
+class Service:
+    """Sessions' actions carried out against the hub and the broker, for every transport; the
+    state every transport's handlers share: the current `Config`, the open connections, the
+    HTTP requests in flight, the counters. Handlers get it through ``initialize()``.
+
+    ``freezer``: the process's garbage-collector freezer (fast/gc.py), told of every connection
+    that opens and closes; None to leave the collector alone (tests, PUSHERD_FAST=0).
+    """
+
+    def __init__(self, broker: Broker, config: Config, counters: Optional[Counters] = None,
+                 hub: Optional[Hub] = None, freezer=None):
         self.broker = broker
-        self.policy = policy
+        self.config = config
         self.counters = counters if counters is not None else Counters()
         self.hub = hub if hub is not None else Hub(broker.subscribe, broker.unsubscribe, counters=self.counters)
+        self.freezer = freezer
         self.connections: Set[Connection] = set()
+        self.requests: Set[Any] = set()   # HTTP requests being answered (a drain lets them finish)
+        self.refusals = Refusals()
         self.draining = False
         self.tasks: Set[asyncio.Future] = set()
+
+    @property
+    def policy(self) -> Policy:
+        return self.config.policy
 
     # -- connections ------------------------------------------------------------------------
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
+        if self.freezer is not None:
+            self.freezer.on_open()
 
     def closed(self, conn: Connection) -> None:
         """The connection is gone: out of every topic, its session ended."""
+        if conn not in self.connections:
+            return
         self.connections.discard(conn)
+        if self.freezer is not None:
+            self.freezer.on_close()
         session = conn.session
         if session is not None:
             for topic in list(session.channels):
@@ -75,9 +125,18 @@ class Service:
             session.channels.clear()
             session.closed = True
 
-    def full(self, limit: int) -> bool:
-        """No room for one more connection (``max_connections``), or draining."""
-        return self.draining or len(self.connections) >= limit
+    def refusal(self) -> Optional[str]:
+        """Why one more connection cannot open (draining, or ``max_connections`` reached), noted
+        in the storm logs; None when it can."""
+        now = time.monotonic()
+        if self.draining:
+            self.refusals.draining.note(now)
+            return "shutting down"
+        limit = self.config.settings.max_connections
+        if len(self.connections) >= limit:
+            self.refusals.connections.note(now, limit)
+            return "too many connections"
+        return None
 
     # -- actions ------------------------------------------------------------------------------
 
@@ -181,13 +240,16 @@ class Service:
                 conn.tick(now)
             except Exception:
                 log.exception("sweep failed for one connection")
+        self.refusals.flush(time.monotonic())
+        if self.freezer is not None:
+            self.freezer.maybe_refreeze(len(self.connections))
 
-    def reload(self, policy: Policy) -> None:
-        """Swap the policy: every open session consults the new one from its next frame on."""
-        self.policy = policy
+    def reload(self, config: Config) -> None:
+        """Swap the config: every open session consults the new policy from its next frame on."""
+        self.config = config
         for conn in self.connections:
             if conn.session is not None:
-                conn.session.policy = policy
+                conn.session.policy = config.policy
 
     def spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pusherd.core.tokens import mint_token  # noqa: E402
+from pusherd.client import mint_token  # noqa: E402
 
 GUARDIAN_SECRET = "test-guardian-secret-0123456789abcdef"
 PUBLISH_SECRET = "test-publish-secret-0123456789"
@@ -511,3 +511,24 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+def parse_frame(frame: bytes):
+    """RFC 6455 §5.2: return (fin, opcode, masked, payload) and check the length encoding is minimal."""
+    assert len(frame) >= 2
+    fin, opcode = frame[0] >> 7, frame[0] & 0x0F
+    assert frame[0] & 0x70 == 0, "RSV bits must be clear (no extension negotiated)"
+    masked, length = frame[1] >> 7, frame[1] & 0x7F
+    pos = 2
+    if length == 126:
+        (length,) = struct.unpack("!H", frame[2:4])
+        assert length >= 126, "16-bit length used for a short payload"
+        pos = 4
+    elif length == 127:
+        (length,) = struct.unpack("!Q", frame[2:10])
+        assert length >= 65536, "64-bit length used for a payload that fits 16 bits"
+        assert length >> 63 == 0
+        pos = 10
+    payload = frame[pos:]
+    assert len(payload) == length
+    return fin, opcode, masked, payload

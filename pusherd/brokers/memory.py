@@ -1,5 +1,6 @@
 """The in-process broker: one pusherd process, no backplane."""
 
+import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -24,7 +25,7 @@ class MemoryBroker(Broker):
     def __init__(self, history_rules: Rules = Rules(), max_recovery: int = 300, max_topics: int = 10000,
                  max_bytes: int = 64 * 1024 * 1024):
         self._deliver: Optional[Deliver] = None
-        self.history = Store(history_rules, max_recovery, max_topics, max_bytes, now=time.time())
+        self.history = Store(history_rules, max_recovery, max_topics, max_bytes, now=time.time(), random=os.urandom)
         self._closed = False
 
     async def start(self, deliver: Deliver) -> None:

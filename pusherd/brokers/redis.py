@@ -100,6 +100,7 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 import random
 import secrets
 import time
@@ -119,7 +120,7 @@ from ..config.values import mask_url, multi_host_url
 from ..core import protocol
 from ..core.errors import BrokerUnavailable, StartupError
 from ..core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, decide_history, empty_since,
-                           format_position, new_epoch, parse_position)
+                           EPOCH_BYTES, format_position, new_epoch, parse_position)
 
 log = logging.getLogger("pusherd.broker")
 
@@ -1021,7 +1022,8 @@ class RedisBroker(Broker):
         failed = [item.future.exception() for item in everything if item.future.exception() is not None]
         if failed:
             raise BrokerUnavailable("%d of %d events published: %s" % (len(everything) - len(failed),
-                                                                        len(everything), failed[0]))
+                                                                        len(everything), failed[0]),
+                                    published=len(everything) - len(failed), total=len(everything))
         return [b.position for b in broadcasts]
 
     def _pending(self, broadcast: Broadcast, client: bool, echo: bool = False) -> _Pending:
@@ -1045,7 +1047,7 @@ class RedisBroker(Broker):
         if item.history is not None:
             meta, stream, registry, sizes, info, size, ttl_ms, topic, max_topics, max_bytes, hp, mp = item.history
             return (b"EVALSHA", self._publish_sha, 5, meta, stream, registry, sizes, info, item.channel, item.data,
-                    size, ttl_ms, new_epoch(), topic, max_topics, max_bytes, hp, mp)
+                    size, ttl_ms, new_epoch(os.urandom(EPOCH_BYTES)), topic, max_topics, max_bytes, hp, mp)
         if item.script == "guard":
             return (b"EVALSHA", self._scripts["guard"][1], 1, self._guard_key, item.channel, item.data)
         return (self._pub_cmd, item.channel, item.data)

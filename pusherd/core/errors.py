@@ -71,7 +71,16 @@ class PublishError(PusherdError):
 
 
 class BrokerUnavailable(PusherdError):
-    """The broker could not take a publish (e.g. Redis is down): the publisher should retry."""
+    """The broker could not take a publish (e.g. Redis is down): the publisher should retry.
+
+    The message is for the log (it may name the broker's address, masked); ``published`` and
+    ``total``, when known, say how much of a batch was published all the same, which the
+    publisher is told."""
+
+    def __init__(self, message: str = "", published: "int | None" = None, total: "int | None" = None):
+        super().__init__(message)
+        self.published = published
+        self.total = total
 
 
 class StartupError(PusherdError):

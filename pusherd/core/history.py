@@ -24,8 +24,7 @@ would expire first (the least recently published under one ttl) is evicted whole
 """
 
 import collections
-import secrets
-from typing import Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .topics import TopicPattern
 
@@ -60,8 +59,12 @@ class Recovery(NamedTuple):
     epoch: Optional[str] = None
 
 
-def new_epoch() -> str:
-    return secrets.token_hex(4)
+EPOCH_BYTES = 4
+
+
+def new_epoch(random: bytes) -> str:
+    """An epoch from `random` bytes (`EPOCH_BYTES` of them, e.g. ``os.urandom``): lower-case hex."""
+    return random.hex()
 
 
 def format_position(epoch: str, offset: int) -> str:
@@ -172,8 +175,8 @@ class Stream:
 
     __slots__ = ("epoch", "offset", "entries", "size", "ttl", "touched", "created", "bytes")
 
-    def __init__(self, size: int, ttl: float, epoch: Optional[str] = None, offset: int = 0, now: float = 0.0):
-        self.epoch = epoch or new_epoch()
+    def __init__(self, size: int, ttl: float, epoch: str, offset: int = 0, now: float = 0.0):
+        self.epoch = epoch
         self.offset = offset
         self.entries: Deque[Entry] = collections.deque(maxlen=size)
         self.size = size
@@ -224,7 +227,9 @@ class Store:
     """
 
     def __init__(self, rules: Rules, max_recovery: int = 300, max_topics: int = 10000,
-                 max_bytes: int = 64 * 1024 * 1024, now: float = 0.0):
+                 max_bytes: int = 64 * 1024 * 1024, now: float = 0.0, *, random: Callable[[int], bytes]):
+        """`random(n)`: n random bytes for a new stream's epoch (``os.urandom``: the broker's)."""
+        self._random = random
         self.rules = rules
         self.max_recovery = max_recovery
         self.max_topics = max_topics
@@ -246,7 +251,7 @@ class Store:
                 return None
             while len(self.streams) >= self.max_topics and self._evict(None, LIMIT_TOPICS, now):
                 pass
-            stream = self.streams[topic] = Stream(rule.size, rule.ttl, now=now)
+            stream = self.streams[topic] = Stream(rule.size, rule.ttl, new_epoch(self._random(EPOCH_BYTES)), now=now)
             self._by_ttl.setdefault(rule.ttl, collections.OrderedDict())[topic] = stream
             self.bytes += stream.bytes
         elif client and self.rules.keeps(topic, client) is None:

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import math
 import re
-import time
 import warnings
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
@@ -230,13 +229,12 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def verify_publish_token(token: str, secrets: Sequence[str], now: Optional[float] = None) -> Tuple[TopicPattern, ...]:
+def verify_publish_token(token: str, secrets: Sequence[str], now: float) -> Tuple[TopicPattern, ...]:
     """Verify a publisher token (``POST /publish``); return the patterns of its ``publish`` claim.
 
     HS256 only, keyed by ``publish_secret``; ``exp`` required. A join token (``aud: "csrf"``) is
     refused: it is bound to one page's csrf token, which /publish cannot check. Raises AuthError.
     """
-    now = time.time() if now is None else now
     if not isinstance(token, str) or not token or len(token) > 16384:
         raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
     _check_header(token)
@@ -273,29 +271,6 @@ def verify_publish_token(token: str, secrets: Sequence[str], now: Optional[float
     if not patterns:
         raise AuthError(INVALID_TOKEN, "publish claim missing or empty")
     return patterns
-
-
-def mint_publish_token(secret: str, publish: Sequence[str], ttl: float = 300, now: Optional[float] = None,
-                       **extra) -> str:
-    """A publisher token as the Rails app would mint it for /publish (short-lived, topic-limited)."""
-    now = time.time() if now is None else now
-    return jwt.encode(dict(extra, exp=int(now + ttl), publish=list(publish)), secret, algorithm="HS256")
-
-
-def mint_token(secret: str, sub: Any = None, listen: Sequence[str] = (), publish: Sequence[str] = (),
-               ttl: float = 30 * 86400, csrf_token: Optional[str] = None, issuer: Optional[str] = None,
-               now: Optional[float] = None, algorithm: str = "HS256", private_key: Optional[str] = None) -> str:
-    """Mint a token exactly as the Rails helper does (no iat; aud csrf when a csrf token is given)."""
-    now = time.time() if now is None else now
-    claims = {"sub": {} if sub is None else sub, "exp": int(now + ttl),
-              "listen": list(listen), "publish": list(publish)}
-    if issuer:
-        claims["iss"] = issuer
-    if csrf_token is not None:
-        claims["aud"] = "csrf"
-        claims["s_csrf"] = s_csrf(secret, csrf_token)
-    key = private_key if algorithm in ASYMMETRIC else secret
-    return jwt.encode(claims, key, algorithm=algorithm)
 
 
 def looks_like_jwt(value: str) -> bool:

@@ -18,21 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pusherd.core.errors import PublishError  # noqa: E402
 from pusherd.core.protocol import LEGACY, V1, V2, Message, ProtocolError  # noqa: E402
 from pusherd.core.publish import authorize, parse_body  # noqa: E402
-from pusherd.core.session import Close, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe  # noqa: E402
-from pusherd.core.tokens import Verifier, mint_token  # noqa: E402
+from pusherd.core.session import Close, Join, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe  # noqa: E402
+from pusherd.core.tokens import Verifier  # noqa: E402
+from pusherd.client import mint_token  # noqa: E402
 from pusherd.core.topics import is_public, is_valid_topic  # noqa: E402
 
 SECRET = "fuzz-guardian-secret-0123456789abcdef"
 PUBLISH_SECRET = "fuzz-publish-secret-0123456789abcdef"
 POLICY = Policy(Verifier([SECRET]), Limits(max_channels=4, max_topic_length=64, push_rate=1000, push_burst=1000))
 TOKEN = mint_token(SECRET, listen=["private:a", "room:*"], publish=["room:*"], ttl=10 ** 9, now=0)
-ACTIONS = (Send, Subscribe, Unsubscribe, Publish, Close)
+ACTIONS = (Send, Join, Subscribe, Unsubscribe, Publish, Close)
 
 
 def _check_actions(session: Session, actions, serializer) -> None:
     assert isinstance(actions, list)
     for action in actions:
         assert isinstance(action, ACTIONS), action
+        if isinstance(action, Join):
+            # What the join flow sends once the broker is ready (reply, subscription) is checked too.
+            assert action.topic in session.channels
+            _check_actions(session, session.joined(action), serializer)
         if isinstance(action, Send):
             # Every frame pusherd writes is JSON a browser can parse (no NaN, valid UTF-8).
             json.loads(action.text, parse_constant=_refuse_constant)

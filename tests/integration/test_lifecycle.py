@@ -211,7 +211,7 @@ def test_sigterm_closes_every_socket_with_1001_in_batches(tmp_path, managed):
         t.start()
     began = time.monotonic()
     d.signal(signal.SIGTERM)
-    d.wait_log("shutting down: draining 16 sockets")
+    d.wait_log("shutting down: draining 16 connections")
     conn.request("POST", "/publish", body=b'{"topic": "public:drain", "event": "late"}',
                  headers={"Authorization": "Bearer " + PUBLISH_SECRET, "Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -235,7 +235,7 @@ def test_a_second_sigterm_ends_the_drain_at_once(tmp_path, managed):
     port = int(d.wait_log("serving on").split("serving on ")[1].split(" ")[0].rsplit(":", 1)[1])
     clients = [PhxClient("ws://127.0.0.1:%d/events" % port) for _ in range(3)]
     d.signal(signal.SIGTERM)
-    d.wait_log("draining 3 sockets over 10.0s")
+    d.wait_log("draining 3 connections over 10.0s")
     began = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait(5) == -signal.SIGTERM

@@ -196,7 +196,7 @@ def test_without_prometheus_client_start_up_fails_clearly(tmp_path):
 def test_two_daemons_in_one_process_have_their_own_registries(tmp_path):
     """No global registry: each daemon's /metrics reports its own numbers."""
     from pusherd import config
-    from pusherd.server import Daemon
+    from pusherd.daemon import Daemon
 
     def settings():
         doc = {"test": {"metrics": {"listen": "127.0.0.1:0"}, "listen": "127.0.0.1:0"}}
@@ -215,7 +215,7 @@ def test_two_daemons_in_one_process_have_their_own_registries(tmp_path):
         try:
             for _ in range(3):
                 from pusherd.core.broadcast import Broadcast
-                await a.publish(Broadcast("public:x", "e", {}))
+                await a.service.publish(Broadcast("public:x", "e", {}))
             loop = asyncio.get_running_loop()
             texts = []
             for d in (a, b):

@@ -30,7 +30,7 @@ def test_ready_with_redis_down_and_status_follows_the_broker(tmp_path, monkeypat
     require(shutil.which("redis-server") is not None, "redis-server not installed (apt-get install redis-server)")
     require(_has_redis_py(), "redis-py not installed (pip install 'pusherd[redis]')")
     from pusherd import config
-    from pusherd.server import serve
+    from pusherd.daemon import serve
 
     redis = RedisServer(tmp_path, port=free_port())
     port = free_port()

@@ -14,7 +14,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lifecycle_testing import ManagedPusherd, listening_socket  # noqa: E402
 from pusherd_testing import http  # noqa: E402
-from pusherd.core.tokens import mint_token  # noqa: E402
+from pusherd.client import mint_token  # noqa: E402
 
 pytestmark = pytest.mark.interop
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pusherd.core.tokens import mint_token
+from pusherd.client import mint_token
 
 pytestmark = pytest.mark.interop
 

@@ -29,7 +29,8 @@ def start(request, pusherd_factory):
     broker, fast = request.param
 
     def make(**config):
-        overrides = dict(config, metrics={"listen": "127.0.0.1:%d" % free_port()})
+        # client_events "*": these attacks push whatever event names clients send
+        overrides = dict(config, metrics={"listen": "127.0.0.1:%d" % free_port()}, client_events=["*"])
         redis = None
         if broker == "redis":
             redis = request.getfixturevalue("redis_server")

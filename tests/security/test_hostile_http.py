@@ -10,7 +10,7 @@ import time
 import jwt
 import pytest
 
-from pusherd.core.tokens import mint_publish_token
+from pusherd.client import mint_publish_token
 from sec_helpers import GUARDIAN_SECRET, PUBLISH_SECRET, RawWS, rails_token, rss_kib, still_serving
 
 pytestmark = pytest.mark.integration
@@ -368,11 +368,11 @@ def test_storm_of_upgrades_over_max_connections_is_one_warning_not_an_error_each
             ws = RawWS(d.port)
             assert ws.status == 503
             ws.close()
-        first = d.wait_log("WebSocket upgrade(s) with 503")
-        assert "WARNING" in first and "refused 1 WebSocket upgrade(s) with 503: max_connections (2) reached" in first
-        later = d.wait_log("refused 29 WebSocket upgrade(s)", timeout=15)  # the sweep reports the rest
+        first = d.wait_log("connection(s) with 503")
+        assert "WARNING" in first and "refused 1 connection(s) with 503: max_connections (2) reached" in first
+        later = d.wait_log("refused 29 connection(s)", timeout=15)  # the sweep reports the rest
         assert "WARNING" in later
-        refusals = [l for l in d.lines if "WebSocket upgrade(s) with 503" in l]
+        refusals = [l for l in d.lines if "connection(s) with 503: max_connections" in l]
         assert len(refusals) == 2, refusals
         assert not [l for l in d.lines if " ERROR " in l or " 503 GET " in l], d.log()
     finally:

@@ -9,7 +9,7 @@ import time
 import jwt
 import pytest
 
-from pusherd.core.tokens import mint_publish_token
+from pusherd.client import mint_publish_token
 from sec_helpers import GUARDIAN_SECRET, PUBLISH_SECRET, rails_token, still_serving
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,8 @@ import jwt
 import pytest
 
 from pusherd.core.rails_csrf import mask
-from pusherd.core.tokens import mint_token, s_csrf
+from pusherd.core.tokens import s_csrf
+from pusherd.client import mint_token
 from sec_helpers import GUARDIAN_SECRET, rails_token
 
 pytestmark = pytest.mark.integration

@@ -288,7 +288,7 @@ def test_watchdog_restarts_a_hung_event_loop(rig):
         assert "Watchdog timeout" in log
         # PYTHONFAULTHANDLER=1: the journal shows where the loop hung
         assert "Fatal Python error: Aborted" in log
-        assert 'server.py", line' in log and "in hang" in log
+        assert 'daemon.py", line' in log and "in hang" in log
         assert request(rig, "GET", "/healthz")[0] == 200
     finally:
         rig.run(["rm", "-f", "/run/systemd/system/pusherd.service.d/watchdog.conf"])
@@ -330,7 +330,7 @@ def test_journal_has_priorities_and_no_secrets(rig):
     for e in entries:
         by_priority.setdefault(e["PRIORITY"], []).append(e["MESSAGE"])
     assert any(m.startswith("INFO pusherd: pusherd serving on") for m in by_priority.get("6", []))
-    assert any(m.startswith("WARNING pusherd.core.access: 401 POST /publish") for m in by_priority.get("4", []))
+    assert any(m.startswith("WARNING pusherd.access: 401 POST /publish") for m in by_priority.get("4", []))
     assert any(m.startswith("ERROR pusherd: reload refused") for m in by_priority.get("3", []))
     messages = [str(e["MESSAGE"]) for e in entries]
     assert not [m for m in messages if m[:1] == "<"]  # prefixes were turned into PRIORITY=

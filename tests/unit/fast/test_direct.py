@@ -7,8 +7,9 @@ import socket
 import pytest
 from tornado.iostream import IOStream, StreamClosedError
 
-from pusherd.framing import text_frame
-from pusherd.outbox import FlushQueue, Outbox, lean_stream
+from pusherd.fast.framing import text_frame
+from pusherd.fast.direct import FlushQueue, Outbox
+from pusherd.fast.lean import lean_stream
 
 
 def test_flush_queue_runs_each_callback_once_per_iteration_in_order_despite_a_failure():
@@ -299,6 +300,7 @@ class _Member:
             a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         self.stream = IOStream(a)
         self.serializer = V2
+        self.wire = _ws_frame
         self.overflowed = []
         self.dropped = []
         self.outbox = Outbox(self.stream, rounds.add, max_bytes, lambda: self.overflowed.append(True),
@@ -322,10 +324,15 @@ class _Member:
         self.peer.close()
 
 
+def _ws_frame(text):
+    return text_frame(text.encode("utf-8"))
+
+
 def _hub_over(members_count, **kw):
-    from pusherd.hub import Hub
+    from pusherd.core.fanout import Hub, PlainGroup
+    from pusherd.fast.direct import make_group
     rounds = FlushQueue()
-    hub = Hub(rounds=rounds)
+    hub = Hub(make_group=make_group(rounds, PlainGroup))
     members = [_Member(rounds, **kw) for _ in range(members_count)]
     for m in members:
         hub.subscribe("public:a", m)
@@ -482,3 +489,50 @@ def test_fan_out_to_a_closed_socket_fails_nothing_else():
         fine.close()
     asyncio.run(main())
 
+
+class FakeStream:
+    def __init__(self, fail=None, stalled=False):
+        self.max_write_buffer_size = None
+        self.written = []
+        self.fail = fail
+        self.stalled = stalled  # a peer that never reads: Tornado's bound is reached, nothing drains
+
+    def write(self, data):
+        if self.fail:
+            raise self.fail
+        if self.stalled and self.max_write_buffer_size is not None and \
+                sum(map(len, self.written)) + len(data) > self.max_write_buffer_size:
+            from tornado.iostream import StreamBufferFullError
+            raise StreamBufferFullError("Reached maximum write buffer size")
+        self.written.append(bytes(data))
+
+    def writing(self):
+        return False
+
+
+def test_outbox_counts_frames_it_discards():
+    dropped, overflows, soon = [], [], []
+    outbox = Outbox(FakeStream(stalled=True), soon.append, 10, lambda: overflows.append(1), on_drop=dropped.append)
+    outbox.send(b"aaaa")
+    outbox.send(b"bbbb")
+    outbox.send(b"cccc")          # 12 bytes > 10 unsent to a stalled peer: the three frames are dropped
+    assert sum(dropped) == 3 and overflows == [1]
+    outbox.send(b"late")          # after the overflow the socket is gone
+    assert sum(dropped) == 4
+
+    dropped.clear()
+    outbox = Outbox(FakeStream(), soon.append, 100, lambda: None, on_drop=dropped.append)
+    outbox.send(b"x")
+    outbox.send(b"y")
+    outbox.detach()               # closing with frames still queued
+    assert dropped == [2]
+
+
+def test_outbox_delivering_normally_drops_nothing():
+    dropped, soon = [], []
+    stream = FakeStream()
+    outbox = Outbox(stream, soon.append, 100, lambda: None, on_drop=dropped.append)
+    outbox.send(b"x")
+    outbox.send(b"y")
+    soon[0]()
+    assert stream.written == [b"xy"] and dropped == []

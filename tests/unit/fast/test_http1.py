@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tornado import http1connection, httputil
 
-from pusherd.http1 import MAX_HEAD, MORE, OTHER, PublishHead, read_head
+from pusherd.fast.http1 import MAX_HEAD, MORE, OTHER, PublishHead, read_head
 
 BASIC = (b"POST /publish HTTP/1.1\r\nHost: localhost:4000\r\nContent-Length: 12\r\n"
          b"Authorization: Bearer s3cret\r\nContent-Type: application/json\r\n\r\n")

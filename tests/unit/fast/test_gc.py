@@ -1,27 +1,28 @@
-"""Event-loop choice, the fast-path switch, and the garbage-collector freezer."""
+"""fast: the event-loop choice, the speed-ups switch, and the garbage-collector freezer (fast.gc)."""
 
 import gc
 import weakref
 
-from pusherd import speedups
+from pusherd import fast
+from pusherd.fast.gc import GcFreezer
 
 
 def test_loop_choice_from_the_environment():
-    assert speedups.loop_factory({"PUSHERD_LOOP": "asyncio"}) is None
+    assert fast.loop_factory({"PUSHERD_LOOP": "asyncio"}) is None
     try:
         import uvloop
     except ImportError:
-        assert speedups.loop_factory({"PUSHERD_LOOP": "uvloop"}) is None  # falls back, with a warning
+        assert fast.loop_factory({"PUSHERD_LOOP": "uvloop"}) is None  # falls back, with a warning
     else:
-        assert speedups.loop_factory({}) is uvloop.new_event_loop
-        assert speedups.loop_factory({"PUSHERD_LOOP": "uvloop"}) is uvloop.new_event_loop
+        assert fast.loop_factory({}) is uvloop.new_event_loop
+        assert fast.loop_factory({"PUSHERD_LOOP": "uvloop"}) is uvloop.new_event_loop
 
 
 def test_fast_paths_switch():
-    assert speedups.fast_paths({}) is True
-    assert speedups.fast_paths({"PUSHERD_FAST": "1"}) is True
+    assert fast.enabled({}) is True
+    assert fast.enabled({"PUSHERD_FAST": "1"}) is True
     for off in ("0", "false", "off", "no"):
-        assert speedups.fast_paths({"PUSHERD_FAST": off}) is False
+        assert fast.enabled({"PUSHERD_FAST": off}) is False
 
 
 class Node:
@@ -32,7 +33,7 @@ class Node:
 def test_freezer_freezes_after_joins_and_reclaims_frozen_cycles_after_closes():
     gc.unfreeze()
     try:
-        freezer = speedups.GcFreezer(min_batch=8)
+        freezer = GcFreezer(min_batch=8)
         assert freezer.maybe_refreeze(live=100) is False  # nothing happened
         survivors = [Node() for _ in range(10)]
         ref = weakref.ref(survivors[0])
@@ -58,7 +59,7 @@ def test_freezer_reclaims_frozen_cycles_under_steady_churn():
     freezes must not keep postponing the pass that reclaims closed sockets' frozen cycles."""
     gc.unfreeze()
     try:
-        freezer = speedups.GcFreezer(min_batch=8)
+        freezer = GcFreezer(min_batch=8)
         closed_refs = []
         live = [Node() for _ in range(40)]
         for _ in live:

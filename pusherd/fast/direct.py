@@ -1,4 +1,5 @@
-"""A bounded, coalescing outbox per socket.
+"""Direct writes: the fan-out and the replies handed straight to the sockets, through a bounded,
+coalescing outbox per socket (Tornado internals: checked against Tornado 6.5.3 and 6.6.1).
 
 Frames queued during one event-loop iteration go out in one write (one syscall). The bytes a
 socket may hold unsent are bounded: past ``max_bytes`` the socket is a slow consumer and is
@@ -18,15 +19,24 @@ remainder), goes through ``IOStream.write``, so the order of bytes on the wire i
 
 A broadcast's first frame in a round does not even reach the outbox: `FlushQueue.fan_out`
 writes it to each clean socket itself, and only sockets with something pending (the ``dirty``
-register, kept by the outboxes) or a short write go through their outbox.
+register, kept by the outboxes) or a short write go through their outbox. `DirectGroup` is how
+the hub (core/fanout.py) gets there: `make_group` gives it for a group whose every member has a
+registered outbox, else the hub's own `PlainGroup`.
+
+What this reads of Tornado's: ``IOStream._write_buffer._size`` (bytes Tornado still holds),
+``IOStream.socket`` and ``writing()``, ``max_write_buffer_size``; that every byte Tornado writes
+after the upgrade goes through ``WebSocketProtocol13._write_frame`` (websocket.py hooks it).
+tests/unit/fast/test_tornado_internals.py checks each.
+
+Benchmark that justifies it: ``python bench/run.py --only fanout`` (bench/README.md: fan-out CPU
+per delivered message at 5k sockets, pusherd against the bare-asyncio floor).
 """
 
 import _socket
 import asyncio
-import collections
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
@@ -132,28 +142,6 @@ class FlushQueue:
             log.exception("delivery to one socket failed")
             return 1
         return 0
-
-
-class _ListQueue(list):
-    """A deque stand-in for IOStream's two write queues: an empty deque costs ~760 bytes (it
-    allocates a 64-slot block up front), an empty list 56. The queues hold a few entries at most
-    (a pong, a close frame, a partial write), so popleft's O(n) does not matter."""
-
-    __slots__ = ()
-
-    def popleft(self):
-        return self.pop(0)
-
-
-def lean_stream(stream) -> None:
-    """Swap an idle IOStream's empty write deques for `_ListQueue`s (Tornado 6 internals: left
-    alone when they are not what this expects). Tornado uses append, [0], [-1], popleft, clear,
-    iteration and truth on them, which a list subclass has too."""
-    buffer = getattr(stream, "_write_buffer", None)
-    if type(getattr(buffer, "_buffers", None)) is collections.deque and not buffer._buffers:
-        buffer._buffers = _ListQueue()
-    if type(getattr(stream, "_write_futures", None)) is collections.deque and not stream._write_futures:
-        stream._write_futures = _ListQueue()
 
 
 class Outbox:
@@ -352,3 +340,49 @@ class Outbox:
             self._rounds = None
             rounds.owners.pop(self._sock, None)
             rounds.dirty.pop(self._sock, None)
+
+
+class DirectGroup:
+    """A group of the hub (core/fanout.py) whose members all have a registered outbox: the first
+    broadcast of a round is written by `FlushQueue.fan_out` (one C call per socket), the ones
+    after it in the same round are queued in the outboxes, to leave in one write per socket at
+    the end of the round."""
+
+    __slots__ = ("serializer", "wire", "rounds", "boxes", "socks", "epoch")
+
+    def __init__(self, serializer, wire, boxes: Sequence["Outbox"], rounds: FlushQueue):
+        self.serializer = serializer
+        self.wire = wire
+        self.rounds = rounds
+        self.boxes = tuple(boxes)
+        self.socks = tuple(box.fast_sock for box in self.boxes)
+        self.epoch = -1  # the round of the last fan-out
+
+    def deliver(self, frame: bytes) -> int:
+        rounds = self.rounds
+        rounds.broadcast_begins()
+        if self.epoch != rounds.epoch:
+            self.epoch = rounds.epoch
+            return len(self.socks) - rounds.fan_out(frame, self.socks)
+        sent = 0
+        queue = Outbox.queue
+        for box in self.boxes:  # later in the same round: queued, to leave in one write per socket
+            try:
+                queue(box, frame)
+                sent += 1
+            except Exception:  # one broken socket must never stop the fan-out
+                log.exception("delivery to one socket failed")
+        return sent
+
+
+def make_group(rounds: FlushQueue, plain_group: Callable) -> Callable:
+    """The hub's ``make_group``: a `DirectGroup` when every member's outbox is registered with
+    `rounds` (a plain TCP socket of the fast WebSocket handler), else `plain_group`."""
+
+    def group(serializer, wire, members: Sequence[Any]):
+        boxes = [getattr(member, "outbox", None) for member in members]
+        if all(box is not None and box.fast_sock is not None for box in boxes):
+            return DirectGroup(serializer, wire, boxes, rounds)
+        return plain_group(serializer, wire, members)
+
+    return group

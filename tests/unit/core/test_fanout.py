@@ -1,4 +1,4 @@
-"""pusherd.hub and pusherd.framing: fan-out encodes once per serializer and shares the same bytes."""
+"""core.fanout: the hub encodes each broadcast once per serializer and shares the same frame."""
 
 import json
 import logging
@@ -7,12 +7,25 @@ import struct
 import pytest
 
 from pusherd.core.broadcast import Broadcast
-from pusherd.framing import text_frame
-from pusherd.hub import Hub
+from pusherd.core.fanout import Hub as _Hub
 from pusherd.core.protocol import LEGACY, V1, V2
+from pusherd.fast.framing import text_frame
+from pusherd.metrics import Counters
+from pusherd_testing import parse_frame
+
+
+def ws_frame(text: str) -> bytes:
+    return text_frame(text.encode("utf-8"))
+
+
+def Hub(**kwargs):
+    """A hub that counts into its own Counters (``hub.counters``)."""
+    return _Hub(counters=Counters(), **kwargs)
 
 
 class FakeSocket:
+    wire = staticmethod(ws_frame)  # as the fast WebSocket transport: whole frames
+
     def __init__(self, serializer):
         self.serializer = serializer
         self.frames = []
@@ -26,54 +39,6 @@ class BrokenSocket(FakeSocket):
         raise OSError("stream closed")
 
 
-def parse_frame(frame: bytes):
-    """RFC 6455 §5.2: return (fin, opcode, masked, payload) and check the length encoding is minimal."""
-    assert len(frame) >= 2
-    fin, opcode = frame[0] >> 7, frame[0] & 0x0F
-    assert frame[0] & 0x70 == 0, "RSV bits must be clear (no extension negotiated)"
-    masked, length = frame[1] >> 7, frame[1] & 0x7F
-    pos = 2
-    if length == 126:
-        (length,) = struct.unpack("!H", frame[2:4])
-        assert length >= 126, "16-bit length used for a short payload"
-        pos = 4
-    elif length == 127:
-        (length,) = struct.unpack("!Q", frame[2:10])
-        assert length >= 65536, "64-bit length used for a payload that fits 16 bits"
-        assert length >> 63 == 0
-        pos = 10
-    payload = frame[pos:]
-    assert len(payload) == length
-    return fin, opcode, masked, payload
-
-
-# --- framing -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("size,header", [
-    (0, b"\x81\x00"),
-    (1, b"\x81\x01"),
-    (125, b"\x81\x7d"),
-    (126, b"\x81\x7e\x00\x7e"),
-    (127, b"\x81\x7e\x00\x7f"),
-    (65535, b"\x81\x7e\xff\xff"),
-    (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
-    (70000, b"\x81\x7f" + struct.pack("!Q", 70000)),
-])
-def test_text_frame_length_boundaries(size, header):
-    data = b"x" * size
-    frame = text_frame(data)
-    assert frame[:len(header)] == header
-    assert frame[len(header):] == data
-    fin, opcode, masked, payload = parse_frame(frame)
-    assert (fin, opcode, masked) == (1, 1, 0)
-    assert payload == data
-
-
-def test_text_frame_keeps_utf8_bytes():
-    data = '[null,null,"room:é","ev",{"s":"日本"}]'.encode("utf-8")
-    assert parse_frame(text_frame(data))[3].decode("utf-8") == '[null,null,"room:é","ev",{"s":"日本"}]'
-
-
 # --- fan-out -------------------------------------------------------------------------------------
 
 def test_thousand_subscribers_two_encodes():
@@ -84,8 +49,8 @@ def test_thousand_subscribers_two_encodes():
     assert hub.members("public:lobby") == 1000
     reached = hub.broadcast(Broadcast("public:lobby", "new_msg", {"body": "hi", "n": 1}))
     assert reached == 1000
-    assert hub.encodes == 2
-    assert hub.delivered == 1000
+    assert hub.counters.encodes == 2
+    assert hub.counters.delivered == 1000
     by_version = {V1: set(), V2: set()}
     ids = {V1: set(), V2: set()}
     for sock in sockets:
@@ -111,10 +76,10 @@ def test_encodes_counted_per_broadcast_and_per_version_present():
         hub.subscribe("public:a", FakeSocket(V2))
     hub.broadcast(Broadcast("public:a", "ev", {}))
     hub.broadcast(Broadcast("public:a", "ev", {}))
-    assert hub.encodes == 2          # one version present, two broadcasts
+    assert hub.counters.encodes == 2          # one version present, two broadcasts
     hub.subscribe("public:a", FakeSocket(LEGACY))
     hub.broadcast(Broadcast("public:a", "ev", {}))
-    assert hub.encodes == 4
+    assert hub.counters.encodes == 4
 
 
 def test_large_broadcast_uses_extended_length():
@@ -135,7 +100,7 @@ def test_broadcast_reaches_only_the_topic():
     assert hub.broadcast(Broadcast("public:a", "ev", {})) == 1
     assert len(a.frames) == 1 and b.frames == []
     assert hub.broadcast(Broadcast("public:none", "ev", {})) == 0
-    assert hub.encodes == 1
+    assert hub.counters.encodes == 1
 
 
 def test_a_failing_socket_does_not_stop_the_others(caplog):
@@ -148,8 +113,8 @@ def test_a_failing_socket_does_not_stop_the_others(caplog):
         reached = hub.broadcast(Broadcast("public:a", "ev", {"x": 1}))
     assert reached == 10
     assert all(len(sock.frames) == 1 for sock in good)
-    assert hub.delivered == 10
-    assert hub.encodes == 2
+    assert hub.counters.delivered == 10
+    assert hub.counters.encodes == 2
     assert any("delivery" in r.getMessage() for r in caplog.records)
 
 
@@ -218,7 +183,7 @@ def test_membership_changes_between_broadcasts_are_seen_by_the_next_one():
     hub.subscribe("t", b)
     hub.subscribe("t", c)
     assert hub.broadcast(Broadcast("t", "e", {"n": 2})) == 3
-    assert hub.encodes == 3  # one frame for the first, one per serializer for the second
+    assert hub.counters.encodes == 3  # one frame for the first, one per serializer for the second
     hub.unsubscribe("t", a)
     assert hub.broadcast(Broadcast("t", "e", {"n": 3})) == 2
     hub.unsubscribe("t", b)
@@ -242,4 +207,38 @@ def test_a_member_that_fails_is_not_counted_and_does_not_stop_the_others(caplog)
     with caplog.at_level(logging.ERROR):
         assert hub.broadcast(Broadcast("t", "e", {})) == 3
     assert all(len(s.frames) == 1 for s in good)
-    assert hub.delivered == 3
+    assert hub.counters.delivered == 3
+
+
+class TextMember(FakeSocket):
+    """A member whose wire is the text itself (as long-poll keeps messages)."""
+    wire = staticmethod(str)
+
+
+def test_members_of_one_serializer_on_two_wires_share_one_encode():
+    hub = Hub()
+    ws = [FakeSocket(V2) for _ in range(3)]
+    polls = [TextMember(V2) for _ in range(3)]
+    for member in ws + polls:
+        hub.subscribe("public:a", member)
+    assert hub.broadcast(Broadcast("public:a", "ev", {"n": 1})) == 6
+    assert hub.counters.encodes == 1
+    assert len({id(m.frames[0]) for m in ws}) == 1 and len({id(m.frames[0]) for m in polls}) == 1
+    assert polls[0].frames[0] == '[null,null,"public:a","ev",{"n":1}]'
+    assert parse_frame(ws[0].frames[0])[3] == polls[0].frames[0].encode()
+
+
+def test_groups_are_made_by_the_make_group_given():
+    made = []
+
+    def make_group(serializer, wire, members):
+        from pusherd.core.fanout import PlainGroup
+        made.append((serializer, len(members)))
+        return PlainGroup(serializer, wire, members)
+
+    hub = _Hub(make_group=make_group)
+    for serializer in (V1, V2, V2):
+        hub.subscribe("t", FakeSocket(serializer))
+    hub.broadcast(Broadcast("t", "e", {}))
+    hub.broadcast(Broadcast("t", "e", {}))   # grouped once per membership change
+    assert sorted((s.vsn, n) for s, n in made) == [("1.0.0", 1), ("2.0.0", 2)]

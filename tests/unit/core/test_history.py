@@ -1,5 +1,6 @@
 """history.py: positions, the bounded ring, recovery decisions, and the replay/live race."""
 
+import os
 import asyncio
 
 import pytest
@@ -88,7 +89,7 @@ def test_ttl_expiry_makes_a_gap():
 
 
 def test_store_only_keeps_history_for_matching_topics_and_drops_idle_streams():
-    store = Store(Rules([HistoryRule("deploys:*", 10, 60.0)]))
+    store = Store(Rules([HistoryRule("deploys:*", 10, 60.0)]), random=os.urandom)
     assert store.append("public:x", "e", {}, 1000.0) is None
     pos = store.append("deploys:web", "e", {}, 1000.0)
     assert parse_position(pos)[1] == 1
@@ -106,11 +107,12 @@ def test_pending_after_drops_what_the_replay_covered():
 
 def test_replay_live_race_is_gapless_and_duplicate_free():
     """Deterministic race: broadcasts published while a join looks up history."""
-    from pusherd.hub import Hub
+    from pusherd.core.fanout import Hub
     from pusherd.core.protocol import V2
 
     class Sock:
         serializer = V2
+        wire = staticmethod(str)
 
         def __init__(self):
             self.frames = []
@@ -171,7 +173,7 @@ def test_decide_history_vouches_for_an_empty_position_only_while_nothing_can_be_
 
 
 def test_store_recover_creates_nothing():
-    store = Store(Rules([HistoryRule("public:*", 10, 60.0)]), now=1000.0)
+    store = Store(Rules([HistoryRule("public:*", 10, 60.0)]), now=1000.0, random=os.urandom)
     for i in range(1000):
         r = store.recover("public:fresh-%d" % i, "x:1", 1001.0)
         assert not r.recovered and r.position == empty_position(1001.0)
@@ -181,7 +183,7 @@ def test_store_recover_creates_nothing():
 # -- global bounds ------------------------------------------------------------------------------
 
 def test_max_topics_evicts_the_history_that_expires_first():
-    store = Store(Rules([HistoryRule("a:*", 10, 60.0), HistoryRule("b:*", 10, 3600.0)]), max_topics=3)
+    store = Store(Rules([HistoryRule("a:*", 10, 60.0), HistoryRule("b:*", 10, 3600.0)]), max_topics=3, random=os.urandom)
     store.append("b:long", "e", {}, 1000.0)    # expires at 4600
     store.append("a:1", "e", {}, 1001.0)       # 1061
     store.append("a:2", "e", {}, 1002.0)       # 1062
@@ -194,7 +196,7 @@ def test_max_topics_evicts_the_history_that_expires_first():
 
 
 def test_max_bytes_evicts_other_topics_then_trims_the_publishing_one():
-    store = Store(Rules([HistoryRule("t:*", 100, 60.0)]), max_bytes=5000)
+    store = Store(Rules([HistoryRule("t:*", 100, 60.0)]), max_bytes=5000, random=os.urandom)
     for i in range(5):           # about 2.1 KB each: two fit
         store.append("t:%d" % i, "e", {"pad": "x" * 800}, 1000.0 + i)
     assert store.bytes <= 5000 and sorted(store.streams) == ["t:3", "t:4"]
@@ -207,7 +209,7 @@ def test_max_bytes_evicts_other_topics_then_trims_the_publishing_one():
 
 
 def test_byte_accounting_follows_the_ring_expiry_and_sweep():
-    store = Store(Rules([HistoryRule("t:*", 3, 60.0)]))
+    store = Store(Rules([HistoryRule("t:*", 3, 60.0)]), random=os.urandom)
     for i in range(10):
         store.append("t:a", "e", {"i": i}, 1000.0)
     stream = store.streams["t:a"]
@@ -220,7 +222,7 @@ def test_byte_accounting_follows_the_ring_expiry_and_sweep():
 
 def test_client_pushes_are_kept_only_when_the_rule_says_so():
     store = Store(Rules([HistoryRule("public:chat:*", 10, 60.0, client_pushes=True),
-                         HistoryRule("public:*", 10, 60.0)]))
+                         HistoryRule("public:*", 10, 60.0)]), random=os.urandom)
     assert store.append("public:x", "e", {}, 1000.0, client=True) is None and store.streams == {}
     assert store.append("public:x", "e", {}, 1000.0) is not None              # the same topic from Rails
     assert store.append("public:x", "e", {}, 1000.0, client=True) is None     # a push on it: still not kept

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from pusherd.core import rails_csrf
 from pusherd.core.errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
-from pusherd.core.tokens import Claims, Verifier, looks_like_jwt, mint_token, s_csrf
+from pusherd.core.tokens import Claims, Verifier, looks_like_jwt, s_csrf
+from pusherd.client import mint_token
 from pusherd.core.topics import TopicPattern
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

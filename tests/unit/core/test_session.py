@@ -15,7 +15,8 @@ from pusherd.core.access import compile_event_patterns
 from pusherd.core.history import Entry, Recovery
 from pusherd.core.broadcast import Broadcast
 from pusherd.core.session import Close, Join, Limits, Policy, Publish, Send, Session, Subscribe, Unsubscribe
-from pusherd.core.tokens import Verifier, mint_token
+from pusherd.core.tokens import Verifier
+from pusherd.client import mint_token
 from pusherd.core.topics import is_public
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -785,3 +786,13 @@ def test_join_flow_a_channel_left_rejoined_or_closed_meanwhile_gets_nothing(mean
     else:
         s.closed = True
     assert s.joined(join, None, [Broadcast("public:a", "e", {})]) == []
+
+
+def test_sessions_tally_joins_by_outcome():
+    import collections
+    joins = collections.Counter()
+    session = Session(V2, Policy(Verifier(["s"]), joins=joins), now=0.0)
+    session.receive(json.dumps(["1", "1", "public:a", "phx_join", {}]), 0.0)
+    session.receive(json.dumps(["2", "2", "private:a", "phx_join", {}]), 0.0)
+    session.receive(json.dumps(["3", "3", "private:b", "phx_join", {"guardian_token": "nope"}]), 0.0)
+    assert joins == {"ok": 1, "authentication_required": 1, "invalid_token": 1}

@@ -1,8 +1,12 @@
-"""The daemon: wires settings, broker, hub and handlers; binds, serves, reloads and drains."""
+"""The daemon: builds the parts from the settings, binds, serves, reloads and drains.
+
+One `Daemon` per process (several in a test process): the broker, the hub and the service
+(pusherd/service.py) that every transport's connections plug into, the Tornado application
+(transports/app.py), the listener (fast/listener.py) and the metrics endpoint. `serve` runs it
+under systemd's protocol: readiness, watchdog, reload on SIGHUP, drain on SIGTERM.
+"""
 
 import asyncio
-import collections
-import dataclasses
 import logging
 import os
 import resource
@@ -14,22 +18,20 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import tornado.netutil
 import tornado.web
 
-from .core.access import compile_event_patterns
+from . import fast
 from .brokers import Broker, build_broker
-from .core.broadcast import Broadcast
-from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
+from .core.access import compile_event_patterns
 from .core.errors import StartupError
-from .core.history import Rules, parse_position, pending_after
-from .handlers import (HealthHandler, NotFoundHandler, PublishHandler, SocketHandler, StormLog,
-                       install_log_redaction, log_request)
-from .hub import Hub
-from .metrics import Counters
-from .outbox import FlushQueue
-from . import speedups
+from .core.fanout import Hub, PlainGroup
 from .core.origins import OriginPolicy
-from .front import MAX_HEADER_SIZE, PublishConnections, Server
 from .core.session import Limits, Policy
 from .core.tokens import Verifier
+from .fast.listener import MAX_HEADER_SIZE, Server
+from .logs import install_tornado_redaction
+from .metrics import Counters
+from .service import Config, Service
+from .transports.app import make_app
+from .transports.http import PublishHandler, log_request
 
 log = logging.getLogger("pusherd")
 
@@ -50,84 +52,62 @@ STATUS_POLL_SECONDS = 1.0
 STATUS_EVERY_SECONDS = 10.0
 
 
-def build_verifier(settings) -> Verifier:
-    return Verifier(settings.guardian_secrets, algorithm=getattr(settings, "guardian_algorithm", "HS256"),
-                    public_key=getattr(settings, "guardian_public_key", None), issuers=settings.issuer)
-
-
-def build_limits(settings) -> Limits:
-    return Limits(heartbeat_timeout=settings.heartbeat_timeout, max_topic_length=settings.max_topic_length,
-                  max_channels=settings.max_channels_per_socket, push_rate=settings.client_push_rate,
-                  push_burst=settings.client_push_burst,
-                  client_events=compile_event_patterns(settings.client_events))
+def build_config(settings, joins=None) -> Config:
+    """Everything connections and requests consult, from the settings (a reload builds anew)."""
+    verifier = Verifier(settings.guardian_secrets, algorithm=settings.guardian_algorithm,
+                        public_key=settings.guardian_public_key, issuers=settings.issuer)
+    limits = Limits(heartbeat_timeout=settings.heartbeat_timeout, max_topic_length=settings.max_topic_length,
+                    max_channels=settings.max_channels_per_socket, push_rate=settings.client_push_rate,
+                    push_burst=settings.client_push_burst,
+                    client_events=compile_event_patterns(settings.client_events))
+    return Config(settings=settings, policy=Policy(verifier, limits, joins), origins=OriginPolicy(settings.allowed_origins),
+                  publish_secrets=(settings.publish_secret,))
 
 
 class Daemon:
-    """Everything one pusherd process shares between its handlers. No module-level state."""
+    """One pusherd: its parts, and their lifecycle. No module-level state.
 
-    def __init__(self, settings, broker: Optional[Broker] = None):
+    ``fast``: the speed-ups (pusherd/fast/; default: ``PUSHERD_FAST``); ``freezer``: the
+    process's garbage-collector freezer (fast.gc.GcFreezer, made once per process by `serve`).
+    """
+
+    def __init__(self, settings, broker: Optional[Broker] = None, fast_paths: Optional[bool] = None,
+                 freezer=None):
         self.settings = settings
-        self.counters = Counters()
-        self.policy = Policy(build_verifier(settings), build_limits(settings), joins=self.counters.joins)
-        self.origins = OriginPolicy(settings.allowed_origins)
-        self.publish_secrets = (settings.publish_secret,)
+        self.fast = fast.enabled() if fast_paths is None else fast_paths
+        counters = Counters()
         self.broker = broker if broker is not None else build_broker(settings)
-        self.flush_queue = FlushQueue()
-        self.hub = Hub(on_first=self.broker.subscribe, on_last=self.broker.unsubscribe, rounds=self.flush_queue)
-        self.sockets = set()
-        self.draining = False
-        self.stats = collections.Counter()
-        self.fast = speedups.fast_paths()
-        self.gc_freezer = speedups.GcFreezer()
-        self._tasks = set()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.rounds = None
+        make_group = PlainGroup
+        if self.fast:
+            from .fast.direct import FlushQueue, make_group as direct_group
+            self.rounds = FlushQueue()
+            make_group = direct_group(self.rounds, PlainGroup)
+        hub = Hub(self.broker.subscribe, self.broker.unsubscribe, make_group=make_group, counters=counters)
+        self.service = Service(self.broker, build_config(settings, counters.joins), counters, hub, freezer)
         self._servers: List[Server] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._boot_settings = settings
         self.metrics = None  # metrics.MetricsServer when `metrics:` is configured
         self.bound: List[tuple] = []
-        self.requests = set()  # HTTP requests being handled (JSONHandler adds/removes itself)
         self.metrics_sockets: List[socket.socket] = []
         self.generation = 1  # config generation, +1 per successful reload
-        # Refusals that come in storms: one line per 10 s at most, with a count (StormLog).
-        self.upgrade_refusals = StormLog("refused %d WebSocket upgrade(s) with 503: max_connections (%d) reached")
-        self.draining_refusals = StormLog("refused %d WebSocket upgrade(s) with 503: shutting down", logging.INFO)
-        self.http_refusals = StormLog("refused %d new HTTP connection(s) with 503: max_http_connections (%d) reached,"
-                                      " every connection inside a request")
-        self.http_evictions = StormLog("closed %d HTTP connection(s) waiting for a request to let new ones in:"
-                                       " max_http_connections (%d) reached")
 
     # -- the application ------------------------------------------------------------------
 
     def make_app(self) -> tornado.web.Application:
-        s = self.settings
-        deps = {"daemon": self}
-        path = s.path.rstrip("/")
-        routes = [
-            (path + "/websocket", SocketHandler, deps),
-            (path or "/", SocketHandler, dict(deps, legacy_path=True)),
-            ("/publish", PublishHandler, deps),
-            ("/healthz", HealthHandler, deps),
-            ("/", DemoRootHandler, deps),
-            ("/demo", DemoPageHandler, deps),
-            ("/demo/phoenix.js", DemoAssetHandler, deps),
-            ("/demo/pusherd-recovery.js", RecoveryHelperHandler, deps),
-        ]
-        return tornado.web.Application(
-            routes,
-            default_handler_class=NotFoundHandler, default_handler_args=deps,
-            log_function=self._log_request,
-            websocket_max_message_size=s.max_frame_bytes,
-            compress_response=False,
-        )
-
-    # -- lifecycle ------------------------------------------------------------------------
+        if self.fast:
+            from .fast.websocket import FastSocketHandler
+            return make_app(self.service, FastSocketHandler, {"rounds": self.rounds}, log_function=self._log_request)
+        return make_app(self.service, log_function=self._log_request)
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
         if isinstance(handler, PublishHandler):
-            self.counters.publish_requests[handler.get_status()] += 1
+            self.service.counters.publish_requests[handler.get_status()] += 1
         log_request(handler)
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, sockets: Optional[Iterable[socket.socket]] = None,
                     metrics_sockets: Iterable[socket.socket] = ()) -> None:
@@ -138,13 +118,12 @@ class Daemon:
         (socket activation); kept in ``self.metrics_sockets`` for the metrics endpoint to
         serve instead of binding ``metrics.listen`` itself, and closed by ``close()``.
         """
-        self._loop = asyncio.get_running_loop()
         self.metrics_sockets = list(metrics_sockets or ())
-        install_log_redaction()
+        install_tornado_redaction()
         if self.settings.metrics is not None:
             from .metrics import MetricsServer
-            self.metrics = MetricsServer(self, self.settings.metrics)  # MetricsUnavailable without the client
-        await self.broker.start(self.deliver)
+            self.metrics = MetricsServer(self.service, self.settings.metrics)  # MetricsUnavailable without the client
+        await self.broker.start(self.service.deliver)
         s = self.settings
         if sockets is None:
             sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)
@@ -157,16 +136,19 @@ class Daemon:
             # Also each IOStream's read size: a 64 KB default buffer per read, during a storm
             # of thousands of handshakes, fragments the heap for good.
             chunk_size=16384)
-        server.daemon = self  # max_http_connections
-        if self.fast:  # publisher connections on the lean path (front.py)
-            server.front = PublishConnections(self, server)
+        server.service = self.service  # max_http_connections, the refusal logs
+        if self.fast:  # publisher connections on the lean path (fast/front.py)
+            from .fast.front import PublishConnections
+            server.front = PublishConnections(self.service, server)
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]
         if self.metrics is not None:
             self.metrics.start(self.metrics_sockets)
         self._sweeper = asyncio.ensure_future(self._sweep_forever())
-        speedups.tune_gc()
+        if self.service.freezer is not None:
+            from .fast.gc import tune_gc
+            tune_gc()
 
     @property
     def port(self) -> int:
@@ -181,139 +163,18 @@ class Daemon:
         broker_sweep = getattr(self.broker, "sweep", None)
         if broker_sweep is not None:
             broker_sweep(now)
-        for handler in list(self.sockets):
-            try:
-                handler.tick(now)
-            except Exception:
-                log.exception("sweep failed for one socket")
-        self.gc_freezer.maybe_refreeze(len(self.sockets))
-        monotonic = time.monotonic()
-        for storm in (self.upgrade_refusals, self.draining_refusals, self.http_refusals, self.http_evictions):
-            storm.flush(monotonic)
-
-    def call_soon(self, callback: Callable) -> None:
-        """Run `callback` at the end of this loop iteration (batched: one loop callback for all)."""
-        self.flush_queue.add(callback)
-
-    def spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
-
-    # -- pub/sub --------------------------------------------------------------------------
-
-    def subscribe(self, topic: str, subscriber, params: dict) -> None:
-        self.hub.subscribe(topic, subscriber)
-
-    async def publish(self, broadcast: Broadcast, client: bool = False) -> Optional[str]:
-        """Hand a broadcast to the broker; raises BrokerUnavailable instead of dropping it.
-        ``client``: a push from a socket (kept in history only under ``client_pushes``)."""
-        if broadcast.published_at is None:
-            broadcast.published_at = time.time()
-        return await self.broker.publish(broadcast, client)
-
-    async def publish_batch(self, broadcasts) -> List[Optional[str]]:
-        """A POST /publish body: every broadcast or none (see the broker's publish_batch)."""
-        now = time.time()
-        for broadcast in broadcasts:
-            if broadcast.published_at is None:
-                broadcast.published_at = now
-        return await self.broker.publish_batch(broadcasts)
-
-    def deliver(self, broadcast: Broadcast) -> None:
-        counters = self.counters
-        counters.messages_received += 1
-        if self.hub.broadcast(broadcast) and broadcast.published_at is not None:
-            counters.latency.observe(time.time() - broadcast.published_at)
-
-    async def confirm_join(self, handler, reply, action, join_ref) -> None:
-        """A plain join on a topic this process does not receive from the broker yet: the reply
-        waits until the broker confirms the subscription, so an event published anywhere after
-        the client saw its join reply reaches it. Broadcasts meanwhile are held and follow the reply.
-        """
-        topic = action.topic
-        held: list = []
-        self.hub.hold(topic, held)
-        try:
-            try:
-                await self.broker.activate(topic)
-            except Exception as exc:  # broker down: joined all the same, delivery resumes with it
-                log.debug("subscription to %.200s not confirmed by the broker: %s", topic, exc or type(exc).__name__)
-            session = handler.session
-            if session is None or session.closed or not session.is_current(topic, join_ref):
-                return
-            handler.send_text(reply.text)
-            self._send_held(handler, topic, held)
-            self.subscribe(topic, handler, action.params)
-        finally:
-            self.hub.release(topic, held)
-
-    @staticmethod
-    def _send_held(handler, topic: str, broadcasts) -> None:
-        """Broadcasts held while a join waited on the broker, to that one socket, in order."""
-        serializer = handler.session.serializer
-        for b in broadcasts:
-            handler.send_text(serializer.encode_broadcast(topic, b.event, b.payload, b.position))
-
-    async def recover_join(self, handler, action) -> None:
-        """Answer a join with ``since``: reply, replay what was missed in order, then go live.
-
-        Broadcasts that arrive while the broker looks up the history are held for this join
-        and released after the replay, minus those the replay already covered.
-        """
-        topic, session = action.topic, handler.session
-        held: list = []
-        self.hub.hold(topic, held)
-        try:
-            try:
-                recovery = await self.broker.recover(topic, action.since)
-            except Exception as exc:  # e.g. the broker is down: the page must refetch
-                log.warning("history lookup failed for %.200s: %s", topic, exc)
-                recovery = None
-            if session is None or session.closed or not session.is_current(topic, action.join_ref):
-                return
-            if recovery is None:
-                response = {"recovered": False, "position": None}
-            else:
-                response = {"recovered": recovery.recovered, "position": recovery.position}
-            handler.send_text(session.join_reply(action, response).text)
-            serializer = session.serializer
-            last = parse_position(recovery.position)[1] if recovery and recovery.position else 0
-            self.counters.recoveries["recovered" if recovery and recovery.recovered else "not_recovered"] += 1
-            if recovery is not None and recovery.recovered:
-                self.counters.replayed += len(recovery.missed)
-                for entry in recovery.missed:
-                    ref = "%s:%d" % (recovery.epoch, entry.offset)
-                    handler.send_text(serializer.encode_broadcast(topic, entry.event, entry.payload, ref))
-            self._send_held(handler, topic, pending_after(held, last))
-            self.subscribe(topic, handler, action.params)
-        finally:
-            self.hub.release(topic, held)
+        self.service.sweep(now)
 
     # -- reload and drain -----------------------------------------------------------------
 
     def reload(self, settings) -> List[str]:
         """Apply what can change live; return the keys that need a restart to take effect."""
-        policy = Policy(build_verifier(settings), build_limits(settings))
-        origins = OriginPolicy(settings.allowed_origins)
-        restart = []
-        boot = self._boot_settings
-        if hasattr(boot, "restart_required"):
-            # against what was started: a listen change stays pending until a restart
-            restart = boot.restart_required(settings)
-        self.policy.verifier, self.policy.limits = policy.verifier, policy.limits
-        self.origins = origins
-        self.publish_secrets = (settings.publish_secret,)
+        restart = self._boot_settings.restart_required(settings)  # a listen change stays pending
+        self.service.reload(build_config(settings, self.service.counters.joins))
         if self._app is not None:
             self._app.settings["websocket_max_message_size"] = settings.max_frame_bytes
         for server in self._servers:  # new connections get the new HTTP timeouts
-            server.conn_params.header_timeout = settings.http_header_timeout
-            server.conn_params.body_timeout = settings.http_body_timeout
+            server.apply_timeouts(settings.http_header_timeout, settings.http_body_timeout)
         self.settings = settings
         self.generation += 1
         return restart
@@ -323,29 +184,30 @@ class Daemon:
         return seconds + TASK_GRACE_SECONDS + HTTP_GRACE_SECONDS + CLOSE_WAIT_SECONDS
 
     async def drain(self, seconds: float) -> None:
-        """Stop accepting; close every socket with 1001, in batches spread over ``seconds``
+        """Stop accepting; close every connection with 1001, in batches spread over ``seconds``
         (so that thousands of phoenix.js clients, which retry after 10 ms without jitter,
         do not all reconnect in the same instant); let in-flight publishes finish."""
-        self.draining = True
+        service = self.service
+        service.draining = True
         for server in self._servers:
             server.stop()  # an inherited listener stays open in systemd: new connections queue
-        handlers = list(self.sockets)
+        conns = list(service.connections)
         # up to 10 batches a second, sizes differing by at most one, the first one at once
-        batches = max(1, min(len(handlers), int(seconds * 10)))
+        batches = max(1, min(len(conns), int(seconds * 10)))
         for b in range(batches):
             if b:
                 await asyncio.sleep(seconds / batches)
-            for handler in handlers[b * len(handlers) // batches:(b + 1) * len(handlers) // batches]:
-                if handler in self.sockets:
-                    handler.close_with(1001, "server shutting down")
-        if self._tasks:  # client pushes on their way to the broker
-            await asyncio.wait(list(self._tasks), timeout=TASK_GRACE_SECONDS)
+            for conn in conns[b * len(conns) // batches:(b + 1) * len(conns) // batches]:
+                if conn in service.connections:
+                    conn.close_with(1001, "server shutting down")
+        if service.tasks:  # client pushes on their way to the broker
+            await asyncio.wait(list(service.tasks), timeout=TASK_GRACE_SECONDS)
         # Accepted HTTP requests finish; every answer now says Connection: close.
         deadline = time.monotonic() + HTTP_GRACE_SECONDS
-        while (self.requests or self._open_http_connections()) and time.monotonic() < deadline:
+        while (service.requests or self._open_http_connections()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         deadline = time.monotonic() + CLOSE_WAIT_SECONDS
-        while self.sockets and time.monotonic() < deadline:
+        while service.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
     def _open_http_connections(self) -> int:
@@ -424,7 +286,12 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
 
     loop = asyncio.get_running_loop()
     old_soft, new_soft = raise_nofile_limit()
-    daemon = Daemon(settings)
+    # gc.freeze() acts on the whole process: the one freezer is made here, by the process's entry.
+    freezer = None
+    if fast.enabled():
+        from .fast.gc import GcFreezer
+        freezer = GcFreezer()
+    daemon = Daemon(settings, freezer=freezer)
     http_socks, metrics_socks = split_inherited(systemd.listen_fds())
     if metrics_socks and not http_socks:
         log.warning("socket activation passed no 'http' listener: binding %s:%s", settings.host, settings.port)
@@ -505,8 +372,9 @@ async def serve(settings, reload_settings: Optional[Callable[[], object]] = None
     await stop.wait()
     seconds = daemon.settings.drain_seconds
     budget = daemon.drain_budget(seconds)
-    log.info("shutting down: draining %d sockets over %.1fs", len(daemon.sockets), seconds)
-    systemd.stopping("draining %d sockets over %.1fs" % (len(daemon.sockets), seconds))
+    count = len(daemon.service.connections)
+    log.info("shutting down: draining %d connections over %.1fs", count, seconds)
+    systemd.stopping("draining %d connections over %.1fs" % (count, seconds))
 
     async def extend():
         # Only counts once TimeoutStopSec has passed; then each message buys the time our own
@@ -543,7 +411,7 @@ def _install_debug_hooks(loop) -> None:
 
 
 def _status(daemon: Daemon, note: Optional[str] = None) -> str:
-    text = "%d sockets, %d topics, broker %s%s, config gen %d" % (
-        len(daemon.sockets), len(daemon.hub.topics), daemon.broker.describe(),
+    text = "%d connections, %d topics, broker %s%s, config gen %d" % (
+        len(daemon.service.connections), len(daemon.service.hub.topics), daemon.broker.describe(),
         "" if daemon.broker.healthy() else " UNAVAILABLE (publishes refused)", daemon.generation)
     return text + ("; " + note if note else "")

@@ -1,37 +1,41 @@
-"""The listener's front door: publisher connections on a lean path, everything else to Tornado.
+"""The publisher front: publisher connections answered on a lean path, everything else to Tornado
+(Tornado internals: checked against Tornado 6.5.3 and 6.6.1).
 
 Tornado's HTTP/1.1 server costs more per request than a publish itself: a coroutine and a
 timeout per read, header objects, a Future per write, two ``setsockopt`` calls for Nagle, a
 Task per request. A Rails app publishes request after request over one keep-alive connection,
-so with the fast paths on (`speedups.fast_paths`) `Server` gives each new connection to a
+so with the speed-ups on the listener (listener.Server) gives each new connection to a
 `PublishConnection` first. It reads the first request's head and, while requests have the
 plain shape `http1.read_head` recognizes, answers them itself: the same `answer_publish`, the
-same statuses, bodies and headers as `handlers.PublishHandler` (tests/integration/
+same statuses, bodies and headers as transports.http.PublishHandler (tests/integration/
 test_fast_paths.py compares both byte for byte). At the first request of any other shape (a
 WebSocket upgrade, a health check, a chunked body, HTTP/1.0...) the connection, with every byte
-read so far, goes to Tornado's own `HTTPServer.handle_stream` for good.
+read so far, goes to Tornado's own ``HTTPServer.handle_stream`` for good (`Server.hand_over`).
+
+What it relies on of Tornado's: the IOStream that ``TCPServer`` made for the connection
+(``IOStream.socket``, registered with nothing yet when ``handle_stream`` is called), the loop's
+``add_reader``/``add_writer`` on its descriptor. Benchmark that justifies it: ``python
+bench/run.py --only publish`` (bench/README.md: publish requests/s against the floor).
 """
 
 import asyncio
-import copy
 import json
 import logging
 import socket
 import time
 import types
-import weakref
 from typing import TYPE_CHECKING, Optional
 
 import tornado
-import tornado.httpserver
 from tornado import httputil
-from tornado.iostream import IOStream, UnsatisfiableReadError
+from tornado.iostream import IOStream
 
-from .handlers import answer_publish, authorize_head, body_too_large, log_access
+from ..transports.http import answer_publish, authorize_head, body_too_large, log_access
 from .http1 import MORE, OTHER, PublishHead, read_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .server import Daemon
+    from ..service import Service
+    from .listener import Server
 
 log = logging.getLogger("pusherd")
 
@@ -40,219 +44,13 @@ _RECV = 65536
 REQUESTS_PER_TURN = 16
 #: How often the deadlines of open connections are checked: a timeout fires up to this late.
 SWEEP_SECONDS = 0.5
-#: Largest request head Tornado's HTTP server reads (its ``max_header_size``); a longer one gets 431.
-MAX_HEADER_SIZE = 16384
-#: Retry-After of the 503 for a connection over max_http_connections.
-RETRY_AFTER_SECONDS = 1
-
-_DISCARD = bytearray(_RECV)  # where a refused connection's first bytes are read to and dropped
-
-
-def http_answer(status: int, answer: dict, headers=()) -> bytes:
-    """A whole answer after which the connection is closed, as PublishHandler would format it."""
-    data = json.dumps(answer).encode("utf-8")
-    lines = ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
-             "Server: TornadoServer/%s" % tornado.version,
-             "Content-Type: application/json; charset=utf-8",
-             "Date: " + httputil.format_timestamp(time.time()),
-             "Cache-Control: no-store",
-             "Connection: close"]
-    lines.extend("%s: %s" % pair for pair in headers)
-    lines.append("Content-Length: %d" % len(data))
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin1") + data
-
-
-class Server(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server; with a `PublishConnections` in ``front``, new connections go to it.
-
-    It also bounds the connections that are not (yet) WebSockets, publishers on the front and
-    connections in Tornado's HTTP server alike, to ``max_http_connections`` (an upgraded
-    connection leaves Tornado's and counts against ``max_connections`` instead). At the cap a
-    new connection is let in by closing the one that has waited longest for a request head:
-    first among connections that never completed a request (silent or slow ones), then among
-    keep-alive ones between requests. Only when every connection is inside a request is the
-    newcomer refused: 503 with Retry-After, then closed. So a flood of idle connections costs
-    its sender the race, not the WebSocket upgrades and publishers that send their heads.
-    """
-
-    front: Optional["PublishConnections"] = None
-    daemon: Optional["Daemon"] = None  # max_http_connections and the refusal logs (set by Daemon.start)
-
-    def initialize(self, *args, **kwargs) -> None:
-        super().initialize(*args, **kwargs)
-        # Connections waiting for a request head, oldest first: never served a request yet
-        # (`fresh`), or keep-alive between requests (`idle`); entries are checked when used.
-        # Keys: a PublishConnection, or the IOStream of one of Tornado's connections (its
-        # HTTP1ServerConnection as the value once its serving loop has begun).
-        self.fresh: dict = {}
-        self.idle: dict = {}
-        self._evicted = set()  # streams closed here whose connection is not out of Tornado's _connections yet
-        # Handed-over streams -> the loop time their current head is due by (the front's deadline).
-        self._head_deadlines: "weakref.WeakKeyDictionary[IOStream, float]" = weakref.WeakKeyDictionary()
-
-    def http_connections(self) -> int:
-        """Connections not (yet) WebSockets: on the front, and in Tornado's HTTP server."""
-        front = self.front
-        return (len(front.open) if front is not None else 0) + len(self._connections) - len(self._evicted)
-
-    def handle_stream(self, stream: IOStream, address) -> None:
-        daemon = self.daemon
-        if daemon is not None:
-            limit = daemon.settings.max_http_connections
-            if self.http_connections() >= limit and not self._make_room(limit):
-                self._refuse(stream, limit)
-                return
-        front = self.front
-        if type(stream) is not IOStream:
-            super().handle_stream(stream, address)
-        elif front is not None:  # the stream has registered nothing with the loop yet: its socket is the front's
-            front.adopt(stream, address)
-        else:
-            stream.__class__ = _ServedIOStream
-            self.fresh[stream] = None
-            super().handle_stream(stream, address)
-
-    def hand_over(self, stream: IOStream, address, prefix: bytes, head_deadline: float) -> None:
-        """Serve `stream` as Tornado would have from the start, `prefix` being what it sent so
-        far, its head due by `head_deadline` (loop time) as it was on the front."""
-        _prefill(stream, prefix)
-        self._head_deadlines[stream] = head_deadline
-        self.fresh[stream] = None
-        super().handle_stream(stream, address)
-
-    def start_request(self, server_conn, request_conn):
-        stream = server_conn.stream
-        if stream.closed():
-            # The previous request said Connection: close (or was refused before its body), and
-            # Tornado goes on parsing what it had buffered. RFC 9112 9.6: not executed.
-            return _Unanswerable()
-        if self._head_deadlines:
-            deadline = self._head_deadlines.pop(stream, None)
-            if deadline is not None:  # the head timeout started on the front: what is left of it
-                params = request_conn.params = copy.copy(request_conn.params)
-                params.header_timeout = max(0.0, deadline - stream.io_loop.time())
-        if getattr(server_conn, "pusherd_served", False):  # a keep-alive connection's next request
-            self.fresh.pop(stream, None)
-            self.idle.pop(stream, None)
-            self.idle[stream] = server_conn
-        else:
-            server_conn.pusherd_served = True
-            if stream in self.fresh:  # (not once given up as inside a request)
-                self.fresh[stream] = server_conn  # its place in the queue kept
-        return super().start_request(server_conn, request_conn)
-
-    def on_close(self, server_conn) -> None:
-        stream = server_conn.stream
-        self.fresh.pop(stream, None)
-        self.idle.pop(stream, None)
-        self._evicted.discard(stream)
-        super().on_close(server_conn)
-
-    def _make_room(self, limit: int) -> bool:
-        """Close the connection that has waited longest for a request head; False if none waits."""
-        for waiting in (self.fresh, self.idle):
-            while waiting:
-                conn = next(iter(waiting))
-                server_conn = waiting.pop(conn)
-                if type(conn) is PublishConnection:
-                    if conn.sock is None or conn.head is not None or conn.busy or conn.out:
-                        continue  # gone, or inside a request: it registers again when it waits
-                    conn.close()
-                else:  # one of Tornado's: waiting if it has not begun, or reads up to a blank line
-                    if conn.closed() or (server_conn is not None and getattr(conn, "_read_regex", None) is None):
-                        continue
-                    conn.close()
-                    self._evicted.add(conn)
-                self.daemon.http_evictions.note(time.monotonic(), limit)
-                return True
-        return False
-
-    def _refuse(self, stream: IOStream, limit: int) -> None:
-        """503 to a connection over max_http_connections, then closed; it registered nothing yet."""
-        self.daemon.http_refusals.note(time.monotonic(), limit)
-        sock = stream.socket
-        try:
-            # What the client sent already is read (and dropped) first: closing a socket with
-            # unread bytes resets the connection, and the client may lose the answer.
-            sock.recv_into(_DISCARD)
-        except OSError:  # nothing yet (BlockingIOError), or gone
-            pass
-        try:
-            sock.send(http_answer(503, {"error": "too many HTTP connections"},
-                                  (("Retry-After", str(RETRY_AFTER_SECONDS)),)))
-        except OSError:
-            pass
-        stream.close()
-
-
-class _Unanswerable(httputil.HTTPMessageDelegate):
-    """A request read from a connection already closed: parsed by Tornado, handled by nothing."""
-
-
-class _ServedIOStream(IOStream):
-    """The class an IOStream wears while Tornado's HTTP server reads requests from it (until its
-    WebSocket opens: `handlers.SocketHandler.open` makes it a plain IOStream again).
-
-    A head over ``max_header_size`` gets a 431 here before the stream closes: Tornado closes
-    such a connection without a word (`close` is told why: UnsatisfiableReadError, while the
-    pending read is the head's, up to a blank line).
-    """
-
-    plain_class = IOStream
-
-    def close(self, exc_info=False) -> None:
-        if (isinstance(exc_info, UnsatisfiableReadError) and getattr(self, "_read_regex", None) is not None
-                and not self.closed() and not self.writing()):
-            try:
-                self.socket.send(http_answer(431, {"error": "request head larger than %d bytes" % MAX_HEADER_SIZE}))
-            except OSError:
-                pass
-        super().close(exc_info)
-
-
-class _PrefilledIOStream(_ServedIOStream):
-    """The class an IOStream wears until its first read has returned the bytes already read
-    from its socket (`read_from_fd` is the documented override point for a stream's reads).
-
-    The whole prefix is returned by that first read (the read size is raised to fit): Tornado
-    waits for the socket to be readable only after a read that did not satisfy it, and the
-    socket will not signal bytes it no longer holds. Then the stream is a `_ServedIOStream`
-    (and a plain IOStream once its WebSocket opens), with the same instance dict as any other
-    (the prefix waits in `_PREFIXES`, not on the instance), so the outbox bypasses it and an
-    open WebSocket costs no more than before.
-    """
-
-    def read_from_fd(self, buf) -> Optional[int]:
-        prefix, chunk_size = _PREFIXES[self]
-        n = min(len(buf), len(prefix))  # all of it, unless Tornado reads into a smaller buffer
-        if n < len(prefix):
-            buf[:n] = prefix[:n]
-            _PREFIXES[self] = prefix[n:], chunk_size
-            return n
-        del _PREFIXES[self]
-        self.read_chunk_size = chunk_size
-        self.__class__ = _ServedIOStream
-        if not n:
-            return IOStream.read_from_fd(self, buf)
-        buf[:n] = prefix
-        return n
-
-
-#: stream -> (bytes its first read returns, its usual read size), until that read.
-_PREFIXES: "weakref.WeakKeyDictionary[IOStream, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _prefill(stream: IOStream, prefix: bytes) -> None:
-    _PREFIXES[stream] = prefix, stream.read_chunk_size
-    stream.read_chunk_size = max(stream.read_chunk_size, len(prefix))
-    stream.__class__ = _PrefilledIOStream
 
 
 class PublishConnections:
     """Every connection `PublishConnection` serves, and what they share."""
 
-    def __init__(self, daemon: "Daemon", server: Server):
-        self.daemon = daemon
+    def __init__(self, service: "Service", server: "Server"):
+        self.service = service
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.open = set()
@@ -328,7 +126,7 @@ class PublishConnection:
             pass  # not TCP (an inherited Unix socket)
         front.open.add(self)
         front.server.fresh[self] = None  # waiting for its first request (Server._make_room)
-        self.deadline = front.loop.time() + front.daemon.settings.http_header_timeout
+        self.deadline = front.loop.time() + front.service.config.settings.http_header_timeout
         self._resume()
 
     # -- reading --------------------------------------------------------------------------
@@ -362,7 +160,7 @@ class PublishConnection:
 
     def _serve_buffered(self) -> None:
         """Answer each complete request in ``buf``, in order, until one must wait."""
-        settings = self.front.daemon.settings
+        settings = self.front.service.config.settings
         answered = 0
         while not self.busy and not self.out and self.sock is not None:
             head = self.head
@@ -383,7 +181,7 @@ class PublishConnection:
                 self.started = time.time()
                 # As PublishHandler.prepare: a wrong credential or a body too large is answered
                 # before the body, which is never read (nor buffered); then the connection closes.
-                self.grant, refusal = authorize_head(self.front.daemon, head.authorizations)
+                self.grant, refusal = authorize_head(self.front.service, head.authorizations)
                 if refusal is not None:
                     self._respond(head, *refusal, refused=True)
                     return
@@ -412,10 +210,10 @@ class PublishConnection:
     # -- answering ------------------------------------------------------------------------
 
     def _answer(self, head: PublishHead, body: bytes) -> None:
-        daemon = self.front.daemon
+        service = self.front.service
         self.busy = True
-        daemon.requests.add(self)  # a shutdown lets it finish (Daemon.drain)
-        coro = answer_publish(daemon, self.grant, body, head.content_type)
+        service.requests.add(self)  # a shutdown lets it finish (Daemon.drain)
+        coro = answer_publish(service, self.grant, body, head.content_type)
         try:
             awaited = coro.send(None)  # the memory broker never waits: answered right here
         except StopIteration as done:
@@ -425,7 +223,7 @@ class PublishConnection:
             status, answer, extra = 500, {"error": "internal server error"}, ()
         else:  # the broker waits (Redis): the rest runs as a task, the connection waits
             self._pause()
-            daemon.spawn(self._finish_later(head, coro, awaited))
+            service.spawn(self._finish_later(head, coro, awaited))
             return
         self._respond(head, status, answer, extra)
 
@@ -444,7 +242,8 @@ class PublishConnection:
 
     def _respond(self, head: PublishHead, status: int, answer: dict, extra, refused: bool = False) -> None:
         front = self.front
-        daemon = front.daemon
+        service = front.service
+        settings = service.config.settings
         now = time.time()
         data = json.dumps(answer).encode("utf-8")
         lines = ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
@@ -455,7 +254,7 @@ class PublishConnection:
         # The order PublishHandler's answers have: Connection (draining, or a refused body) and
         # the extra headers as the handler sets them, Content-Length at finish(), and last the
         # Connection: close Tornado adds when the client asked for it.
-        close = refused or daemon.draining
+        close = refused or service.draining
         if close:  # shutting down, or a body refused unread: no further request on this connection
             lines.append("Connection: close")
         lines.extend("%s: %s" % ("-".join(w.capitalize() for w in name.split("-")), value) for name, value in extra)
@@ -465,9 +264,9 @@ class PublishConnection:
             lines.append("Connection: close")
         lines.append("\r\n")
         self.busy = False
-        daemon.requests.discard(self)
-        daemon.counters.publish_requests[status] += 1
-        if daemon.settings.access_log:
+        service.requests.discard(self)
+        service.counters.publish_requests[status] += 1
+        if settings.access_log:
             log_access(status, "POST", head.path, self.remote_ip, now - self.started)
         if close:
             self.closing = True
@@ -478,7 +277,7 @@ class PublishConnection:
             idle = server.idle
             idle.pop(self, None)
             idle[self] = None
-        self.deadline = front.loop.time() + daemon.settings.http_header_timeout
+        self.deadline = front.loop.time() + settings.http_header_timeout
         self._write("\r\n".join(lines).encode("latin1") + data)
 
     # -- writing --------------------------------------------------------------------------
@@ -519,9 +318,13 @@ class PublishConnection:
 
     # -- the end ----------------------------------------------------------------------------
 
+    def waiting_for_head(self) -> bool:
+        """Open and between requests (what the listener may close to make room)."""
+        return self.sock is not None and self.head is None and not self.busy and not self.out
+
     def check_deadline(self, now: float) -> None:
         if self.busy:  # the broker is answering: no read is waited for
-            self.deadline = now + self.front.daemon.settings.http_header_timeout
+            self.deadline = now + self.front.service.config.settings.http_header_timeout
         elif now >= self.deadline:  # a head, a body or an answer's write took too long: closed, as Tornado does
             self.close()
 
@@ -547,7 +350,7 @@ class PublishConnection:
         front.open.discard(self)
         front.server.fresh.pop(self, None)
         front.server.idle.pop(self, None)
-        front.daemon.requests.discard(self)
+        front.service.requests.discard(self)
         prefix, self.buf = bytes(self.buf), bytearray()
         return sock, prefix
 

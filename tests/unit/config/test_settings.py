@@ -23,7 +23,7 @@ from pusherd.config import (
     resolve_path,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "etc" / "pusher.yml"
 SRC = "etc/pusher.yml"
 SECRET = "S3cr3t-value-that-must-never-leak-0123456789"
@@ -843,3 +843,20 @@ def test_durations_are_ascii_digits_and_a_known_unit(text):
     from pusherd.config.values import Invalid, seconds as parse
     with pytest.raises(Invalid):
         parse(text)
+
+
+def test_demo_assets_is_relative_to_the_config_file():
+    settings = from_mapping({"test": {"demo_assets": "../node_modules/phoenix"}}, "test", "/srv/app/config/pusher.yml",
+                            {}, lambda p: "")
+    assert settings.demo_assets == "/srv/app/config/../node_modules/phoenix"
+
+
+@pytest.mark.parametrize("metrics, warned", [
+    ({"listen": "0.0.0.0:9100"}, True),
+    ({"listen": "0.0.0.0:9100", "token": "t"}, False),
+    ({"listen": "127.0.0.1:9100"}, False),
+    ({"listen": "[::1]:9100"}, False),
+])
+def test_metrics_without_a_token_off_loopback_are_warned_about(metrics, warned):
+    settings = from_mapping({"test": {"metrics": metrics}}, "test", "<t>", {}, lambda p: "")
+    assert any(w.startswith("metrics.token") for w in settings.warnings()) == warned

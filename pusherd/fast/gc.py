@@ -1,47 +1,18 @@
-"""Optional speedups, all switchable from the environment, none needed for correctness.
+"""The cyclic garbage collector kept off the long-lived sockets (a process-wide speed-up).
 
-- ``PUSHERD_LOOP``: ``auto`` (default: uvloop when the ``fast`` extra installed it), ``uvloop``,
-  ``asyncio``. Tornado runs on either.
-- ``PUSHERD_FAST``: ``1`` (default) turns on the fast paths: an outbox hands its bytes straight
-  to the socket when Tornado's write buffer is empty (no Future per write), and publisher
-  connections are served outside Tornado's HTTP server while they send plain POST /publish
-  requests (front.py). ``0`` always goes through ``IOStream.write``, Tornado's HTTP server and
-  ``PublishHandler``. The bytes on the wire are the same either way.
-- The cyclic garbage collector: long-lived objects (modules, settings, and later the joined
-  sockets) are moved out of its reach with ``gc.freeze()``, so a collection walks only what is
-  young instead of every live socket (Python's collector otherwise costs O(live objects) per
-  full pass, which made per-message cost grow with the number of sockets).
+Long-lived objects (modules, settings, and later the joined sockets) are moved out of the
+collector's reach with ``gc.freeze()``, so a collection walks only what is young instead of every
+live socket (Python's collector otherwise costs O(live objects) per full pass, which made the
+per-message cost grow with the number of sockets). ``gc.freeze()`` acts on the whole process:
+one `GcFreezer` per process, made by the process's entry point (`daemon.serve`) and handed to
+the service, which tells it of every connection that opens and closes.
 """
 
-import asyncio
 import gc
-import logging
-import os
-from typing import Callable, Mapping, Optional
-
-log = logging.getLogger("pusherd")
 
 # Young-generation threshold: the fan-out path allocates little, joins allocate a lot; a larger
 # first threshold means fewer collections during a reconnect storm, each still cheap.
 GC_THRESHOLDS = (20000, 20, 100)
-
-
-def loop_factory(environ: Mapping[str, str] = os.environ) -> Optional[Callable[[], asyncio.AbstractEventLoop]]:
-    """The event loop to run on, or None for asyncio's default."""
-    choice = environ.get("PUSHERD_LOOP", "auto").strip().lower() or "auto"
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            log.warning("PUSHERD_LOOP=uvloop but uvloop is not installed; using asyncio")
-        return None
-    return uvloop.new_event_loop
-
-
-def fast_paths(environ: Mapping[str, str] = os.environ) -> bool:
-    return environ.get("PUSHERD_FAST", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def tune_gc() -> None:

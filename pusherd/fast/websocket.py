@@ -1,0 +1,108 @@
+"""The WebSocket transport with the speed-ups (Tornado internals: checked against Tornado 6.5.3
+and 6.6.1): the same handler as transports/websocket.py, whose frames are built once for every
+socket of a topic and written straight to the sockets through a bounded outbox (direct.py), and
+whose open sockets keep less memory (lean.py).
+
+What it relies on of Tornado's, beyond direct.py and lean.py: ``ws_connection.stream`` (the
+socket's IOStream), that ``WebSocketProtocol13._write_frame`` is how Tornado writes every frame
+of its own after the upgrade (a pong, a close frame), so hooking it keeps the outbox from writing
+past bytes Tornado holds (`_Protocol`), and the listener's stream classes (listener.py).
+tests/unit/fast/test_tornado_internals.py checks each.
+"""
+
+import logging
+
+import tornado.websocket
+
+from ..core import errors
+from ..transports.websocket import SocketHandler
+from .direct import Outbox
+from .framing import text_frame
+from .lean import open_class, trim_open_socket
+
+log = logging.getLogger("pusherd")
+
+
+def ws_text_frame(text: str) -> bytes:
+    """The wire of this transport: a message as one whole WebSocket text frame (shared bytes)."""
+    return text_frame(text.encode("utf-8"))
+
+
+class FastSocketHandler(SocketHandler):
+    """`SocketHandler` writing pre-built frames through an `Outbox`; ``rounds`` is the process's
+    `direct.FlushQueue` (given in the route's arguments, with the service)."""
+
+    wire = staticmethod(ws_text_frame)
+
+    def initialize(self, service, rounds, legacy_path: bool = False):
+        super().initialize(service, legacy_path)
+        self.rounds = rounds
+        self.outbox = None
+
+    def get_websocket_protocol(self):
+        protocol = super().get_websocket_protocol()
+        if type(protocol) is tornado.websocket.WebSocketProtocol13:
+            protocol.__class__ = _Protocol  # its own frames must tell the outbox (see _Protocol)
+        return protocol
+
+    def open(self, *args, **kwargs):
+        service = self.service
+        stream = self.ws_connection.stream
+        plain = getattr(type(stream), "plain_class", None)
+        if plain is not None:  # the class it wore while Tornado read HTTP from it (listener._ServedIOStream)
+            stream.__class__ = plain
+        settings = service.config.settings
+        counters = service.counters
+        self.outbox = Outbox(stream, self.rounds.add, settings.max_outbox_bytes, self._overflowed,
+                             on_drop=counters.dropped, direct=True, rounds=self.rounds)
+        super().open(*args, **kwargs)
+        # Nothing reads the upgrade request, its headers or the HTTP connection objects again.
+        trim_open_socket(self, _OPEN_CLASS)
+
+    def send_frame(self, frame: bytes) -> None:
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.send(frame)
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()
+            self.outbox.detach()
+        self.close(code, reason)
+
+    def _overflowed(self) -> None:
+        self._slow_consumer("outbox over %d bytes" % self.service.config.settings.max_outbox_bytes)
+
+    def stalled_for(self, now: float) -> float:
+        outbox = self.outbox
+        return 0.0 if outbox is None else outbox.stalled_for(now)
+
+    def _frames_waiting(self) -> int:
+        return 0  # the outbox counts what it drops itself
+
+    def _drop_stalled(self) -> None:
+        self.closing = True
+        self.service.counters.slow_consumer_closes += 1
+        log.info("%s: dropping slow consumer (writes stalled)", self.session.peer if self.session else "-")
+        self.outbox.detach()
+        self.ws_connection.stream.close()  # a close frame could not get through either
+
+    def on_close(self):
+        super().on_close()
+        if self.outbox is not None:
+            self.outbox.release()  # in no topic any more: out of the fan-out's register
+
+
+_OPEN_CLASS = open_class(FastSocketHandler)
+
+
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol, telling the socket's outbox before Tornado writes a frame of its own
+    (a pong, a close frame): the fan-out writes straight to clean sockets, and a socket with
+    bytes in Tornado's buffer is not clean."""
+
+    def _write_frame(self, fin, opcode, data, flags=0):
+        outbox = getattr(self.handler, "outbox", None)
+        if outbox is not None:
+            outbox.tornado_writes()
+        return super()._write_frame(fin, opcode, data, flags)
