@@ -4,7 +4,7 @@ accepted by the `broker` key, refused with a message naming the key and never th
 import pytest
 
 from pusherd.config.values import Invalid, broker_url, mask_url, multi_host_url
-from test_config import prod, prod_problem
+from test_settings import prod, prod_problem
 
 
 def test_sentinel_url_parts():
