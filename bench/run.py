@@ -79,7 +79,9 @@ class Server:
         self.log = open(os.path.join(self.tmp.name, "server.log"), "w+")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("NOTIFY_SOCKET", None)
-        if kind == "pusherd":
+        if kind == "before":  # pusherd from another checkout (--before DIR): a change measured in one run
+            env["PYTHONPATH"] = opts.before
+        if kind in ("pusherd", "before"):
             cfg = {"guardian_secret": GSECRET, "publish_secret": PSECRET,
                    "allowed_origins": ["http://localhost:3000"], "heartbeat_timeout": 3600,
                    "max_connections": 20000, "log_level": "info",
@@ -439,7 +441,11 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario (contenders interleaved); "
                                                           "the table shows medians")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--before", metavar="DIR", help="also run pusherd from this checkout, as the contender "
+                                                    "'before' (e.g. a git worktree of the previous commit)")
     opts = ap.parse_args(argv)
+    if opts.before and "before" not in opts.servers.split(","):
+        opts.servers += ",before"
     if opts.loop == "auto":
         opts.loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     cpus = sorted(os.sched_getaffinity(0))
@@ -556,8 +562,10 @@ METRICS = {
 
 
 def table(results, servers) -> str:
-    rows = ["| scenario | figure | " + " | ".join(servers) + " | pusherd ÷ baseline | pusherd ÷ floor |",
-            "|---|---|" + "---|" * len(servers) + "---|---|"]
+    before = "before" in servers
+    rows = ["| scenario | figure | " + " | ".join(servers) + " | pusherd ÷ baseline | pusherd ÷ floor |"
+            + (" pusherd ÷ before |" if before else ""),
+            "|---|---|" + "---|" * len(servers) + "---|---|" + ("---|" if before else "")]
     for key, by_kind in results.items():
         name = key.split()[0]
         for metric, label in METRICS.get(name, []):
@@ -566,7 +574,10 @@ def table(results, servers) -> str:
             p = by_kind.get("pusherd", {}).get(metric)
             b = by_kind.get("baseline", {}).get(metric)
             f = by_kind.get("floor", {}).get(metric)
-            rows.append("| %s | %s | %s | %s | %s |" % (key, label, " | ".join(cells), _ratio(p, b), _ratio(p, f)))
+            row = "| %s | %s | %s | %s | %s |" % (key, label, " | ".join(cells), _ratio(p, b), _ratio(p, f))
+            if before:
+                row += " %s |" % _ratio(p, by_kind.get("before", {}).get(metric))
+            rows.append(row)
     return "\n".join(rows)
 
 

@@ -299,13 +299,20 @@ when asked: unlike PhxClient's background reader, it lets the server's writes ba
 class PhxClient:
     """A minimal Phoenix client over a real WebSocket, for protocol tests (V1 objects or V2 arrays)."""
 
-    def __init__(self, url, vsn="2.0.0", origin=None, path_suffix="/websocket", timeout=5.0):
+    def __init__(self, url, vsn="2.0.0", origin=None, path_suffix="/websocket", timeout=5.0, params=None,
+                 subprotocols=None):
+        """``params``: socket connect params (on the URL, as phoenix.js puts them); ``subprotocols``:
+        offered in Sec-WebSocket-Protocol (phoenix.js 1.8's authToken)."""
+        import urllib.parse
         from websockets.sync.client import connect
-        query = "" if vsn is None else "?vsn=" + vsn
+        query = dict(params or {})
+        if vsn is not None:
+            query["vsn"] = vsn
         self.vsn = vsn
         self.v2 = vsn is not None and vsn.startswith("2.")
         headers = {"Origin": origin} if origin else None
-        self.ws = connect(url + path_suffix + query, additional_headers=headers, open_timeout=timeout,
+        target = url + path_suffix + ("?" + urllib.parse.urlencode(query) if query else "")
+        self.ws = connect(target, additional_headers=headers, open_timeout=timeout, subprotocols=subprotocols,
                           max_size=None, compression=None).__enter__()
         self.timeout = timeout
         self._ref = 0

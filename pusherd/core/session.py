@@ -151,11 +151,15 @@ class Channel:
 
 class Session:
     __slots__ = ("serializer", "policy", "channels", "last_seen", "_tokens", "_bucket_at", "_strikes",
-                 "closed", "peer")
+                 "closed", "peer", "socket_claims")
 
-    def __init__(self, serializer: Serializer, policy: Policy, now: float, peer: str = "-"):
+    def __init__(self, serializer: Serializer, policy: Policy, now: float, peer: str = "-",
+                 socket_claims: Optional[Claims] = None):
+        """`socket_claims`: what the socket's own token granted, verified when it connected
+        (`tokens.socket_token`): the claims of every join that brings no token of its own."""
         self.serializer = serializer
         self.policy = policy
+        self.socket_claims = socket_claims
         self.channels: Dict[str, Channel] = {}
         self.last_seen = now
         self._tokens = float(policy.limits.push_burst)
@@ -218,7 +222,14 @@ class Session:
             return actions + [self._refuse(msg, join_ref, errors.TOO_MANY_CHANNELS, "channel limit reached")]
         claims = None
         token = msg.payload.get("guardian_token")
-        if not is_public(topic) or token is not None:
+        if token is None and self.socket_claims is not None:
+            # No token of the join's own: the socket's, verified when it connected, if still valid.
+            claims = self.socket_claims
+            if claims.exp <= now:
+                if not is_public(topic):
+                    return actions + [self._refuse(msg, join_ref, errors.TOKEN_EXPIRED, "socket token expired")]
+                claims = None
+        elif not is_public(topic) or token is not None:
             if token is None:
                 return actions + [self._refuse(msg, join_ref, errors.AUTHENTICATION_REQUIRED, "no guardian_token")]
             try:

@@ -21,7 +21,7 @@ import hmac
 import math
 import re
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
 
 import jwt
 
@@ -271,6 +271,40 @@ def verify_publish_token(token: str, secrets: Sequence[str], now: float) -> Tupl
     if not patterns:
         raise AuthError(INVALID_TOKEN, "publish claim missing or empty")
     return patterns
+
+
+#: phoenix.js 1.8's ``authToken`` travels as a WebSocket subprotocol: this prefix, then the token
+#: in Base64 without padding (``btoa``; URL-safe accepted too). Long-poll sends it raw in the
+#: ``X-Phoenix-AuthToken`` header.
+AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
+MAX_TOKEN_CHARS = 16384
+
+
+def auth_token_from_subprotocols(protocols: Sequence[str]) -> Optional[str]:
+    """The token of phoenix.js 1.8's ``authToken`` among the offered subprotocols, or None (also
+    for one that is not decodable text: it is then no token at all, and is refused as such)."""
+    for protocol in protocols:
+        if protocol.startswith(AUTH_TOKEN_PREFIX):
+            encoded = protocol[len(AUTH_TOKEN_PREFIX):]
+            if len(encoded) > MAX_TOKEN_CHARS * 2:
+                return ""
+            try:
+                raw = base64.b64decode(encoded.replace("-", "+").replace("_", "/") + "=" * (-len(encoded) % 4),
+                                       validate=True)
+                return raw.decode("ascii")
+            except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+                return ""
+    return None
+
+
+def socket_token(params: Mapping[str, str], auth_token: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """The socket's own token and csrf value: ``(token, csrf)``, token None when it brings none.
+
+    From phoenix.js's connect params (``new Socket(url, {params: {...}})``: ``guardian_token`` or
+    ``token``, and ``csrf_token``) or 1.8's ``authToken`` (`auth_token`, which wins).
+    """
+    token = auth_token if auth_token is not None else params.get("guardian_token", params.get("token"))
+    return token, params.get("csrf_token")
 
 
 def looks_like_jwt(value: str) -> bool:

@@ -59,7 +59,8 @@ _HTTP_STUBS = ("write", "redirect", "set_header", "set_cookie", "set_status", "f
 _DROPPED_AFTER_OPEN = frozenset(("path_args", "path_kwargs", "open_args", "open_kwargs", "ui", "_headers",
                                  "_write_buffer", "_transforms", "legacy_path",
                                  # the plain handler's own write accounting, which the outbox replaces
-                                 "rounds", "issued", "done", "unsent_frames", "stalled_since", "_check") + _HTTP_STUBS)
+                                 "rounds", "issued", "done", "unsent_frames", "stalled_since", "_check",
+                                 "socket_claims") + _HTTP_STUBS)
 
 
 def _not_supported_for_websockets(*args, **kwargs) -> None:

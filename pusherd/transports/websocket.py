@@ -3,7 +3,8 @@
 Tornado does the handshake and reads the frames; the session decides; the service carries out
 what it decides (pusherd/service.py). Before the handshake, `prepare` (Tornado's hook for it)
 refuses what pusherd refuses itself: an unknown ``vsn`` (403), an origin not allowed (403,
-decided here on every Tornado: `core.origins.upgrade_allowed`), no room (503).
+decided here on every Tornado: `core.origins.upgrade_allowed`), no room (503), a socket token
+(connect params or phoenix.js 1.8's ``authToken``) that does not verify (403 with its reason).
 
 Broadcasts arrive as UTF-8 bytes encoded once for every socket of the topic (core/fanout.py);
 ``write_message`` frames them. The bytes a socket has not taken are bounded, through the Future
@@ -17,15 +18,17 @@ is the same handler with the frames built once too and written straight to the s
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import tornado.ioloop
 import tornado.websocket
 
 from ..core import errors
+from ..core.errors import AuthError
 from ..core.origins import upgrade_allowed
 from ..core.protocol import serializer_for_vsn
 from ..core.session import Session
+from ..core.tokens import auth_token_from_subprotocols, socket_token
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -37,6 +40,17 @@ log = logging.getLogger("pusherd")
 #: and the socket is closed if more than the bound of them is still not done. So a stalled socket
 #: holds at most the bound plus what is published to it in that time.
 BOUND_CHECK_DELAY = 0.05
+
+
+def query_params(request) -> Dict[str, str]:
+    """The request's query parameters, the last value of each (as Plug does), UTF-8 text only."""
+    params = {}
+    for name, values in request.query_arguments.items():
+        try:
+            params[name] = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return params
 
 
 def utf8(text: str) -> bytes:
@@ -54,6 +68,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.legacy_path = legacy_path
         self.session: Optional[Session] = None
         self.serializer = None
+        self.socket_claims = None      # what the socket's own token granted (prepare)
         self.issued = 0                # bytes handed to write_message ...
         self.done = 0                  # ... of which Tornado reported the writes done
         self.unsent_frames = 0
@@ -67,19 +82,34 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         """Before the handshake: pusherd's own refusals (a refused upgrade is an HTTP answer)."""
         vsn = self.get_query_argument("vsn", None)  # the last one, as Plug does
         serializer = serializer_for_vsn(vsn, legacy_path=self.legacy_path)
-        if serializer is None:
-            return self._refuse(403, "unsupported protocol version (vsn)")
         service = self.service
+        refused = service.counters.connections_refused
+        if serializer is None:
+            refused["unsupported_vsn"] += 1
+            return self._refuse(403, "unsupported protocol version (vsn)")
         allowed, origin = upgrade_allowed(service.config.origins, self.request.headers)
         if not allowed:
+            refused["origin_not_allowed"] += 1
             log.info("refused WebSocket upgrade from origin %.200s", origin)
             return self._refuse(403, "origin not allowed")
         refusal = service.refusal()
         if refusal is not None:
             # Refusals come in storms (every client of a full or stopping process retries):
             # counted in the service's storm logs, not an access log line each.
+            refused[refusal.replace(" ", "_")] += 1
             self.quiet_access_log = True
             return self._refuse(503, refusal, retry_after="5")
+        # The socket's own token (connect params, or 1.8's authToken): verified here, as Phoenix's
+        # connect/3 would; a bad one is refused (403), a good one grants joins without their own.
+        protocols = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        token, csrf = socket_token(query_params(self.request), auth_token_from_subprotocols(protocols))
+        if token is not None:
+            try:
+                self.socket_claims = service.policy.verifier.verify(token, csrf, now=time.time())
+            except AuthError as exc:
+                refused[exc.reason] += 1
+                log.info("refused WebSocket upgrade: socket token %s (%s)", exc.reason, exc.detail)
+                return self._refuse(403, exc.reason)
         self.serializer = serializer
         return None
 
@@ -105,7 +135,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     def open(self, *args, **kwargs):
         service = self.service
-        self.session = Session(self.serializer, service.policy, time.time(), peer=self.request.remote_ip or "-")
+        self.session = Session(self.serializer, service.policy, time.time(), peer=self.request.remote_ip or "-",
+                               socket_claims=self.socket_claims)
         self.set_nodelay(True)
         service.opened(self)
 

@@ -623,7 +623,7 @@ def test_v1_session_accepts_optional_join_ref_but_never_writes_it():
     assert s.channels["public:a"].join_ref == "4"
 
 
-# --- known defect ---------------------------------------------------------------------------
+# --- regressions: every frame sent is valid UTF-8, even echoing a client's lone surrogates ---
 
 @pytest.mark.parametrize("text", [
     '[null,"\\ud800","phoenix","heartbeat",{}]',            # echoed ref
@@ -796,3 +796,18 @@ def test_sessions_tally_joins_by_outcome():
     session.receive(json.dumps(["2", "2", "private:a", "phx_join", {}]), 0.0)
     session.receive(json.dumps(["3", "3", "private:b", "phx_join", {"guardian_token": "nope"}]), 0.0)
     assert joins == {"ok": 1, "authentication_required": 1, "invalid_token": 1}
+
+
+def test_joins_without_a_token_use_the_socket_claims_until_they_expire():
+    claims = Verifier([SECRET]).verify(token(listen=["private:a"], exp=NOW + 60), CSRF, now=NOW)
+    s = ReadySession(V2, Policy(Verifier([SECRET])), NOW, socket_claims=claims)
+    assert_joined(s.receive(join_frame(V2, "1", "private:a"), NOW), "1", "private:a")
+    assert_error(s.receive(join_frame(V2, "2", "private:b"), NOW), "2", errors.FORBIDDEN)
+    # a token of the join's own is verified for that channel and wins
+    assert_joined(s.receive(join_frame(V2, "3", "private:b", auth(token(listen=["private:b"]))), NOW), "3", "private:b")
+    assert_error(s.receive(join_frame(V2, "4", "private:c", auth("x.y.z")), NOW), "4", errors.INVALID_TOKEN)
+    # the socket's claims expire like a channel's (the rejoin closes the old channel first)
+    actions = s.receive(join_frame(V2, "5", "private:a"), NOW + 61)
+    assert isinstance(actions[1], Unsubscribe)
+    assert_error(actions[2], "5", errors.TOKEN_EXPIRED)
+    assert_joined(s.receive(join_frame(V2, "6", "public:x"), NOW + 61), "6", "public:x")

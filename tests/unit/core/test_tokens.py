@@ -517,15 +517,11 @@ def test_looks_like_jwt():
         assert not looks_like_jwt(value)
 
 
-# --- known defects ------------------------------------------------------------------------------
+# --- regressions ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("now", [NOW, None], ids=["explicit-clock", "real-clock"])
-def test_huge_integer_exp_raises_only_auth_error(verifier, now):
-    token = rails_token(exp=10 ** 400)
-    try:
-        verifier.verify(token, CSRF, now=now)
-    except AuthError:
-        pass
+def test_huge_integer_exp_is_refused_not_a_token_that_never_expires(verifier, now):
+    refused(verifier, rails_token(exp=10 ** 400), INVALID_TOKEN, now=now)
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity"])
@@ -611,3 +607,28 @@ def test_crit_header_is_refused_on_every_pyjwt(verifier, crit):
     publisher = jwt.encode({"exp": NOW + 60, "publish": ["a:*"]}, SECRET, algorithm="HS256", headers={"crit": crit})
     with pytest.raises(AuthError):
         verify_publish_token(publisher, [SECRET], now=NOW)
+
+
+# --- socket-level tokens -------------------------------------------------------------------------
+
+def test_socket_token_from_connect_params_or_the_auth_token():
+    from pusherd.core.tokens import socket_token
+    assert socket_token({}) == (None, None)
+    assert socket_token({"guardian_token": "g", "csrf_token": "c"}) == ("g", "c")
+    assert socket_token({"token": "t"}) == ("t", None)
+    assert socket_token({"guardian_token": "g", "token": "t"}) == ("g", None)   # Guardian's name first
+    assert socket_token({"guardian_token": "g", "csrf_token": "c"}, auth_token="a") == ("a", "c")
+
+
+@pytest.mark.parametrize("protocols,token", [
+    (["phoenix"], None),
+    ([], None),
+    (["phoenix", "base64url.bearer.phx." + base64.b64encode(b"a.b.c").decode().rstrip("=")], "a.b.c"),
+    (["phoenix", "base64url.bearer.phx." + base64.urlsafe_b64encode(b"x?y>z").decode().rstrip("=")], "x?y>z"),
+    (["phoenix", "base64url.bearer.phx.%%%"], ""),                 # not Base64: no usable token
+    (["phoenix", "base64url.bearer.phx." + base64.b64encode("é".encode()).decode()], ""),   # not ASCII
+    (["phoenix", "base64url.bearer.phx." + "A" * 40000], ""),     # absurdly long
+])
+def test_auth_token_from_subprotocols(protocols, token):
+    from pusherd.core.tokens import auth_token_from_subprotocols
+    assert auth_token_from_subprotocols(protocols) == token
