@@ -151,8 +151,7 @@ class SentinelSetup:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for server in self.servers:
-            server.stop()
+        _stop_all(self.servers)
 
 
 class ClusterSetup:
@@ -241,8 +240,22 @@ class ClusterSetup:
             c.script_flush()
 
     def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
+        _stop_all(self.servers)
+
+
+def _stop_all(servers: List[RedisServer]) -> None:
+    """SIGTERM every server, then SIGKILL any that has not exited within 10 s."""
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.terminate()
+    for server in servers:
+        if server.proc is None:
+            continue
+        try:
+            server.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
 
 
 def _started(setup, request):
