@@ -9,7 +9,8 @@ from .memory import MemoryBroker
 
 
 def build_broker(settings) -> Broker:
-    """`memory`, or a redis://, rediss:// or unix:// URL (redis-py is imported only then)."""
+    """`memory`, or a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL
+    (redis-py is imported only then)."""
     bounds = {"max_topics": settings.max_history_topics, "max_bytes": settings.max_history_bytes}
     if settings.broker == "memory":
         return MemoryBroker(Rules(settings.history), settings.max_recovery, **bounds)
