@@ -84,7 +84,7 @@ class SharedChannelRedisBroker(RedisBroker):
     def active(self, topic):
         return topic in self._local and self.ALL in self._confirmed
 
-server.build_broker = lambda s: SharedChannelRedisBroker(s.broker, prefix=s.broker_prefix)
+server.build_broker = lambda s, stats=None: SharedChannelRedisBroker(s.broker, prefix=s.broker_prefix)
 from pusherd.__main__ import main
 sys.exit(main())
 """

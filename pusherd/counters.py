@@ -47,7 +47,7 @@ class Counters:
 
     __slots__ = ("frames_received", "frames_dropped", "messages_received", "joins", "publish_requests",
                  "latency", "replayed", "recoveries", "encodes", "delivered", "slow_consumer_closes",
-                 "connections_refused")
+                 "connections_refused", "broker")
 
     def __init__(self):
         self.frames_received = 0                      # frames from clients
@@ -62,6 +62,7 @@ class Counters:
         self.delivered = 0                            # broadcast frames handed to connections
         self.slow_consumer_closes = 0                 # connections closed as slow consumers
         self.connections_refused = collections.Counter()  # reason -> connections refused at open
+        self.broker = collections.Counter()           # broker event -> count (the Redis broker's)
 
     def dropped(self, frames: int) -> None:
         self.frames_dropped += frames

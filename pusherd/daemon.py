@@ -76,7 +76,7 @@ class Daemon:
         self.settings = settings
         self.fast = fast.enabled() if fast_paths is None else fast_paths
         counters = Counters()
-        self.broker = broker if broker is not None else build_broker(settings)
+        self.broker = broker if broker is not None else build_broker(settings, counters.broker)
         self.rounds = None
         make_group = PlainGroup
         if self.fast:

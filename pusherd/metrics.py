@@ -144,6 +144,13 @@ class DaemonCollector:
             "Seconds from publish to the frames being handed to local sockets (per broadcast).",
             buckets=latency.buckets(), sum_value=latency.total)
 
+        if counters.broker:
+            events = core.CounterMetricFamily("pusherd_broker_events", "What happened to the broker, by event "
+                                              "(publishes, reconnects, outages, failovers, redirects...).",
+                                              labels=["event"])
+            for event, n in sorted(counters.broker.items()):
+                events.add_metric([event], n)
+            yield events
         refused = core.CounterMetricFamily("pusherd_connections_refused",
                                            "Connections refused before they opened (upgrade or long-poll open), "
                                            "by reason.", labels=["reason"])

@@ -96,6 +96,7 @@ offsets are new broadcasts), rather than dropping them as duplicates.
 """
 
 import asyncio
+import collections
 import bisect
 import hashlib
 import json
@@ -123,6 +124,11 @@ from ..core.history import (LIMIT_BYTES, LIMIT_TOPICS, Entry, Recovery, Rules, d
                            EPOCH_BYTES, format_position, new_epoch, parse_position)
 
 log = logging.getLogger("pusherd.broker")
+
+#: The events the broker counts (exported as pusherd_broker_events_total{event}).
+BROKER_EVENTS = ("published", "received", "own_skipped", "bad_envelopes", "outages", "reconnects",
+                 "failed_attempts", "barriers", "caught_up", "duplicates", "rolled_back", "failovers",
+                 "slot_moves", "redirects")
 
 ENVELOPE_VERSION = 1
 CONNECT_TIMEOUT = 2.0       # seconds for TCP connect + handshake
@@ -861,7 +867,7 @@ class RedisBroker(Broker):
 
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "pusherd", *, connect_timeout: float = CONNECT_TIMEOUT,
+    def __init__(self, url: str, prefix: str = "pusherd", *, stats=None, connect_timeout: float = CONNECT_TIMEOUT,
                  command_timeout: float = COMMAND_TIMEOUT, ping_interval: float = PING_INTERVAL,
                  backoff_base: float = BACKOFF_BASE, backoff_cap: float = BACKOFF_CAP,
                  max_pending: int = MAX_PENDING, history_rules: Rules = Rules(), max_recovery: int = 300,
@@ -939,10 +945,11 @@ class RedisBroker(Broker):
         self._map_wake: Optional[asyncio.Event] = None
         self._map_error = ""
         self._retired: List[asyncio.Future] = []
-        self.stats = {"published": 0, "received": 0, "own_skipped": 0, "bad_envelopes": 0,
-                      "outages": 0, "reconnects": 0, "failed_attempts": 0, "barriers": 0,
-                      "caught_up": 0, "duplicates": 0, "rolled_back": 0, "failovers": 0, "slot_moves": 0,
-                      "redirects": 0}
+        # What happens to the broker, by event: the daemon's Counters.broker when given (one place
+        # for every counter: metrics export them), else a Counter of its own.
+        self.stats = stats if stats is not None else collections.Counter()
+        for event in BROKER_EVENTS:
+            self.stats[event] += 0
         if self.kind != "cluster":
             self._lanes[None] = _Lane(self)
 
