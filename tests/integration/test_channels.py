@@ -294,9 +294,12 @@ def test_heartbeats_keep_a_socket_open(pusherd_factory, phx_connect):
 
 
 def test_phoenix_subprotocol_is_selected_and_the_bearer_entry_never_echoed(pusherd_server):
+    import base64
     from websockets.sync.client import connect
-    url = pusherd_server.ws_url + "/websocket?vsn=2.0.0"
-    with connect(url, subprotocols=["phoenix", "base64url.bearer.phx.YWJj"]) as ws:
+    token, csrf = rails_token(listen=["private:sub"])
+    bearer = "base64url.bearer.phx." + base64.b64encode(token.encode()).decode().rstrip("=")
+    url = pusherd_server.ws_url + "/websocket?vsn=2.0.0&csrf_token=" + csrf
+    with connect(url, subprotocols=["phoenix", bearer]) as ws:
         assert ws.subprotocol == "phoenix"
         ws.send('[null,"1","phoenix","heartbeat",{}]')
         assert '"ok"' in ws.recv(timeout=5)
