@@ -6,6 +6,7 @@ them as ndjson), ``join``/``push`` wait for their reply across polls, ``collect`
 the polls bring. Every call returns what the server said; nothing is retried behind a test's back.
 """
 
+import collections
 import http.client
 import json
 import time
@@ -128,3 +129,82 @@ class LongPoll:
     def collect(self, topic, event, count: int, timeout: float = 15.0) -> list:
         """The payloads of the next `count` messages with this topic and event, in order."""
         return [self.expect(timeout, topic=topic, event=event)["payload"] for _ in range(count)]
+
+
+class RequestProxy:
+    """An HTTP proxy on 127.0.0.1 that sends each request (not each connection) to a backend
+    port of its choosing: in turn (``mode="alternate"``, what a load balancer without sticky
+    sessions may do to one page's consecutive polls) or always ``ports[index]`` (``switch_to``).
+    ``blocked_paths``: path prefixes answered 502 at once (a network that lets no WebSocket
+    through is simulated by the page's own config instead). ``seen``: (method, path, port)."""
+
+    def __init__(self, ports, mode: str = "alternate"):
+        import http.server
+        import itertools
+        import socketserver
+        import threading
+
+        self.ports = list(ports)
+        self.mode = mode
+        self.index = 0
+        self.seen = []
+        self._turns = collections.defaultdict(itertools.count)   # per method: GETs alternate, and POSTs
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                with proxy._lock:
+                    if proxy.mode == "alternate":
+                        port = proxy.ports[next(proxy._turns[self.command]) % len(proxy.ports)]
+                    else:
+                        port = proxy.ports[proxy.index]
+                    proxy.seen.append((self.command, self.path.split("?")[0], port))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                upstream = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    resp = upstream.getresponse()
+                    data = resp.read()
+                    status, items = resp.status, resp.getheaders()
+                except OSError:
+                    status, items, data = 502, [("Content-Type", "application/json")], b'{"error":"backend down"}'
+                finally:
+                    upstream.close()
+                self.send_response(status)
+                for k, v in items:
+                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length", "server",
+                                         "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_OPTIONS = _forward
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def switch_to(self, index: int) -> None:
+        with self._lock:
+            self.mode, self.index = "fixed", index
+
+    def ports_seen(self, method: str = "GET", path_suffix: str = "/longpoll"):
+        return [port for m, path, port in self.seen if m == method and path.endswith(path_suffix)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
