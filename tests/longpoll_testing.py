@@ -175,7 +175,7 @@ class RequestProxy:
                     data = resp.read()
                     status, items = resp.status, resp.getheaders()
                 except OSError:
-                    status, items, data = 502, [("Content-Type", "application/json")], b'{"error":"backend down"}'
+                    status, items, data = 502, [("Content-Type", "text/html")], b"<html>502 Bad Gateway</html>"
                 finally:
                     upstream.close()
                 self.send_response(status)
