@@ -135,8 +135,9 @@ class RequestProxy:
     """An HTTP proxy on 127.0.0.1 that sends each request (not each connection) to a backend
     port of its choosing: in turn (``mode="alternate"``, what a load balancer without sticky
     sessions may do to one page's consecutive polls) or always ``ports[index]`` (``switch_to``).
-    ``blocked_paths``: path prefixes answered 502 at once (a network that lets no WebSocket
-    through is simulated by the page's own config instead). ``seen``: (method, path, port)."""
+    It passes no WebSocket upgrade (as many corporate proxies): a WebSocket through it fails its
+    handshake. A backend that is down is answered 502 with an HTML page, as a load balancer
+    would. ``seen``: (method, path, port) of every request."""
 
     def __init__(self, ports, mode: str = "alternate"):
         import http.server
