@@ -28,7 +28,7 @@ from .core.session import Limits, Policy
 from .core.tokens import Verifier
 from .fast.listener import MAX_HEADER_SIZE, Server
 from .logs import install_tornado_redaction
-from .metrics import Counters
+from .counters import Counters
 from .service import Config, Service
 from .transports.app import make_app
 from .transports.http import PublishHandler, log_request
@@ -77,7 +77,7 @@ class Daemon:
         self.settings = settings
         self.fast = fast.enabled() if fast_paths is None else fast_paths
         counters = Counters()
-        self.broker = broker if broker is not None else build_broker(settings)
+        self.broker = broker if broker is not None else build_broker(settings, counters.broker)
         self.rounds = None
         make_group = PlainGroup
         if self.fast:

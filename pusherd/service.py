@@ -25,7 +25,7 @@ from .core.fanout import Hub
 from .core.origins import OriginPolicy
 from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Unsubscribe
 from .logs import StormLog
-from .metrics import Counters
+from .counters import Counters
 
 log = logging.getLogger("pusherd")
 

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING, Optional
 
 import tornado.web
 
-from ..demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
+from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .http import HealthHandler, NotFoundHandler, PublishHandler, log_request
 from .longpoll import LongPollHandler, LongPollSessions
 from .websocket import SocketHandler
