@@ -32,6 +32,7 @@ from .counters import Counters
 from .service import Config, Service
 from .transports.app import make_app
 from .transports.http import PublishHandler, log_request
+from .transports.longpoll import LongPollSessions, Relay
 
 log = logging.getLogger("pusherd")
 
@@ -85,6 +86,7 @@ class Daemon:
             make_group = direct_group(self.rounds, PlainGroup)
         hub = Hub(self.broker.subscribe, self.broker.unsubscribe, make_group=make_group, counters=counters)
         self.service = Service(self.broker, build_config(settings, counters.joins), counters, hub, freezer)
+        self.longpoll = LongPollSessions(self.service)
         self._servers: List[Server] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
@@ -99,8 +101,9 @@ class Daemon:
     def make_app(self) -> tornado.web.Application:
         if self.fast:
             from .fast.websocket import FastSocketHandler
-            return make_app(self.service, FastSocketHandler, {"rounds": self.rounds}, log_function=self._log_request)
-        return make_app(self.service, log_function=self._log_request)
+            return make_app(self.service, FastSocketHandler, {"rounds": self.rounds}, log_function=self._log_request,
+                            longpoll=self.longpoll)
+        return make_app(self.service, log_function=self._log_request, longpoll=self.longpoll)
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
         if isinstance(handler, PublishHandler):
@@ -124,6 +127,9 @@ class Daemon:
             from .metrics import MetricsServer
             self.metrics = MetricsServer(self.service, self.settings.metrics)  # MetricsUnavailable without the client
         await self.broker.start(self.service.deliver)
+        if self.broker.name != "memory":  # other processes may get this one's long-poll sessions' polls
+            self.longpoll.relay = Relay(self.longpoll)
+            await self.longpoll.relay.start()
         s = self.settings
         if sockets is None:
             sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)
