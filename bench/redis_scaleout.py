@@ -3,7 +3,7 @@
 
     python bench/redis_scaleout.py                 # both comparisons, default load
     python bench/redis_scaleout.py --quick         # smaller load (a smoke run)
-    python bench/redis_scaleout.py --only memory-vs-redis|design
+    python bench/redis_scaleout.py --only memory-vs-redis|design|cluster|failover
 
 Everything runs on this machine, on 127.0.0.1: a private redis-server (free port, no
 persistence), real pusherd processes (`python -m pusherd`), and in this process raw-socket
@@ -20,6 +20,19 @@ WebSocket subscribers (minimal RFC 6455 client, V2 frames) and keep-alive HTTP p
    (what pusherd ships) vs one shared channel for everything (every process receives every
    event and drops what it has no member for). Prints delivered msgs/s and pusherd CPU
    seconds per 1,000 publishes (utime+stime of the pusherd processes, from /proc).
+
+3. cluster: a Redis Cluster of 1, 2 and 3 masters (`redis+cluster://`), one process
+   publishing as fast as it can over 64 topics spread over every slot bucket, two processes
+   subscribed to all of them (RedisBrokers, no pusherd daemon: the figure is Redis's). Sharded
+   pub/sub (SPUBLISH/SSUBSCRIBE, what pusherd ships) vs classic PUBLISH/SUBSCRIBE on the same
+   cluster (Redis broadcasts every message to every node over the cluster bus). Prints
+   publishes/s and the redis-server CPU per publish, in all and on the busiest master (a master
+   saturates at one core: the busiest master's CPU per publish bounds the cluster).
+4. failover: SIGKILL the master behind Sentinel (a replica, three sentinels, down-after 1000
+   ms) and a cluster shard's master (a replica each, cluster-node-timeout 1000 ms) while one
+   process publishes a history topic every 5 ms and another is subscribed: the time from the
+   SIGKILL to the first publish acknowledged again, and to the subscriber's first delivery of
+   a broadcast published after the promotion. Each repeated --repeat times.
 
 Not part of the test suite; figures go to docs/scaling.md.
 """
@@ -71,7 +84,7 @@ class SharedChannelRedisBroker(RedisBroker):
     def active(self, topic):
         return topic in self._local and self.ALL in self._confirmed
 
-server.build_broker = lambda s: SharedChannelRedisBroker(s.broker, prefix=s.broker_prefix)
+server.build_broker = lambda s, stats=None: SharedChannelRedisBroker(s.broker, prefix=s.broker_prefix)
 from pusherd.__main__ import main
 sys.exit(main())
 """
@@ -428,6 +441,151 @@ def receive_cost_us(redis_url: str, n: int = 20000) -> float:
     return asyncio.run(measure_it())
 
 
+# -- 3. and 4.: cluster and failover, on the broker --------------------------------------------
+
+def _topologies():
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))
+    import redis_topologies
+    return redis_topologies
+
+
+def _classic_on_cluster(broker):
+    """Classic pub/sub on the same cluster: PUBLISH, SUBSCRIBE (broadcast to every node)."""
+    broker._pub_cmd, broker._sub_cmd, broker._unsub_cmd = b"PUBLISH", "SUBSCRIBE", "UNSUBSCRIBE"
+    return broker
+
+
+def _subscriber_process(url, topics, classic, ready, stop, out):
+    import asyncio as aio
+    from pusherd.brokers.redis import RedisBroker
+    count = [0]
+
+    async def main():
+        broker = RedisBroker(url, prefix="bench")
+        if classic:
+            _classic_on_cluster(broker)
+        await broker.start(lambda b: count.__setitem__(0, count[0] + 1))
+        for t in topics:
+            broker.subscribe(t)
+        for t in topics:
+            await broker.activate(t)
+        ready.set()
+        while not stop.is_set():
+            await aio.sleep(0.05)
+        last = -1
+        while count[0] != last:        # drained: nothing more for half a second
+            last = count[0]
+            await aio.sleep(0.5)
+        out.put((count[0], time.process_time(), broker.stats["outages"]))
+        await broker.close()
+    aio.run(main())
+
+
+def cluster_run(tmp, shards, classic, seconds, payload):
+    import multiprocessing as mp
+    topo = _topologies()
+    setup = topo.ClusterSetup(Path(tempfile.mkdtemp(dir=tmp)), masters=shards, replicas=0).start()
+    try:
+        from pusherd.brokers.redis import RedisBroker
+        from pusherd.core.broadcast import Broadcast
+        topics = ["public:shard%d" % i for i in range(64)]
+        ctx = mp.get_context("fork")
+        stop, out = ctx.Event(), ctx.Queue()
+        subs = []
+        for _ in range(2):
+            ready = ctx.Event()
+            proc = ctx.Process(target=_subscriber_process, args=(setup.url, topics, classic, ready, stop, out))
+            proc.start()
+            ready.wait(30)
+            subs.append(proc)
+        masters = [setup.server(p) for p in setup.master_ports()]
+
+        async def publish():
+            broker = RedisBroker(setup.url, prefix="bench")
+            if classic:
+                _classic_on_cluster(broker)
+            await broker.start(lambda b: None)
+            done = [0]
+            deadline = time.monotonic() + seconds
+            pad = "x" * payload
+
+            async def worker(k):
+                i = k
+                while time.monotonic() < deadline:
+                    await broker.publish(Broadcast(topics[i % len(topics)], "b", {"pad": pad}))
+                    done[0] += 1
+                    i += 7
+            cpu0 = [cpu_seconds(m.proc.pid) for m in masters]
+            t0 = time.monotonic()
+            await asyncio.gather(*[worker(k) for k in range(64)])
+            elapsed = time.monotonic() - t0
+            cpu = [cpu_seconds(m.proc.pid) - c for m, c in zip(masters, cpu0)]
+            await broker.close()
+            return done[0], elapsed, cpu
+        published, elapsed, cpu = asyncio.run(publish())
+        stop.set()
+        reports = [out.get(timeout=60) for _ in subs]
+        received = ["%d%s" % (r[0], " (%d outages)" % r[2] if r[2] else "") for r in reports]
+        for proc in subs:
+            proc.join(10)
+        return {"published": published, "rate": published / elapsed, "received": received,
+                "cpu_us_total": 1e6 * sum(cpu) / published, "cpu_us_busiest": 1e6 * max(cpu) / published,
+                "busiest_util": max(cpu) / elapsed}
+    finally:
+        setup.stop()
+
+
+def failover_once(tmp, kind):
+    """Seconds from the SIGKILL to the first acknowledged publish and to the first delivery of
+    a broadcast published after it, on the other process."""
+    topo = _topologies()
+    from pusherd.brokers.redis import RedisBroker
+    from pusherd.core.broadcast import Broadcast
+    from pusherd.config import HistoryRule
+    from pusherd.core.errors import BrokerUnavailable
+    from pusherd.core.history import Rules
+    where = Path(tempfile.mkdtemp(dir=tmp))
+    setup = (topo.SentinelSetup(where) if kind == "sentinel"
+             else topo.ClusterSetup(where, masters=3, replicas=1)).start()
+    try:
+        async def scenario():
+            rules = Rules([HistoryRule("deploys:*", 1000, 3600.0)])
+            got = []
+            a = RedisBroker(setup.url, prefix="bench", history_rules=rules)
+            b = RedisBroker(setup.url, prefix="bench", history_rules=rules)
+            await a.start(lambda x: None)
+            await b.start(lambda x: got.append((time.monotonic(), x.payload["n"])))
+            b.subscribe("deploys:web")
+            await b.activate("deploys:web")
+            victim = (setup.master() if kind == "sentinel"
+                      else setup.server(setup.owner_port(a.channel("deploys:web"))))
+            n, acked, killed, first_ack, refused = 0, {}, None, None, 0
+            while first_ack is None or time.monotonic() < first_ack + 1.0:
+                if n == 20:
+                    victim.kill()
+                    killed = time.monotonic()
+                try:
+                    await a.publish(Broadcast("deploys:web", "e", {"n": n}))
+                    acked[n] = time.monotonic()
+                    if killed is not None and first_ack is None and n > 20:
+                        first_ack = acked[n]
+                except BrokerUnavailable:
+                    refused += 1
+                n += 1
+                await asyncio.sleep(0.005)
+                if killed is not None and time.monotonic() - killed > 60:
+                    raise SystemExit("no switch-over within 60 s")
+            await asyncio.sleep(0.5)
+            after = [t for t, m in got if m > 20 and m in acked]
+            await a.close()
+            await b.close()
+            return first_ack - killed, min(after) - killed, refused
+        return asyncio.run(scenario())
+    finally:
+        setup.stop()
+
+
 def show(name, r):
     line = "  %-32s burst %6.0f delivered msgs/s [%.0f..%.0f] (%d/%d, p99 %5.1f ms)" % (
         name, r["burst_msgs_per_s"], r["spread"][0], r["spread"][1], r["burst_delivered"], r["burst_expected"],
@@ -448,11 +606,13 @@ def main():
     ap.add_argument("--seconds", type=float, default=5.0, help="paced phase duration")
     ap.add_argument("--payload", type=int, default=100, help="payload padding bytes")
     ap.add_argument("--repeat", type=int, default=3, help="runs per setup; medians are printed")
-    ap.add_argument("--only", choices=["memory-vs-redis", "design"])
+    ap.add_argument("--only", choices=["memory-vs-redis", "design", "cluster", "failover"])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.subscribers, args.messages, args.seconds, args.repeat = 40, 500, 2.0, 1
+    import logging
+    logging.getLogger("pusherd.broker").setLevel(logging.ERROR)   # the failovers' outage warnings
     # A SIGTERM still runs the finally blocks that stop redis-server and the pusherd processes.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not shutil.which("redis-server"):
@@ -474,6 +634,25 @@ def main():
                 print("  ratio redis/memory: delivered msgs/s x%.2f, burst p99 x%.2f, paced p99 x%.2f" % (
                     red["burst_msgs_per_s"] / mem["burst_msgs_per_s"], red["burst_p99_ms"] / mem["burst_p99_ms"],
                     red["paced_p99_ms"] / mem["paced_p99_ms"]))
+            if args.only in (None, "cluster"):
+                seconds = 2.0 if args.quick else 5.0
+                print("\n3. Redis Cluster, 1 process publishing over 64 topics for %.0fs (64 in flight), 2 processes "
+                      "subscribed to all; redis-server CPU per publish" % seconds)
+                for classic in (False, True):
+                    for shards in (1, 2, 3):
+                        r = cluster_run(tmp, shards, classic, seconds, args.payload)
+                        print("  %-30s %d shard(s): %6.0f publishes/s, %d published, received %s; redis CPU per publish %5.1f us in "
+                              "all, %5.1f us on the busiest master (%.0f%% busy)" % (
+                                  "classic PUBLISH/SUBSCRIBE" if classic else "sharded SPUBLISH (shipped)", shards,
+                                  r["rate"], r["published"], "/".join(r["received"]), r["cpu_us_total"],
+                                  r["cpu_us_busiest"], 100 * r["busiest_util"]), flush=True)
+            if args.only in (None, "failover"):
+                print("\n4. failover switch-over (SIGKILL of the master; publishing every 5 ms)")
+                for kind in ("sentinel", "cluster"):
+                    runs = [failover_once(tmp, kind) for _ in range(args.repeat)]
+                    for ack, delivered, refused in runs:
+                        print("  %-8s acknowledged again after %.2fs, delivered to the other process after %.2fs "
+                              "(%d publishes refused meanwhile)" % (kind, ack, delivered, refused), flush=True)
             if args.only in (None, "design"):
                 topics = ["public:part%d" % i for i in range(max(2, args.topics * 2))]
                 print("\n2. channel layout, 2 processes on Redis, %d topics partitioned between the processes "

@@ -306,6 +306,61 @@ def memory(pool: Pool, server: Server, n: int) -> dict:
     return {"sockets": n, "kb_per_socket": (rss1 - rss0) / n / 1024, "rss_mb": rss1 / 2**20}
 
 
+def longpoll_fanout(server: Server, n: int, seconds: float, window: int = 32) -> dict:
+    """`fanout` to `n` long-poll sessions (bench/longpoll_load.py): CPU per delivered message."""
+    from longpoll_load import LongPollPool
+
+    lp = LongPollPool(HOST, server.port, "public:lpfanout", n, cpus=server.opts.client_cpus)
+    try:
+        lp.wait_joined()
+
+        async def drive():
+            p = await loadgen.Publisher(HOST, server.port, PSECRET).open()
+            sent = 0
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                body = json.dumps({"topic": "public:lpfanout", "event": "tick", "payload": payload(seq=sent)})
+                assert await p.post(body.encode()) == 200
+                sent += 1
+                while lp.received() < (sent - window) * n:
+                    await asyncio.sleep(0.001)
+            deadline = time.monotonic() + 30
+            while lp.received() < sent * n and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            p.close()
+            return sent
+
+        lp.reset()
+        cpu0, t0 = server.cpu(), time.monotonic()
+        sent = asyncio.run(drive())
+        elapsed = time.monotonic() - t0
+        cpu1 = server.cpu()
+        got = lp.received()
+    finally:
+        errors = lp.close()
+    assert not errors, errors
+    return {"sessions": n, "published": sent, "delivered": got, "lost": sent * n - got,
+            "msgs_per_s": got / elapsed, "us_per_msg": 1e6 * (cpu1 - cpu0) / max(1, got),
+            "server_cpu_share": (cpu1 - cpu0) / elapsed}
+
+
+def longpoll_memory(server: Server, n: int) -> dict:
+    """RSS per idle long-poll session: joined, its GET pending (its connection held)."""
+    from longpoll_load import LongPollPool
+
+    time.sleep(0.5)
+    rss0 = server.rss()
+    lp = LongPollPool(HOST, server.port, "public:lpidle", n, cpus=server.opts.client_cpus)
+    try:
+        lp.wait_joined()
+        time.sleep(2.5)  # a periodic sweep / gc
+        rss1 = server.rss()
+    finally:
+        errors = lp.close()
+    assert not errors, errors
+    return {"sessions": n, "kb_per_session": (rss1 - rss0) / n / 1024, "rss_mb": rss1 / 2**20}
+
+
 def publish_api(pool: Pool, server: Server, seconds: float, conns: int = 8) -> dict:
     """Keep-alive POST /publish with the Bearer secret, to a topic with one subscriber."""
     c = pool.connect(server, 1, "public:api")
@@ -432,7 +487,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="shorter phases and fewer sizes")
     ap.add_argument("--servers", default="pusherd,baseline,floor")
     ap.add_argument("--only", default="", help="comma-separated scenario names (fanout,burst,latency,"
-                                                "latency10k,memory,publish,storm,overload)")
+                                                "latency10k,memory,lpfanout,lpmemory,publish,storm,overload)")
     ap.add_argument("--workers", type=int, default=2, help="load generator processes")
     ap.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
                     help="event loop for every contender and the load generator")
@@ -463,6 +518,8 @@ def main(argv=None):
         ("latency", [(1000,)]),
         ("latency10k", [(10000,)]),
         ("memory", [(n,) for n in ((5000,) if q else (5000, 10000))]),
+        ("lpfanout", [(1000,)]),
+        ("lpmemory", [(2000,)]),
         ("publish", [()]),
         ("storm", [(5000,)]),
         ("overload", [(200,)]),
@@ -483,6 +540,8 @@ def main(argv=None):
                     for kind in servers:
                         if name == "overload" and kind == "floor":
                             continue  # the floor has no bound by design: nothing to show
+                        if name.startswith("lp") and kind != "pusherd":
+                            continue  # long-poll: pusherd's own (the others, and 'before' it, have none)
                         key, r = run_one(name, case, kind, opts, pool, phase, q)
                         results.setdefault(key, {}).setdefault(kind, []).append(r)
                         print("  %-16s %-9s %s" % (key, kind, _fmt(r)), flush=True)
@@ -497,6 +556,8 @@ def main(argv=None):
 
 def run_one(name, case, kind, opts, pool, phase, q):
     overrides = {"max_outbox_bytes": 262144} if name == "overload" else None
+    if name.startswith("lp"):  # each long-poll page holds an HTTP connection (two while it POSTs)
+        overrides = {"max_http_connections": 3 * case[0] + 100}
     server = Server(kind, opts, overrides)
     try:
         if name == "fanout":
@@ -509,6 +570,10 @@ def run_one(name, case, kind, opts, pool, phase, q):
             r = latency(pool, server, case[0], LATENCY_RATE_10K, 3 if q else 6, grace=10 if q else 15)
         elif name == "memory":
             r = memory(pool, server, case[0])
+        elif name == "lpfanout":
+            r = longpoll_fanout(server, case[0], phase)
+        elif name == "lpmemory":
+            r = longpoll_memory(server, case[0])
         elif name == "publish":
             r = publish_api(pool, server, phase)
         elif name == "storm":
@@ -553,6 +618,9 @@ METRICS = {
     "latency10k": [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
                    ("lost", "lost")],
     "memory": [("kb_per_socket", "KB per idle joined socket")],
+    "lpfanout": [("us_per_msg", "CPU µs per delivered msg (long-poll)"), ("msgs_per_s", "delivered msgs/s"),
+                 ("lost", "lost")],
+    "lpmemory": [("kb_per_session", "KB per idle long-poll session (GET pending)")],
     "publish": [("req_per_s", "publish req/s (keep-alive, auth)"), ("us_per_req", "CPU µs per request"),
                 ("errors", "errors")],
     "storm": [("seconds", "seconds until all joined"), ("joined", "joined"), ("errors", "errors")],

@@ -29,10 +29,11 @@ from .core.session import Limits, Policy
 from .core.tokens import Verifier
 from .fast.listener import MAX_HEADER_SIZE, Server
 from .logs import install_tornado_redaction
-from .metrics import Counters
+from .counters import Counters
 from .service import Config, Service
 from .transports.app import make_app
 from .transports.http import PublishHandler, log_request
+from .transports.longpoll import LongPollSessions, Relay
 
 log = logging.getLogger("pusherd")
 
@@ -83,7 +84,7 @@ class Daemon:
         self.settings = settings
         self.fast = fast.enabled() if fast_paths is None else fast_paths
         counters = Counters()
-        self.broker = broker if broker is not None else build_broker(settings)
+        self.broker = broker if broker is not None else build_broker(settings, counters.broker)
         self.rounds = None
         make_group = PlainGroup
         if self.fast:
@@ -98,6 +99,7 @@ class Daemon:
             presence = PresenceService(config.policy.presence, self.broker.presence_backplane(settings.presence_ttl),
                                        hub, counters, interval=settings.presence_interval)
         self.service = Service(self.broker, config, counters, hub, freezer, presence)
+        self.longpoll = LongPollSessions(self.service)
         self._servers: List[Server] = []
         self._app: Optional[tornado.web.Application] = None
         self._sweeper: Optional[asyncio.Task] = None
@@ -112,8 +114,9 @@ class Daemon:
     def make_app(self) -> tornado.web.Application:
         if self.fast:
             from .fast.websocket import FastSocketHandler
-            return make_app(self.service, FastSocketHandler, {"rounds": self.rounds}, log_function=self._log_request)
-        return make_app(self.service, log_function=self._log_request)
+            return make_app(self.service, FastSocketHandler, {"rounds": self.rounds}, log_function=self._log_request,
+                            longpoll=self.longpoll)
+        return make_app(self.service, log_function=self._log_request, longpoll=self.longpoll)
 
     def _log_request(self, handler: tornado.web.RequestHandler) -> None:
         if isinstance(handler, PublishHandler):
@@ -139,6 +142,9 @@ class Daemon:
         await self.broker.start(self.service.deliver)
         if self.service.presence is not None:
             await self.service.presence.start()
+        if self.broker.name != "memory":  # other processes may get this one's long-poll sessions' polls
+            self.longpoll.relay = Relay(self.longpoll)
+            await self.longpoll.relay.start()
         s = self.settings
         if sockets is None:
             sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)

@@ -72,7 +72,7 @@ class Replica:
 
 class PresenceService:
     """The presence of one process (see the module docstring). ``hub``: the process's hub (diffs
-    are delivered through it); ``counters``: metrics.Counters."""
+    are delivered through it); ``counters``: counters.Counters."""
 
     def __init__(self, rules: PresenceRules, backplane: PresenceBackplane, hub, counters, interval: float = 0.1,
                  random=os.urandom, clock=time.time, monotonic=time.monotonic):

@@ -26,7 +26,7 @@ from .core.origins import OriginPolicy
 from .core.presence import NotTracked
 from .core.session import Close, Join, Policy, Publish, Send, Subscribe, Track, Unsubscribe, Untrack
 from .logs import StormLog
-from .metrics import Counters
+from .counters import Counters
 
 log = logging.getLogger("pusherd")
 

@@ -46,6 +46,22 @@ def phx_connect():
 
 
 @pytest.fixture
+def raw_ws():
+    """``raw_ws(port, path=..., headers=...)``: a RawWS (a bare RFC 6455 client), closed at teardown."""
+    from pusherd_testing import RawWS
+    opened = []
+
+    def connect(*args, **kwargs):
+        ws = RawWS(*args, **kwargs)
+        opened.append(ws)
+        return ws
+
+    yield connect
+    for ws in opened:
+        ws.close()
+
+
+@pytest.fixture
 def redis_server(tmp_path_factory):
     """A fresh redis-server for one test (start, kill and restart it at will); stopped at teardown."""
     require(shutil.which("redis-server") is not None, "redis-server not installed (apt-get install redis-server)")

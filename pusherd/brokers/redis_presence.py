@@ -46,7 +46,8 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
 
 from ..core.errors import BrokerUnavailable
 from ..core.presence import Diff, Entry, decode_entry, encode_entry, entry_field
@@ -139,13 +140,18 @@ class RedisPresence(PresenceBackplane):
     """Presence across the processes of one Redis (consistency model: the module docstring).
 
     ``pool``: the Redis broker's connection pool (its URL, credentials, TLS, timeouts); the
-    subscriber connection is a connection of the pool's class, as the broker's own.
+    subscriber connection is a connection of the pool's class, as the broker's own. With
+    Sentinel, ``locate()`` names the master (asked on every reconnect, which must answer ``ROLE``
+    master) and ``node_kwargs`` are the connection arguments for it; a ``READONLY`` answer (a
+    demoted master) makes the subscriber reconnect and find the master again, and the lists are
+    resynchronised as after any outage.
     """
 
     local = False
 
     def __init__(self, pool, prefix: str = "pusherd", ttl: float = 15.0, command_timeout: float = 2.0,
-                 backoff: Tuple[float, float] = (0.1, 5.0), describe: str = "redis"):
+                 backoff: Tuple[float, float] = (0.1, 5.0), describe: str = "redis", locate=None,
+                 node_kwargs: Optional[dict] = None):
         super().__init__(secrets.token_hex(8))
         self.ttl = ttl
         self.interval = ttl / 3.0
@@ -156,6 +162,10 @@ class RedisPresence(PresenceBackplane):
         self._command_timeout = command_timeout
         self._backoff = backoff
         self._describe = describe
+        self._locate = locate
+        self._node_kwargs = node_kwargs or {}
+        self._address = None          # the master the client talks to (Sentinel)
+        self._sub = None              # the subscriber connection
         self._client = redis.asyncio.Redis(connection_pool=pool)
         self._write_script = self._client.register_script(WRITE_SCRIPT)
         self._snapshot_script = self._client.register_script(SNAPSHOT_SCRIPT)
@@ -197,8 +207,10 @@ class RedisPresence(PresenceBackplane):
             raise BrokerUnavailable("presence: %s unavailable" % self._describe)
         try:
             raw, alive = await asyncio.wait_for(
-                self._snapshot_script(keys=[self._topic_key(topic), self._nodes_key]), self._command_timeout)
+                self._snapshot_script(keys=[self._topic_key(topic), self._nodes_key], client=self._client),
+                self._command_timeout)
         except (RedisError, OSError) as exc:
+            self._maybe_demoted(exc)
             raise BrokerUnavailable("presence: %s (%s: %s)" % (self._describe, type(exc).__name__, exc)) from None
         entries = []
         for i in range(0, len(raw) - 1, 2):
@@ -222,8 +234,8 @@ class RedisPresence(PresenceBackplane):
                 await asyncio.sleep(0.01)
             try:
                 await asyncio.wait_for(self._forget_script(
-                    keys=[self._nodes_key],
-                    args=[self._tag, self.channel, TOMBSTONE_MS, SWEEP_BATCH, self.node]), self._command_timeout)
+                    keys=[self._nodes_key], args=[self._tag, self.channel, TOMBSTONE_MS, SWEEP_BATCH, self.node],
+                    client=self._client), self._command_timeout)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("presence: could not say goodbye to %s (%s); this process's members leave the "
                             "other processes' lists within %.0fs", self._describe, exc, self.ttl * 4 / 3)
@@ -245,10 +257,10 @@ class RedisPresence(PresenceBackplane):
         down_since: Optional[float] = None
         from .redis import backoff_delay
         while not self._closing:
-            pool = self._pool
-            conn = pool.connection_class(**pool.connection_kwargs)
+            conn = None
             try:
-                await conn.connect()
+                conn = await self._open()
+                self._sub = conn
                 await conn.send_command("SUBSCRIBE", self.channel, check_health=False)
                 while True:
                     resp = await conn.read_response(timeout=self._command_timeout)
@@ -276,12 +288,45 @@ class RedisPresence(PresenceBackplane):
             finally:
                 self._healthy = False
                 self._up_since = None
-                try:
-                    await conn.disconnect(nowait=True)
-                except (RedisError, OSError, asyncio.TimeoutError):
-                    pass
+                self._sub = None
+                if conn is not None:
+                    try:
+                        await conn.disconnect(nowait=True)
+                    except (RedisError, OSError, asyncio.TimeoutError):
+                        pass
             self._first.set()
             await asyncio.sleep(backoff_delay(attempts - 1, *self._backoff))
+
+    async def _open(self):
+        """A connected subscriber connection: to the one Redis, or to the master Sentinel names
+        (which must say it is one); the command client follows it."""
+        if self._locate is None:
+            conn = self._pool.connection_class(**self._pool.connection_kwargs)
+            await conn.connect()
+            return conn
+        address = await self._locate()
+        conn = redis.asyncio.Connection(host=address[0], port=address[1], **self._node_kwargs)
+        try:
+            await conn.connect()
+            await conn.send_command("ROLE", check_health=False)
+            role = await conn.read_response()
+            if not isinstance(role, list) or not role or role[0] != b"master":
+                raise RedisConnectionError("%s:%d is not a master" % address)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        if address != self._address:
+            self._client = redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(
+                host=address[0], port=address[1], **self._node_kwargs))
+            self._address = address
+        return conn
+
+    def _maybe_demoted(self, exc: BaseException) -> None:
+        """A READONLY answer: the node is a replica now (Sentinel failed over): find the master."""
+        if isinstance(exc, ReadOnlyError) and self._sub is not None:
+            log.warning("presence: %s answered READONLY (a failover?); finding the master again", self._describe)
+            sub, self._sub = self._sub, None
+            asyncio.ensure_future(sub.disconnect(nowait=True))
 
     async def _listen(self, conn) -> None:
         pinged = False
@@ -354,6 +399,7 @@ class RedisPresence(PresenceBackplane):
                     status, alive = await self._beat(register=True)
                 except (RedisError, OSError, asyncio.TimeoutError) as exc:
                     log.debug("presence: resync interrupted (%s)", exc)
+                    self._maybe_demoted(exc)
                     return   # the subscriber reconnects and starts over
                 if status == "dead":
                     continue     # given up for dead again meanwhile: another id
@@ -369,7 +415,8 @@ class RedisPresence(PresenceBackplane):
     async def _beat(self, register: bool):
         status, alive = await asyncio.wait_for(self._heartbeat_script(
             keys=[self._nodes_key, self._dead_key(self.node)],
-            args=[self.node, int(self.ttl * 1000), "1" if register else "0"]), self._command_timeout)
+            args=[self.node, int(self.ttl * 1000), "1" if register else "0"], client=self._client),
+            self._command_timeout)
         return _text(status), {_text(n) for n in alive}
 
     async def _heartbeats(self) -> None:
@@ -381,6 +428,7 @@ class RedisPresence(PresenceBackplane):
                 status, alive = await self._beat(register=False)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 log.debug("presence: heartbeat failed (%s)", exc)
+                self._maybe_demoted(exc)
                 continue
             if status != "ok":
                 if status == "missing":
@@ -395,8 +443,8 @@ class RedisPresence(PresenceBackplane):
     async def _sweep(self) -> None:
         try:
             swept = await asyncio.wait_for(self._forget_script(
-                keys=[self._nodes_key], args=[self._tag, self.channel, TOMBSTONE_MS, SWEEP_BATCH, ""]),
-                self._command_timeout)
+                keys=[self._nodes_key], args=[self._tag, self.channel, TOMBSTONE_MS, SWEEP_BATCH, ""],
+                client=self._client), self._command_timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.debug("presence: sweep failed (%s)", exc)
             return
@@ -433,13 +481,17 @@ class RedisPresence(PresenceBackplane):
             results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self._command_timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.debug("presence: %d diff(s) not written (%s)", len(batch), exc)
+            self._maybe_demoted(exc)
             self._failed(batch)
             return
         finally:
             await pipe.reset()
         for (topic, _diff), result in zip(batch, results):
             if isinstance(result, Exception):
-                log.warning("presence: a diff on %.200s was refused by %s: %s", topic, self._describe, result)
+                if isinstance(result, ReadOnlyError):
+                    self._maybe_demoted(result)
+                else:
+                    log.warning("presence: a diff on %.200s was refused by %s: %s", topic, self._describe, result)
                 self._failed([(topic, _diff)])
             elif result == -1:
                 self._failed([(topic, _diff)])

@@ -284,6 +284,7 @@ class Settings:
     client_events: Tuple[str, ...] = key(("msg",), read=_read_client_events)
     max_outbox_bytes: int = key(1048576, v.size)
     slow_consumer_seconds: float = key(30.0, v.duration())
+    longpoll_window: float = key(10.0, v.duration())
     drain_seconds: float = key(5.0, v.duration(allow_zero=True))
     http_header_timeout: float = key(60.0, v.duration())
     http_body_timeout: float = key(30.0, v.duration())

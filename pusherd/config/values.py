@@ -8,8 +8,8 @@ import difflib
 import ipaddress
 import math
 import re
-from typing import Any, Callable, Mapping, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import unquote, urlsplit
 
 from ..core.origins import OriginPolicy
 from ..core.protocol import is_reserved_event, is_valid_event
@@ -232,12 +232,83 @@ def ws_base_url(value: Any) -> str:
     return value
 
 
+class MultiHostURL:
+    """A parsed ``redis+sentinel://`` or ``redis+cluster://`` URL (see `multi_host_url`)."""
+
+    def __init__(self, scheme, username, password, hosts, service, db, query):
+        self.scheme, self.username, self.password = scheme, username, password
+        self.hosts: List[Tuple[str, int]] = hosts
+        self.service: Optional[str] = service      # Sentinel: the monitored master's name
+        self.db: int = db
+        self.query: Dict[str, str] = query
+
+
+_MULTI_HOST_PARAMS = {"redis+sentinel": ("sentinel_username", "sentinel_password"), "redis+cluster": ()}
+
+
+def multi_host_url(value: str) -> MultiHostURL:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db][?sentinel_password=...]``
+    or ``redis+cluster://[user:password@]host:port[,host:port...][/]``: the password is the data
+    nodes' (Sentinel: the master's and replicas'), the sentinels' own credentials are the query's.
+    Raises `Invalid` with a message that never shows the password."""
+    scheme, sep, rest = value.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _MULTI_HOST_PARAMS:
+        raise Invalid("not a redis+sentinel:// or redis+cluster:// URL")
+    rest, _, query_text = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        username, colon, password = userinfo.partition(":")
+        username = unquote(username) or None
+        password = unquote(password) if colon else None
+    hosts = []
+    for item in netloc.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536 \
+                or not _HOSTNAME_RE.fullmatch(host.strip("[]")) and not _is_ip(host.strip("[]")):
+            raise Invalid(f"{scheme}:// needs host:port[,host:port...] (got an invalid address)")
+        hosts.append((host.strip("[]"), int(port)))
+    parts = [unquote(p) for p in path.split("/") if p]
+    service, db = None, 0
+    if scheme == "redis+sentinel":
+        if not parts or len(parts) > 2 or (len(parts) == 2 and not (parts[1].isascii() and parts[1].isdigit())):
+            raise Invalid("redis+sentinel:// needs the master's name and an optional db: "
+                          "redis+sentinel://host:26379,host:26380/mymaster/0")
+        service, db = parts[0], int(parts[1]) if len(parts) == 2 else 0
+    elif parts:
+        raise Invalid("redis+cluster:// takes no path (a cluster has only db 0)")
+    query = {}
+    for item in filter(None, query_text.split("&")):
+        name, _, val = item.partition("=")
+        if name not in _MULTI_HOST_PARAMS[scheme]:
+            raise Invalid(f"{scheme}:// has no option {show(name[:40])} (known: "
+                          f"{', '.join(_MULTI_HOST_PARAMS[scheme]) or 'none'})")
+        query[name] = unquote(val)
+    return MultiHostURL(scheme, username, password, hosts, service, db, query)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
 def broker_url(value: Any) -> str:
-    expected = "expected 'memory' or a redis://, rediss:// or unix:// URL"
+    expected = "expected 'memory' or a redis://, rediss:// or unix:// URL (or redis+sentinel://, redis+cluster://)"
     if value == "memory":
         return value
     if not isinstance(value, str):
         raise Invalid(f"{expected}, got {show(value)}")
+    if value.lower().startswith(("redis+sentinel://", "redis+cluster://")):
+        try:
+            multi_host_url(value)
+        except Invalid as exc:
+            raise Invalid(f"{expected}: {exc}") from None
+        return value
     try:
         parts = urlsplit(value)
         scheme = parts.scheme.lower()

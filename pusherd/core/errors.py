@@ -41,8 +41,9 @@ class PusherdError(Exception):
 MAX_DETAIL = 200
 
 
-class AuthError(PusherdError):
-    """A token was refused. `reason` is one of the stable reasons above; `detail` is for the log."""
+class Refusal(PusherdError):
+    """Client input refused: `reason` is one of the stable reasons above (what the client is
+    told), `detail` the precise cause for the log (cut at `MAX_DETAIL`, never a token)."""
 
     def __init__(self, reason: str, detail: str = ""):
         detail = detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "..."
@@ -51,14 +52,12 @@ class AuthError(PusherdError):
         self.detail = detail
 
 
-class ProtocolError(PusherdError):
+class AuthError(Refusal):
+    """A token was refused."""
+
+
+class ProtocolError(Refusal):
     """A client frame could not be understood."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        detail = detail if len(detail) <= MAX_DETAIL else detail[:MAX_DETAIL] + "..."
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 class PublishError(PusherdError):

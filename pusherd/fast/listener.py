@@ -29,7 +29,6 @@ from tornado.iostream import IOStream, UnsatisfiableReadError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
-    from .front import PublishConnections
 
 #: Largest request head Tornado's HTTP server reads (its ``max_header_size``); a longer one gets 431.
 MAX_HEADER_SIZE = 16384
@@ -66,7 +65,7 @@ class Server(tornado.httpserver.HTTPServer):
     its sender the race, not the WebSocket upgrades and publishers that send their heads.
     """
 
-    front: Optional["PublishConnections"] = None
+    front = None  # fast.front.PublishConnections when the publisher front is on (set by Daemon.start)
     service: Optional["Service"] = None  # max_http_connections and the refusal logs (set by Daemon.start)
 
     def initialize(self, *args, **kwargs) -> None:

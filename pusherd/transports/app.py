@@ -4,8 +4,9 @@ from typing import TYPE_CHECKING, Optional
 
 import tornado.web
 
-from ..demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
+from .demo import DemoAssetHandler, DemoPageHandler, DemoRootHandler, RecoveryHelperHandler
 from .http import HealthHandler, NotFoundHandler, PresenceHandler, PublishHandler, log_request
+from .longpoll import LongPollHandler, LongPollSessions
 from .websocket import SocketHandler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -13,16 +14,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def make_app(service: "Service", socket_handler: type = SocketHandler, socket_args: Optional[dict] = None,
-             log_function=None) -> tornado.web.Application:
+             log_function=None, longpoll: Optional[LongPollSessions] = None) -> tornado.web.Application:
     """The routes under ``settings.path`` (the WebSocket, also at the bare path for the 2015
     client), ``/publish``, ``/presence``, ``/healthz`` and the demo. ``socket_handler``/``socket_args``: the
-    WebSocket handler (transports/websocket.py, or fast/websocket.py with its arguments)."""
+    WebSocket handler (transports/websocket.py, or fast/websocket.py with its arguments);
+    ``longpoll``: the process's long-poll sessions (transports/longpoll.py; None: new ones)."""
     settings = service.config.settings
     deps = {"service": service}
     sockets = dict(deps, **(socket_args or {}))
     path = settings.path.rstrip("/")
     routes = [
         (path + "/websocket", socket_handler, sockets),
+        (path + "/longpoll", LongPollHandler, dict(deps, sessions=longpoll or LongPollSessions(service))),
         (path or "/", socket_handler, dict(sockets, legacy_path=True)),
         ("/publish", PublishHandler, deps),
         ("/presence", PresenceHandler, deps),

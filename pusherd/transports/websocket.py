@@ -24,11 +24,10 @@ import tornado.ioloop
 import tornado.websocket
 
 from ..core import errors
-from ..core.errors import AuthError
 from ..core.origins import upgrade_allowed
-from ..core.protocol import serializer_for_vsn
 from ..core.session import Session
-from ..core.tokens import auth_token_from_subprotocols, socket_token
+from ..core.tokens import auth_token_from_subprotocols
+from .admission import Refusal, check_room, check_socket_token, check_vsn, refuse_origin
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -80,36 +79,23 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     def prepare(self):
         """Before the handshake: pusherd's own refusals (a refused upgrade is an HTTP answer)."""
-        vsn = self.get_query_argument("vsn", None)  # the last one, as Plug does
-        serializer = serializer_for_vsn(vsn, legacy_path=self.legacy_path)
         service = self.service
-        refused = service.counters.connections_refused
-        if serializer is None:
-            refused["unsupported_vsn"] += 1
-            return self._refuse(403, "unsupported protocol version (vsn)")
-        allowed, origin = upgrade_allowed(service.config.origins, self.request.headers)
-        if not allowed:
-            refused["origin_not_allowed"] += 1
-            log.info("refused WebSocket upgrade from origin %.200s", origin)
-            return self._refuse(403, "origin not allowed")
-        refusal = service.refusal()
-        if refusal is not None:
-            # Refusals come in storms (every client of a full or stopping process retries):
-            # counted in the service's storm logs, not an access log line each.
-            refused[refusal.replace(" ", "_")] += 1
-            self.quiet_access_log = True
-            return self._refuse(503, refusal, retry_after="5")
-        # The socket's own token (connect params, or 1.8's authToken): verified here, as Phoenix's
-        # connect/3 would; a bad one is refused (403), a good one grants joins without their own.
-        protocols = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-        token, csrf = socket_token(query_params(self.request), auth_token_from_subprotocols(protocols))
-        if token is not None:
-            try:
-                self.socket_claims = service.policy.verifier.verify(token, csrf, now=time.time())
-            except AuthError as exc:
-                refused[exc.reason] += 1
-                log.info("refused WebSocket upgrade: socket token %s (%s)", exc.reason, exc.detail)
-                return self._refuse(403, exc.reason)
+        try:
+            serializer = check_vsn(service, self.get_query_argument("vsn", None), self.legacy_path)  # the last one, as Plug does
+            allowed, origin = upgrade_allowed(service.config.origins, self.request.headers)
+            if not allowed:
+                raise refuse_origin(service, "WebSocket upgrade", origin)
+            check_room(service)
+            # The socket's own token (connect params, or 1.8's authToken): verified here, as Phoenix's
+            # connect/3 would; a bad one is refused (403), a good one grants joins without their own.
+            protocols = [p.strip() for p in self.request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+            self.socket_claims = check_socket_token(service, "WebSocket upgrade", query_params(self.request),
+                                                    auth_token_from_subprotocols(protocols))
+        except Refusal as refusal:
+            # Refusals for no room come in storms (every client of a full or stopping process
+            # retries): counted in the service's storm logs, not an access log line each.
+            self.quiet_access_log = refusal.quiet
+            return self._refuse(refusal.status, refusal.reason, refusal.retry_after)
         self.serializer = serializer
         return None
 

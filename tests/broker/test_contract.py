@@ -1,6 +1,8 @@
-"""One contract, every broker (phoenix_pubsub's shared suite): memory and Redis must agree.
+"""One contract, every broker (phoenix_pubsub's shared suite): memory and Redis must agree,
+and Redis alike on a single server, behind Sentinel (a master, a replica, three sentinels) and
+on a three-master Redis Cluster (sharded pub/sub).
 
-A Node is one pusherd process's view of the broker. Redis runs against a real redis-server.
+A Node is one pusherd process's view of the broker. Redis runs against real redis-servers.
 """
 
 import asyncio
@@ -12,17 +14,27 @@ from brokerkit import Node, redis_py, run
 from pusherd.core.broadcast import Broadcast
 from pusherd.brokers.memory import MemoryBroker
 from pusherd.core.errors import BrokerUnavailable
+from redis_topologies import _shared_cluster, _shared_sentinel, redis_cluster_clean, redis_sentinel_clean  # noqa: F401
+
+SETUPS = ["memory", "redis", "sentinel", "cluster"]
 
 
-@pytest.fixture(params=["memory", "redis"])
+def redis_url(request, kind):
+    """The broker URL of a clean Redis of that kind (the cluster and Sentinel setups are shared
+    by the module's tests and flushed before each)."""
+    redis_py()
+    fixture = {"redis": "redis_server", "sentinel": "redis_sentinel_clean", "cluster": "redis_cluster_clean"}[kind]
+    return request.getfixturevalue(fixture).url
+
+
+@pytest.fixture(params=SETUPS)
 def make_broker(request):
     """Builds an unstarted broker of the parametrized kind."""
     if request.param == "memory":
         return MemoryBroker
-    redis_py()
-    server = request.getfixturevalue("redis_server")
+    url = redis_url(request, request.param)
     from pusherd.brokers.redis import RedisBroker
-    return lambda: RedisBroker(server.url, prefix="contract")
+    return lambda: RedisBroker(url, prefix="contract")
 
 
 def test_publisher_process_receives_its_own_publish(make_broker):
@@ -108,7 +120,8 @@ def test_describe_names_the_broker(make_broker):
         await broker.start(lambda b: None)
         try:
             text = broker.describe()
-            assert text == "memory" or text.startswith("redis://127.0.0.1:")
+            assert text == "memory" or text.startswith(("redis://127.0.0.1:", "redis+sentinel://127.0.0.1:",
+                                                         "redis+cluster://127.0.0.1:"))
         finally:
             await broker.close()
     run(scenario())
@@ -120,34 +133,61 @@ from pusherd.config import HistoryRule  # noqa: E402
 from pusherd.core.history import Rules, parse_position  # noqa: E402
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=SETUPS)
 def make_history_broker(request):
     """``make(size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds)`` -> an unstarted broker
-    keeping history on deploys:* (or under `rules`); ``bounds``: max_topics, max_bytes."""
+    keeping history on deploys:* (or under `rules`); ``bounds``: max_topics, max_bytes.
+
+    On a cluster the bounds hold per slot bucket (``max / CLUSTER_BUCKETS`` each, the keys of one
+    publish script sharing a slot): the bounds given are those of one bucket, and the bound tests
+    put their topics in one bucket (`one_bucket`), so the same scenario holds."""
     def rules_for(size, ttl, rules):
         return Rules(rules if rules is not None else [HistoryRule("deploys:*", size, ttl)])
     if request.param == "memory":
         return lambda size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds: MemoryBroker(
             rules_for(size, ttl, rules), max_recovery, **bounds)
-    redis_py()
-    server = request.getfixturevalue("redis_server")
-    from pusherd.brokers.redis import RedisBroker
+    url = redis_url(request, request.param)
+    from pusherd.brokers.redis import CLUSTER_BUCKETS, RedisBroker
+    scale = CLUSTER_BUCKETS if request.param == "cluster" else 1
     return lambda size=10, ttl=3600.0, max_recovery=300, rules=None, **bounds: RedisBroker(
-        server.url, prefix="contract", history_rules=rules_for(size, ttl, rules), max_recovery=max_recovery,
-        **bounds)
+        url, prefix="contract", history_rules=rules_for(size, ttl, rules), max_recovery=max_recovery,
+        **{k: v * scale for k, v in bounds.items()})
+
+
+def one_bucket(broker, base, n):
+    """`n` topic names ``base<i>`` that share one history bucket (every name on one Redis)."""
+    bucket = getattr(broker, "history_bucket", lambda t: 0)
+    names = [base + str(i) for i in range(10000) if bucket(base + str(i)) == bucket(base + "0")]
+    return names[:n]
+
+
+def redis_admins(url):
+    """A client per node holding pusherd's keys: the server, Sentinel's master, every cluster master."""
+    import redis
+    from pusherd.config.values import multi_host_url
+    if not url.startswith(("redis+sentinel://", "redis+cluster://")):
+        return [redis.Redis.from_url(url)]
+    parsed = multi_host_url(url)
+    if parsed.scheme == "redis+sentinel":
+        host, port = redis.Redis(*parsed.hosts[0]).sentinel_get_master_addr_by_name(parsed.service)
+        return [redis.Redis(host, int(port), db=parsed.db)]
+    slots = redis.Redis(*parsed.hosts[0]).execute_command("CLUSTER", "SLOTS")
+    return [redis.Redis(host.decode(), int(port)) for host, port in {(e[2][0], e[2][1]) for e in slots}]
 
 
 def history_topics(broker):
     """The topics whose history the broker holds (memory: its streams; Redis: its keys)."""
     if isinstance(broker, MemoryBroker):
         return sorted(broker.history.streams)
-    import redis
-    client = redis.Redis.from_url(broker.url)
-    try:
-        keys = client.keys(broker.prefix + ":h:*") + client.keys(broker.prefix + ":hm:*")
-        return sorted({k.decode().split(":", 2)[2] for k in keys})
-    finally:
-        client.close()
+    topics = set()
+    for client in redis_admins(broker.url):
+        try:
+            for k in client.keys(broker.prefix + ":h:*") + client.keys(broker.prefix + ":hm:*"):
+                name = k.decode().split(":", 2)[2]
+                topics.add(name.split("}", 1)[1] if name.startswith("{") else name)   # a cluster's hash tag
+        finally:
+            client.close()
+    return sorted(topics)
 
 
 async def publish_n(broker, topic, n, start=1):
@@ -356,16 +396,17 @@ def test_max_history_topics_evicts_the_oldest_history(make_history_broker):
         node = await Node(make_history_broker(max_topics=3)).start()
         try:
             b = node.broker
+            names = one_bucket(b, "deploys:", 5)
             first = {}
             for i in range(5):
-                first[i] = await b.publish(Broadcast("deploys:%d" % i, "e", {"i": i}))
+                first[i] = await b.publish(Broadcast(names[i], "e", {"i": i}))
                 await asyncio.sleep(0.002)     # distinct publish times (Redis: milliseconds)
-            assert history_topics(b) == ["deploys:2", "deploys:3", "deploys:4"]
+            assert history_topics(b) == sorted(names[2:])
             assert b.history_evictions() == {"max_history_topics": 2, "max_history_bytes": 0}
-            assert not (await b.recover("deploys:0", first[0])).recovered
+            assert not (await b.recover(names[0], first[0])).recovered
             for i in (2, 3, 4):
                 epoch = parse_position(first[i])[0]
-                r = await b.recover("deploys:%d" % i, epoch + ":0")
+                r = await b.recover(names[i], epoch + ":0")
                 assert r.recovered and [e.payload for e in r.missed] == [{"i": i}]
         finally:
             await node.broker.close()
@@ -377,10 +418,11 @@ def test_max_history_bytes_evicts_the_oldest_history(make_history_broker):
         node = await Node(make_history_broker(max_bytes=12000)).start()
         try:
             b = node.broker
+            names = one_bucket(b, "deploys:", 5)
             for i in range(5):              # 4.2 KB (Redis) to 5.3 KB (memory) each: two fit
-                await b.publish(Broadcast("deploys:%d" % i, "e", {"pad": "x" * 4000}))
+                await b.publish(Broadcast(names[i], "e", {"pad": "x" * 4000}))
                 await asyncio.sleep(0.002)
-            assert history_topics(b) == ["deploys:3", "deploys:4"]
+            assert history_topics(b) == sorted(names[3:])
             assert b.history_evictions() == {"max_history_topics": 0, "max_history_bytes": 3}
         finally:
             await node.broker.close()

@@ -579,3 +579,40 @@ def test_expired_histories_are_forgotten_not_counted_as_evictions(redis_server):
         finally:
             await a.broker.close()
     run(scenario())
+
+
+def test_a_history_rolled_back_by_a_failover_is_followed_not_deduplicated(redis_server, caplog):
+    """Redis replicates asynchronously: a promoted replica may lack the last writes the old master
+    acknowledged, and hands their offsets out again for new broadcasts. A process that delivered
+    the lost ones notices when it catches up (the history is behind what it delivered) and
+    delivers the new ones (dropped as duplicates of the lost ones before the fix)."""
+    async def scenario():
+        a = await hnode(redis_server.url).start()
+        b = await hnode(redis_server.url, backoff_base=0.3, backoff_cap=0.3).start()
+        try:
+            for n in (a, b):
+                n.broker.subscribe("deploys:web")
+                await n.broker.activate("deploys:web")
+            for i in range(1, 6):
+                await a.broker.publish(Broadcast("deploys:web", "e", {"i": i}))
+            await b.wait_for(5)
+            # What the promoted replica holds: offsets 1..3 only.
+            client = redis_server.client()
+            kept = client.xrange("t:h:deploys:web", "-", "3-0")
+            client.delete("t:h:deploys:web")
+            for entry_id, fields in kept:
+                client.xadd("t:h:deploys:web", fields, id=entry_id)
+            client.hset("t:hm:deploys:web", "offset", 3)
+            kill_subscriber(redis_server, b.broker)
+            await wait_until(lambda: not b.broker.healthy(), what="b notices")
+            await wait_until(lambda: b.broker.stats["rolled_back"] == 1, what="b caught up, seeing the rollback")
+            for i in (6, 7):
+                await a.broker.publish(Broadcast("deploys:web", "e", {"i": i}))
+            await b.wait_for(7)
+            assert [d.payload["i"] for d in b.delivered] == [1, 2, 3, 4, 5, 6, 7]
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+    with caplog.at_level(logging.WARNING, "pusherd.broker"):
+        run(scenario())
+    assert any("writes acknowledged before a failover were lost" in r.getMessage() for r in caplog.records)

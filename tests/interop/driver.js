@@ -35,6 +35,7 @@ const LIBRARIES = {
   "1.2": "phoenix12",
   "1.4": "phoenix14",
   "1.5": "phoenix15",
+  "1.7": "phoenix17",
   "1.8": "phoenix18",
 };
 
@@ -252,6 +253,38 @@ function dropSocket() {
 }
 
 // ---------------------------------------------------------------------------
+// LongPoll under Node: phoenix.js's Ajax wants a browser's XMLHttpRequest. 1.2 reads
+// window.XMLHttpRequest when it polls; 1.4, 1.5 and 1.7 take `self || window` when they
+// load (so the shim must be in place first: PHX_XHR=1 in the driver's environment installs it
+// at start, before any library is required); 1.8 prefers XMLHttpRequest over fetch, as in a browser. The shim
+// is npm's xhr2 (a plain XMLHttpRequest on Node's http module), plus what a browser adds by
+// itself: the page's Origin (cmd.origin) and any cmd.headers (e.g. a proxy's).
+// ---------------------------------------------------------------------------
+let xhrInstalled = false;
+const xhrConfig = { origin: null, headers: {}, trace: false };
+
+function installXhr() {
+  if (xhrInstalled) return;
+  const XHR2 = require("xhr2");
+  class PageXMLHttpRequest extends XHR2 {
+    open(method, url, ...rest) {
+      const result = super.open(method, url, ...rest);
+      if (xhrConfig.origin) super.setRequestHeader("Origin", xhrConfig.origin);
+      for (const [k, v] of Object.entries(xhrConfig.headers)) super.setRequestHeader(k, v);
+      if (xhrConfig.trace) emit({ type: "http_request", method, url: String(url) });
+      return result;
+    }
+  }
+  // A browser sets Origin itself; xhr2 refuses it from script, as it should for a page.
+  PageXMLHttpRequest.prototype._restrictedHeaders =
+    Object.assign({}, XHR2.prototype._restrictedHeaders, { origin: false });
+  if (typeof globalThis.window === "undefined") globalThis.window = {};
+  globalThis.window.XMLHttpRequest = PageXMLHttpRequest;
+  globalThis.XMLHttpRequest = PageXMLHttpRequest;   // 1.2 names it bare: `new XMLHttpRequest()`
+  xhrInstalled = true;
+}
+
+// ---------------------------------------------------------------------------
 // Commands
 // ---------------------------------------------------------------------------
 function recoveryHelper() {
@@ -319,11 +352,14 @@ const commands = {
       if (cmd.headers) wsOptions.headers = Object.assign({}, wsOptions.headers || {}, cmd.headers);
       opts.transport = makeTransport(wsOptions, !!cmd.trace_frames);
     } else if (transportName === "longpoll") {
-      // LongPoll needs XMLHttpRequest (<=1.7) or fetch+AbortController (1.8) on the global.
       if (!lib.LongPoll) throw new Error(`phoenix ${exactVersion} exports no LongPoll`);
-      if (version !== "1.8") {
-        throw new Error(`longpoll under Node is only supported for 1.8 (older versions need XMLHttpRequest)`);
+      if (!xhrInstalled) {
+        throw new Error("longpoll needs the XMLHttpRequest shim, installed before the library loads: " +
+                        "start the driver with PHX_XHR=1 in its environment");
       }
+      xhrConfig.origin = cmd.origin || null;
+      xhrConfig.headers = Object.assign({}, cmd.headers || {});
+      xhrConfig.trace = !!cmd.trace_frames;
       opts.transport = lib.LongPoll;
     } else {
       throw new Error(`unknown transport ${JSON.stringify(transportName)} (websocket|longpoll)`);
@@ -510,6 +546,7 @@ function main() {
     return;
   }
 
+  if (process.env.PHX_XHR === "1") installXhr();
   defaultVersion = normalizeVersion(args.version || process.env.PHX_VERSION || "1.8");
   const { exactVersion } = loadLibrary(defaultVersion);
 

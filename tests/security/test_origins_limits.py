@@ -31,12 +31,9 @@ ORIGINS = [
 
 
 @pytest.mark.parametrize("origin,status", ORIGINS)
-def test_origin_check_on_upgrade(pusherd_server, origin, status):
-    ws = RawWS(pusherd_server.port, headers={"Origin": origin})
-    try:
-        assert ws.status == status
-    finally:
-        ws.close()
+def test_origin_check_on_upgrade(pusherd_server, origin, status, raw_ws):
+    ws = raw_ws(pusherd_server.port, headers={"Origin": origin})
+    assert ws.status == status
 
 
 @pytest.mark.parametrize("path", ["/events/websocket", "/events"])
@@ -54,62 +51,44 @@ def test_origin_check_on_upgrade(pusherd_server, origin, status):
     # Pre-RFC 6455 drafts sent the origin in Sec-WebSocket-Origin.
     ("sec-websocket-origin", lambda port: {"Sec-WebSocket-Origin": "https://evil.com"}),
 ]])
-def test_origins_are_decided_by_pusherd_not_tornado(pusherd_server, attack, headers, path):
+def test_origins_are_decided_by_pusherd_not_tornado(pusherd_server, attack, headers, path, raw_ws):
     """Every upgrade's origin is checked against allowed_origins by pusherd itself, whatever the
     installed Tornado considers same-origin (6.6 lets the first four through unasked)."""
-    ws = RawWS(pusherd_server.port, path=path, headers=headers(pusherd_server.port))
-    try:
-        assert ws.status == 403
-    finally:
-        ws.close()
+    ws = raw_ws(pusherd_server.port, path=path, headers=headers(pusherd_server.port))
+    assert ws.status == 403
     assert still_serving(pusherd_server)
 
 
-def test_localhost_port_wildcard_takes_only_a_numeric_port(pusherd_factory):
+def test_localhost_port_wildcard_takes_only_a_numeric_port(pusherd_factory, raw_ws):
     d = pusherd_factory({"allowed_origins": ["http://localhost:*"]})
     for origin, status in [("http://localhost:8080", 101), ("http://localhost:evil.com", 403),
                            ("http://localhost:80x", 403), ("http://localhost:\u0661\u0662", 403)]:
-        ws = RawWS(d.port, headers={"Origin": origin})
-        try:
-            assert ws.status == status, origin
-        finally:
-            ws.close()
+        ws = raw_ws(d.port, headers={"Origin": origin})
+        assert ws.status == status, origin
 
 
-def test_upgrade_without_origin_is_not_a_browser_and_is_allowed(pusherd_server):
-    ws = RawWS(pusherd_server.port)
-    try:
-        assert ws.status == 101
-    finally:
-        ws.close()
+def test_upgrade_without_origin_is_not_a_browser_and_is_allowed(pusherd_server, raw_ws):
+    ws = raw_ws(pusherd_server.port)
+    assert ws.status == 101
 
 
-def test_refused_origin_on_the_legacy_path_too(pusherd_server):
-    ws = RawWS(pusherd_server.port, path="/events", headers={"Origin": "https://evil.com"})
-    try:
-        assert ws.status == 403
-    finally:
-        ws.close()
+def test_refused_origin_on_the_legacy_path_too(pusherd_server, raw_ws):
+    ws = raw_ws(pusherd_server.port, path="/events", headers={"Origin": "https://evil.com"})
+    assert ws.status == 403
 
 
-def test_development_default_allows_localhost_only(pusherd_factory):
+def test_development_default_allows_localhost_only(pusherd_factory, raw_ws):
     d = pusherd_factory({"allowed_origins": None})
     for origin, status in [("http://localhost:8080", 101), ("https://127.0.0.1:3000", 101), ("http://[::1]:1", 101),
                            ("https://app.example.com", 403), ("http://localhost.evil.com:80", 403)]:
-        ws = RawWS(d.port, headers={"Origin": origin})
-        try:
-            assert ws.status == status, origin
-        finally:
-            ws.close()
+        ws = raw_ws(d.port, headers={"Origin": origin})
+        assert ws.status == status, origin
 
 
-def test_any_origin_only_when_explicit(pusherd_factory):
+def test_any_origin_only_when_explicit(pusherd_factory, raw_ws):
     d = pusherd_factory({"allowed_origins": ["*"]})
-    ws = RawWS(d.port, headers={"Origin": "https://anything.invalid"})
-    try:
-        assert ws.status == 101
-    finally:
-        ws.close()
+    ws = raw_ws(d.port, headers={"Origin": "https://anything.invalid"})
+    assert ws.status == 101
 
 
 def test_max_connections(pusherd_factory):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pusherd.metrics import OTHER_PREFIX, Histogram, PrefixLabels
+from pusherd.counters import Histogram
+from pusherd.metrics import OTHER_PREFIX, PrefixLabels
 
 
 def test_histogram_buckets_are_cumulative_with_le_semantics():

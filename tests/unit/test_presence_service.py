@@ -17,7 +17,7 @@ from pusherd.core.presence import Entry, PresenceRule, PresenceRules, entry_fiel
 from pusherd.core.protocol import V1, V2
 from pusherd.core.session import Policy, Session
 from pusherd.core.tokens import Verifier
-from pusherd.metrics import Counters
+from pusherd.counters import Counters
 from pusherd.presence_service import PresenceService
 from pusherd.service import Config, Service
 

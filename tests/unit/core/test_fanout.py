@@ -10,7 +10,7 @@ from pusherd.core.broadcast import Broadcast
 from pusherd.core.fanout import Hub as _Hub
 from pusherd.core.protocol import LEGACY, V1, V2
 from pusherd.fast.framing import text_frame
-from pusherd.metrics import Counters
+from pusherd.counters import Counters
 from pusherd_testing import parse_frame
 
 

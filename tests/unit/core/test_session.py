@@ -623,7 +623,7 @@ def test_v1_session_accepts_optional_join_ref_but_never_writes_it():
     assert s.channels["public:a"].join_ref == "4"
 
 
-# --- known defect ---------------------------------------------------------------------------
+# --- regressions: every frame sent is valid UTF-8, even echoing a client's lone surrogates ---
 
 @pytest.mark.parametrize("text", [
     '[null,"\\ud800","phoenix","heartbeat",{}]',            # echoed ref

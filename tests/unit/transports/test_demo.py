@@ -2,7 +2,7 @@
 
 import pytest
 
-from pusherd import demo
+from pusherd.transports import demo
 
 
 def test_demo_finds_phoenix_in_node_modules_next_to_the_config(tmp_path):

@@ -13,12 +13,12 @@ from typing import List, Optional, Tuple
 
 import tornado.web
 
-from . import __version__
-from .transports.http import JSONHandler
+from .. import __version__
+from .http import JSONHandler
 
 CLIENT_FILES = ("phoenix.min.js", "phoenix.js")
 _NPM_STATIC = Path("node_modules", "phoenix", "priv", "static")
-PAGE = Path(__file__).resolve().parent / "static" / "demo.html"
+PAGE = Path(__file__).resolve().parent.parent / "static" / "demo.html"
 CONFIG_MARK = "/*PUSHERD_DEMO_CONFIG*/{}"
 
 
@@ -102,7 +102,7 @@ class DemoAssetHandler(_DemoHandler):
             raise tornado.web.HTTPError(500, "cannot read %s: %s" % (client, exc.strerror)) from None
 
 
-RECOVERY_HELPER = Path(__file__).resolve().parent / "static" / "pusherd-recovery.js"
+RECOVERY_HELPER = Path(__file__).resolve().parent.parent / "static" / "pusherd-recovery.js"
 
 
 class RecoveryHelperHandler(_DemoHandler):
