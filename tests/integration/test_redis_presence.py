@@ -10,6 +10,7 @@ import pytest
 
 from presence_testing import Page
 from pusherd_testing import PUBLISH_SECRET
+from redis_topologies import redis_sentinel  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +79,44 @@ def test_garbage_in_redis_presence_keys_and_channel_changes_nothing(redis_server
         page.wait({"1": 1, "2": 1})
     assert a.request("GET", "/healthz")[0] == 200 and b.request("GET", "/healthz")[0] == 200
     a.wait_log("dropped 1 unreadable message(s)")
+
+
+def test_presence_on_sentinel_follows_a_failover(redis_sentinel, pusherd_factory):
+    """Two processes on a Sentinel URL list each other; the master is SIGKILLed: once the replica
+    is promoted, both move to it by themselves, write their entries there, and a join after the
+    failover reaches the other process's page. Nobody who stayed left a list."""
+    cfg = {"broker": redis_sentinel.url, "presence": PRESENCE, "presence_ttl": "3s"}
+    a, b = pusherd_factory(cfg), pusherd_factory(cfg)
+    on_a = Page(a, "private:ops", {"id": 1, "name": "A"})
+    on_b = Page(b, "private:ops", {"id": 2, "name": "B"})
+    for page in (on_a, on_b):
+        page.wait({"1": 1, "2": 1})
+    marks = {p: len(p.frames) for p in (on_a, on_b)}
+    old = redis_sentinel.master_port()
+    redis_sentinel.master().kill()
+    redis_sentinel.wait_promoted(old)
+    late = Page(b, "private:ops", {"id": 3, "name": "Late"})
+    for page in (on_a, on_b, late):
+        page.wait({"1": 1, "2": 1, "3": 1}, timeout=20)
+    for page, mark in marks.items():
+        for frame in page.frames[mark:]:
+            if frame["event"] == "presence_diff":
+                assert set(frame["payload"]["leaves"]) == set(), frame
+    # The promoted master holds both processes' entries.
+    status, body, _ = a.request("GET", "/presence?topic=private:ops", headers=AUTH)
+    assert status == 200 and sorted(body) == ["1", "2", "3"]
+
+
+def test_presence_is_refused_at_start_on_a_redis_cluster(tmp_path):
+    import subprocess
+    import sys
+    import yaml
+    from pusherd_testing import BASE_CONFIG, ROOT
+    config = tmp_path / "pusher.yml"
+    config.write_text(yaml.safe_dump({"test": dict(BASE_CONFIG, broker="redis+cluster://127.0.0.1:1",
+                                                   presence=PRESENCE)}))
+    done = subprocess.run([sys.executable, "-m", "pusherd", "--config", str(config), "--env", "test",
+                           "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=30,
+                          env=dict(__import__("os").environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "presence: not available with a redis+cluster:// broker" in done.stderr
