@@ -105,3 +105,17 @@ run token_time_ascii pusherd/core/tokens.py "if isinstance(value, str) and not _
 run retry_after_ascii pusherd/client.py 're.fullmatch(r"[0-9]{1,9}", value.strip())' 'value.strip().isdigit()' "tests/integration/test_client_module.py -k retry_after_not_in_ascii"
 run other_method_body pusherd/transports/http.py "self._body.refused = True  # its body, if any, is read and dropped, never kept" "pass" "tests/security/test_hostile_http.py -k another_method"
 run upgrade_storm_log pusherd/transports/websocket.py "            self.quiet_access_log = True" "            pass" "tests/security/test_hostile_http.py -k storm_of_upgrades"
+# presence (issue 16)
+run presence_proto_key pusherd/core/presence.py " or key in JS_PROTOTYPE_NAMES:" ":" "tests/security/test_hostile_presence.py -k proto"
+run presence_meta_scalar pusherd/core/presence.py "        if not _json_scalar(value):
+            return NotTracked(BAD_META, name)" "        pass" "tests/security/test_hostile_presence.py -k meta"
+run presence_meta_bytes pusherd/core/presence.py "len(json.dumps(fields, ensure_ascii=False, allow_nan=False).encode(\"utf-8\")) > MAX_META_BYTES" "False" "tests/security/test_hostile_presence.py -k big-meta"
+run presence_limit pusherd/core/presence.py "        if others + len(self._own) >= self.limit:" "        if False:" "tests/security/test_hostile_presence.py -k limit"
+run presence_only_listed_fields pusherd/core/presence.py "    for name in rule.meta:" "    for name in sub:" "tests/integration/test_presence_daemon.py -k reaches_every_page"
+run presence_window pusherd/presence_service.py "            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)" "            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush); self.flush()" "tests/unit/test_presence_service.py -k storm"
+run presence_grace pusherd/presence_service.py "        chosen += [e for e in tp.state.entries() if e.node in known and e.node not in alive]" "        pass" "tests/unit/test_presence_service.py -k outage"
+run presence_dead_node pusherd/presence_service.py "        if node == self.node or node in self._dead:
+            return
+        replica" "        if node == self.node:
+            return
+        replica" "tests/unit/test_presence_service.py -k dead_one"

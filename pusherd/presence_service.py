@@ -146,7 +146,10 @@ class PresenceService:
 
     def track(self, conn, action: Track) -> None:
         replica = self._replica(action.topic)
-        result = replica.tp.track(action.member, self._random(REF_BYTES), self._clock())
+        try:
+            result = replica.tp.track(action.member, self._random(REF_BYTES), self._clock())
+        except ValueError:   # a phx_ref drawn twice (96 random bits): draw again
+            result = replica.tp.track(action.member, self._random(REF_BYTES), self._clock())
         if isinstance(result, NotTracked):
             self.counters.presence_untracked[result.reason] += 1
             if result.reason == TOPIC_FULL:
