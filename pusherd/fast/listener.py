@@ -179,7 +179,9 @@ class Server(tornado.httpserver.HTTPServer):
         except OSError:  # nothing yet (BlockingIOError), or gone
             pass
         try:
-            sock.send(http_answer(503, {"error": "too many HTTP connections"},
+            # "status": 500 is for phoenix.js's long-poll, which reads the body's status (not the
+            # HTTP one) and retries only on 0 or 500: anything else strands the page for good.
+            sock.send(http_answer(503, {"error": "too many HTTP connections", "status": 500},
                                   (("Retry-After", str(RETRY_AFTER_SECONDS)),)))
         except OSError:
             pass

@@ -365,7 +365,7 @@ def test_access_log_has_no_query_strings(tmp_path, managed):
     d = managed(write_config(tmp_path / "p.yml"), listen="127.0.0.1:0").start()
     port = int(d.wait_log("serving on").split("serving on ")[1].split(" ")[0].rsplit(":", 1)[1])
     http("GET", "http://127.0.0.1:%d/healthz?token=SECRET-IN-QUERY" % port)
-    c = PhxClient("ws://127.0.0.1:%d/events" % port, vsn="2.0.0&guardian_token=TOKEN-IN-QUERY")
+    c = PhxClient("ws://127.0.0.1:%d/events" % port, params={"page_secret": "TOKEN-IN-QUERY"})
     c.close()
     d.wait_log("101 GET /events/websocket")
     line = d.wait_log("200 GET /healthz")

@@ -396,7 +396,7 @@ def test_refused_upgrade_is_reported(phx, phx_version, fake_server):
 
 
 def test_longpoll_transport_1_8(phx, fake_server):
-    c = phx("1.8")
+    c = phx("1.8", env={"PHX_XHR": "1"})  # XMLHttpRequest for long-poll under Node
     c.connect(fake_server.ws_url, transport="longpoll", **FAST)
     c.expect(type="open")
     c.join("c1", TOPIC, JOIN_PARAMS)

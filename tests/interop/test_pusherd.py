@@ -404,8 +404,9 @@ def test_origin_check(phx, version, pusherd_server):
 
 def test_auth_token_option_of_phoenix_18_connects(pusherd_server, phx):
     """phoenix.js 1.8's `authToken` socket option sends the token as a WebSocket subprotocol."""
+    token, csrf = rails_token(listen=["private:authtoken"])
     c = phx("1.8")
-    c.connect(pusherd_server.ws_url, authToken="abc")
+    c.connect(pusherd_server.ws_url, {"csrf_token": csrf}, authToken=token)
     c.expect(type="open")
     c.join("a", "public:authtoken")
     c.expect(type="join", id="a", status="ok")
