@@ -164,3 +164,21 @@ def test_presence_across_processes_on_redis_a_killed_process_and_a_redis_restart
             assert {"101", "102"} <= keys, ("a member that stayed left a list during the outage", p.transcript())
     status, body, _ = a.request("GET", "/presence?topic=" + TOPIC, headers={"Authorization": "Bearer " + PUBLISH_SECRET})
     assert status == 200 and sorted(body) == ["101", "102"]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.8"])
+def test_presence_over_long_poll_lists_and_is_listed(pusherd_factory, phx, version):
+    """A page on the long-poll transport lists the WebSocket pages and is on their lists; its
+    leave reaches them."""
+    daemon = pusherd_factory({"presence": PRESENCE, "drain_seconds": 0.2})
+    bob = page(phx, daemon, "1.8", "bob")
+    token, csrf = rails_token(listen=["private:*"], sub={"id": USERS["carol"], "name": "Carol"})
+    carol = phx(version, env={"PHX_XHR": "1"}, name="carol-longpoll-%s" % version)
+    carol.connect(daemon.ws_url, transport="longpoll", origin=ORIGIN, **FAST)
+    carol.expect(type="open")
+    carol.join("c1", TOPIC, {"guardian_token": token, "csrf_token": csrf},
+               presence="static" if version == "1.2" else "class")
+    assert carol.expect(type="join", id="c1")["status"] == "ok"
+    wait_lists([bob, carol], {"bob": 1, "carol": 1})
+    carol.leave("c1")
+    wait_lists([bob], {"bob": 1})
