@@ -71,15 +71,25 @@ class Claims:
             self.sub, [p.text for p in self.listen], [p.text for p in self.publish], self.exp)
 
 
-def _check_header(token: str) -> None:
+#: One PyJWT instance: `_decode` asks it for the header and the claims of one parse (the
+#: header was parsed a second time for `_refuse_crit` before, a third of a join's token cost:
+#: bench/run.py --only stormrails).
+_JWT = jwt.PyJWT()
+
+
+def _decode(token: str, key, algorithm: str, options: dict, leeway: float = 0) -> Any:
+    """The verified claims of `token` (PyJWT raises what does not verify), its header checked
+    by `_refuse_crit`. The algorithm is pinned by the caller, never taken from the header."""
+    decoded = _JWT.decode_complete(token, key, algorithms=[algorithm], options=options, leeway=leeway)
+    _refuse_crit(decoded["header"])
+    return decoded["payload"]
+
+
+def _refuse_crit(header: Any) -> None:
     """Refuse what the header may demand that pusherd does not do: a ``crit`` list names
     extensions the verifier must understand (RFC 7515 4.1.11); pusherd understands none. PyJWT
     refuses them itself only from 2.10 on: decided here, the same on every supported PyJWT."""
-    try:
-        header = jwt.get_unverified_header(token)
-    except (jwt.InvalidTokenError, ValueError, TypeError) as exc:
-        raise AuthError(INVALID_TOKEN, "%s: %s" % (type(exc).__name__, exc)) from None
-    if "crit" in header:
+    if isinstance(header, dict) and "crit" in header:
         raise AuthError(INVALID_TOKEN, "crit header: no extension is supported")
 
 
@@ -115,7 +125,6 @@ class Verifier:
         """Return the token's claims, or raise AuthError with a stable reason (never echoing the token)."""
         if not isinstance(token, str) or not token or len(token) > 16384:
             raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
-        _check_header(token)
         claims, key_secret = self._decode(token, now)
         exp = claims.get("exp")
         if exp is None:
@@ -155,7 +164,7 @@ class Verifier:
         last_error: Optional[Exception] = None
         for key in self._keys:
             try:
-                claims = jwt.decode(token, key, algorithms=[self.algorithm], options=options, leeway=self._leeway)
+                claims = _decode(token, key, self.algorithm, options, self._leeway)
             except jwt.ExpiredSignatureError:
                 raise AuthError(TOKEN_EXPIRED, "token expired") from None
             except jwt.InvalidSignatureError as exc:
@@ -237,7 +246,6 @@ def verify_publish_token(token: str, secrets: Sequence[str], now: float) -> Tupl
     """
     if not isinstance(token, str) or not token or len(token) > 16384:
         raise AuthError(INVALID_TOKEN, "token is not a string of sane length")
-    _check_header(token)
     options = {"verify_aud": False, "verify_sub": False, "verify_jti": False, "verify_iss": False,
                "verify_exp": False, "verify_iat": False, "verify_nbf": False, "require": ["exp"]}
     bad: Optional[Exception] = None
@@ -245,7 +253,7 @@ def verify_publish_token(token: str, secrets: Sequence[str], now: float) -> Tupl
         if not secret:
             continue
         try:
-            claims = jwt.decode(token, secret, algorithms=["HS256"], options=options)
+            claims = _decode(token, secret, "HS256", options)
         except jwt.InvalidSignatureError as exc:
             bad = exc
             continue
