@@ -340,6 +340,11 @@ class Outbox:
             self._rounds = None
             rounds.owners.pop(self._sock, None)
             rounds.dirty.pop(self._sock, None)
+        # The cycles through this outbox (itself -> its bound flush; the handler -> it -> the
+        # handler's overflow method), broken: a closed socket is freed by its reference counts
+        # at once, not by a full collection of the whole heap (fast/gc.py) long after. Neither
+        # is called once the stream is detached.
+        self._flush = self._on_overflow = None
 
 
 class DirectGroup:

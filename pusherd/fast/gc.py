@@ -9,10 +9,21 @@ the service, which tells it of every connection that opens and closes.
 """
 
 import gc
+import time
+from typing import Callable
 
 # Young-generation threshold: the fan-out path allocates little, joins allocate a lot; a larger
-# first threshold means fewer collections during a reconnect storm, each still cheap.
-GC_THRESHOLDS = (20000, 20, 100)
+# first threshold means fewer collections during a reconnect storm, each still cheap. The middle
+# generation's: what survives the young collections of a storm is frozen by the next sweep
+# anyway; collecting it every 20 young collections walked each new socket's objects once more
+# (two passes of ~200 ms in a 5,000-client storm: bench/run.py --only storm).
+GC_THRESHOLDS = (20000, 100, 100)
+
+#: The pass that unfreezes and walks the whole heap costs O(every live object) (~0.7 µs each: at
+#: 20k sockets, half a second): at most one per this many seconds, so a reconnect storm gets one
+#: at most, not one per quarter of its closes. A closed socket leaves no cycle behind (its
+#: outbox breaks them: direct.Outbox.release), so this pass only finds what something else left.
+FULL_PASS_MIN_SECONDS = 10.0
 
 
 def tune_gc() -> None:
@@ -31,12 +42,16 @@ class GcFreezer:
     once and frozen again.
     """
 
-    __slots__ = ("opened", "closed", "_min_batch")
+    __slots__ = ("opened", "closed", "_min_batch", "_clock", "_min_interval", "_last_full")
 
-    def __init__(self, min_batch: int = 256):
+    def __init__(self, min_batch: int = 256, clock: Callable[[], float] = time.monotonic,
+                 min_interval: float = FULL_PASS_MIN_SECONDS):
         self.opened = 0
         self.closed = 0
         self._min_batch = min_batch
+        self._clock = clock
+        self._min_interval = min_interval
+        self._last_full = float("-inf")
 
     def on_open(self) -> None:
         self.opened += 1
@@ -46,17 +61,23 @@ class GcFreezer:
 
     def maybe_refreeze(self, live: int) -> bool:
         if self.closed >= max(self._min_batch, live // 4):
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-            self.opened = self.closed = 0
-            return True
+            now = self._clock()
+            if now - self._last_full >= self._min_interval:
+                gc.unfreeze()
+                gc.collect()
+                gc.freeze()
+                self.opened = self.closed = 0
+                self._last_full = now
+                return True
         if self.opened >= self._min_batch // 4 or (self.opened and self.opened >= live // 16):
-            # A full pass, but over the unfrozen objects only: what was made since the last
-            # freeze. Garbage must go before freezing, or it would stay for good. `closed` keeps
-            # counting: only the unfreezing pass above reclaims the cycles of sockets that were
-            # frozen and closed since (resetting it here, under steady churn, meant never).
-            gc.collect()
+            # The young generation collected, then everything not frozen yet frozen. Garbage
+            # must go before freezing, or it would stay until the unfreezing pass above: the
+            # young collection finds it where it is made. What survived earlier young
+            # collections is not walked again (in a storm that walk was most of the collector's
+            # cost, and found nothing: a closed socket leaves no cycle). `closed` keeps
+            # counting: only the unfreezing pass above reclaims what was frozen and closed
+            # since (resetting it here, under steady churn, meant never).
+            gc.collect(0)
             gc.freeze()
             self.opened = 0
             return True

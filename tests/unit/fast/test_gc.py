@@ -59,7 +59,8 @@ def test_freezer_reclaims_frozen_cycles_under_steady_churn():
     freezes must not keep postponing the pass that reclaims closed sockets' frozen cycles."""
     gc.unfreeze()
     try:
-        freezer = GcFreezer(min_batch=8)
+        clock = [0.0]
+        freezer = GcFreezer(min_batch=8, clock=lambda: clock[0], min_interval=10.0)
         closed_refs = []
         live = [Node() for _ in range(40)]
         for _ in live:
@@ -75,8 +76,40 @@ def test_freezer_reclaims_frozen_cycles_under_steady_churn():
                 live.append(Node())
                 freezer.on_open()
             freezer.maybe_refreeze(live=len(live))
+            clock[0] += 10.0  # one sweep every ten seconds: every due pass may run
         # 40 closes with a bound of max(8, 40 // 4) = 10: every closed socket but the last
         # few (closed since the last unfreezing pass) has been reclaimed.
         assert sum(ref() is not None for ref in closed_refs) < 10
+    finally:
+        gc.unfreeze()
+
+
+def test_the_whole_heap_pass_runs_at_most_once_per_interval():
+    """A storm of closes: one unfreezing pass, then none until the interval has passed (each
+    walks every live object), and the closes keep counting meanwhile."""
+    gc.unfreeze()
+    try:
+        clock = [100.0]
+        freezer = GcFreezer(min_batch=8, clock=lambda: clock[0], min_interval=10.0)
+        node = Node()
+        ref = weakref.ref(node)
+        freezer.on_open()
+        freezer.maybe_refreeze(live=1)  # frozen
+        del node
+        for _ in range(8):
+            freezer.on_close()
+        assert freezer.maybe_refreeze(live=0) is True and ref() is None  # the first pass runs
+        node = Node()
+        ref = weakref.ref(node)
+        freezer.on_open()
+        freezer.maybe_refreeze(live=1)
+        del node
+        for _ in range(8):
+            freezer.on_close()
+        clock[0] += 9.0
+        freezer.maybe_refreeze(live=0)
+        assert ref() is not None and freezer.closed == 8  # too soon: still frozen, still counted
+        clock[0] += 1.0
+        assert freezer.maybe_refreeze(live=0) is True and ref() is None
     finally:
         gc.unfreeze()
