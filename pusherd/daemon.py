@@ -161,6 +161,10 @@ class Daemon:
         if self.fast:  # publisher connections on the lean path (fast/front.py)
             from .fast.front import PublishConnections
             server.front = PublishConnections(self.service, server)
+            from .fast.upgrade import Upgrades
+            from .fast.websocket import FastSocketHandler
+            server.front.upgrades = Upgrades(self.service, self._app, FastSocketHandler,
+                                             {"service": self.service, "rounds": self.rounds})
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]

@@ -129,6 +129,11 @@ class Service:
         if session is not None:
             self.execute(conn, session.end())
 
+    def has_room(self) -> bool:
+        """Whether one more connection may open, noting nothing (fast/upgrade.py asks first;
+        a refusal is then `refusal`'s to note)."""
+        return not self.draining and len(self.connections) < self.config.settings.max_connections
+
     def refusal(self) -> Optional[str]:
         """Why one more connection cannot open (draining, or ``max_connections`` reached), noted
         in the storm logs; None when it can."""

@@ -31,7 +31,7 @@ from tornado import httputil
 from tornado.iostream import IOStream
 
 from ..transports.http import answer_publish, authorize_head, body_too_large, log_access
-from .http1 import MORE, OTHER, PublishHead, read_head
+from .http1 import MORE, OTHER, PublishHead, read_head, read_upgrade
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -59,6 +59,7 @@ class PublishConnections:
         self.read_view = memoryview(bytearray(_RECV))
         self.server_header = "TornadoServer/%s" % tornado.version
         self._sweeper: Optional[asyncio.TimerHandle] = None
+        self.upgrades = None  # upgrade.Upgrades: WebSocket upgrades completed here (set by Daemon.start)
         self._date_second = -1
         self._date = ""
 
@@ -176,6 +177,14 @@ class PublishConnection:
                 if head is MORE:
                     return
                 if head is OTHER:
+                    upgrades = self.front.upgrades
+                    if upgrades is not None and self.buf.startswith(b"GET "):
+                        upgrade = read_upgrade(self.buf, upgrades.paths())
+                        if upgrade is MORE:
+                            return
+                        if upgrade is not OTHER and upgrade.length == len(self.buf):
+                            self._upgrade(upgrade)
+                            return
                     self._hand_over()
                     return
                 self.started = time.time()
@@ -327,6 +336,15 @@ class PublishConnection:
             self.deadline = now + self.front.service.config.settings.http_header_timeout
         elif now >= self.deadline:  # a head, a body or an answer's write took too long: closed, as Tornado does
             self.close()
+
+    def _upgrade(self, head) -> None:
+        """A plain WebSocket upgrade (and nothing after it): completed here when pusherd accepts
+        it (upgrade.py), else given to Tornado, which answers it."""
+        stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
+        sock, prefix = self._detach()
+        self.stream = None
+        if sock is not None and not self.front.upgrades.complete(stream, head, remote_ip, address):
+            self.front.server.hand_over(stream, address, prefix, deadline)
 
     def _hand_over(self) -> None:
         """Give the connection to Tornado, with the bytes it has sent so far."""

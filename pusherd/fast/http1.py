@@ -1,4 +1,6 @@
-"""Recognizes the one HTTP/1.1 request shape a publisher sends, with no I/O.
+"""Recognizes the two HTTP/1.1 request shapes the front answers itself, with no I/O: a
+publisher's ``POST /publish`` (`read_head`) and a browser's plain WebSocket upgrade
+(`read_upgrade`, the same strictness; upgrade.py).
 
 A Rails app publishes over a keep-alive connection, request after request of the same plain
 shape: ``POST /publish HTTP/1.1``, a Host, a Content-Length, an Authorization, a JSON body.
@@ -109,3 +111,82 @@ def read_head(buf: Union[bytes, bytearray]) -> Union[PublishHead, _Verdict]:
         return OTHER
     return PublishHead(request.group(1).split("?", 1)[0], authorizations, single.get("content-type", ""),
                        int(length), single.get("connection", "").lower() == "close", end + 4)
+
+
+_GET = b"GET "
+_UPGRADE_LINE = re.compile(r"GET (/[\x21-\x7e]*) HTTP/1\.1")
+#: Upgrade headers that must appear exactly once (``Connection`` and ``Upgrade`` are checked by
+#: value; the Sec-WebSocket ones keyed as Tornado reads them).
+_UPGRADE_SINGLE = frozenset(("host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                             "origin", "sec-fetch-site", "sec-websocket-protocol", "content-length"))
+#: A Sec-WebSocket-Key: 16 bytes in base64 (RFC 6455 4.2.1).
+_WS_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+
+
+class UpgradeHead:
+    """A recognized WebSocket upgrade head: ``GET <path>[?query] HTTP/1.1`` on one of the
+    socket paths, every header line strict, the upgrade headers once each and well formed."""
+
+    __slots__ = ("uri", "path", "fields", "length")
+
+    def __init__(self, uri: str, path: str, fields: List[tuple], length: int):
+        self.uri = uri
+        self.path = path
+        self.fields = fields  # (name as sent, value), in order
+        self.length = length  # bytes of the head, blank line included
+
+    def __repr__(self) -> str:
+        return "UpgradeHead(%r, %d fields, length=%d)" % (self.path, len(self.fields), self.length)
+
+
+def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Verdict]:
+    """The head at the start of ``buf`` when it is a plain WebSocket upgrade to one of
+    ``paths``: an `UpgradeHead`, `MORE` or `OTHER` (anything else, for Tornado to read)."""
+    n = len(buf)
+    if n <= len(_GET):
+        return MORE if _GET.startswith(bytes(buf)) else OTHER
+    if not buf.startswith(_GET):
+        return OTHER
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+    if end < 0:
+        return MORE if n < MAX_HEAD and buf.count(b"\n") == buf.count(b"\r\n") else OTHER
+    try:
+        text = bytes(buf[:end]).decode("ascii")
+    except UnicodeDecodeError:
+        return OTHER
+    lines = text.split("\r\n")
+    request = _UPGRADE_LINE.fullmatch(lines[0])
+    if request is None:
+        return OTHER
+    uri = request.group(1)
+    path = uri.split("?", 1)[0]
+    if path not in paths:
+        return OTHER
+    fields = []
+    single = {}
+    for line in lines[1:]:
+        field = _FIELD.fullmatch(line)
+        if field is None:
+            return OTHER
+        name, value = field.group(1), field.group(2)
+        lower = name.lower()
+        if lower in _UPGRADE_SINGLE:
+            if lower in single:
+                return OTHER
+            single[lower] = value
+        elif lower in _OTHER:
+            return OTHER
+        fields.append((name, value))
+    host = single.get("host")
+    if (host is None or _HOST.fullmatch(host) is None
+            or single.get("upgrade", "").lower() != "websocket"
+            or "upgrade" not in (part.strip().lower() for part in single.get("connection", "").split(","))
+            or single.get("sec-websocket-version") != "13"
+            or _WS_KEY.fullmatch(single.get("sec-websocket-key", "")) is None
+            or single.get("content-length", "0") != "0"):
+        return OTHER
+    # Tornado 6.6 refuses a cross-site upgrade without an Origin before pusherd's own check
+    # would run: such a request is left to it.
+    if single.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") and not single.get("origin"):
+        return OTHER
+    return UpgradeHead(uri, path, fields, end + 4)

@@ -121,7 +121,46 @@ def event(n):
 UPGRADE = (b"GET /events/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
+
+
+def ws_text(text):
+    """A masked client text frame (under 126 bytes)."""
+    data, mask = text.encode(), b"\x01\x02\x03\x04"
+    return bytes((0x81, 0x80 | len(data))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def upgrade(*extra, path=b"/events/websocket?vsn=2.0.0"):
+    lines = [b"GET " + path + b" HTTP/1.1", b"Host: 127.0.0.1", b"Upgrade: websocket", b"Connection: Upgrade",
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Version: 13"] + list(extra)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+JOIN = ws_text('["1","1","public:raw","phx_join",{}]')
+ORIGIN = b"Origin: http://localhost:3000"
+
 CONVERSATIONS = {
+    # WebSocket upgrades: the front completes the ones pusherd accepts (fast/upgrade.py)
+    "upgrade-then-join": [upgrade(ORIGIN), JOIN],
+    "upgrade-and-join-in-one-write": [upgrade(ORIGIN) + JOIN],
+    "upgrade-without-origin": [upgrade(), JOIN],
+    "upgrade-split": [upgrade(ORIGIN)[:25], upgrade(ORIGIN)[25:], JOIN],
+    "upgrade-legacy-path": [upgrade(ORIGIN, path=b"/events"), ws_text('{"topic":"public:raw","event":"phx_join","payload":{},"ref":"1"}')],
+    "upgrade-v1": [upgrade(ORIGIN, path=b"/events/websocket?vsn=1.0.0"),
+                   ws_text('{"topic":"public:raw","event":"phx_join","payload":{},"ref":"1"}')],
+    "upgrade-phoenix-subprotocol": [upgrade(ORIGIN, b"Sec-WebSocket-Protocol: phoenix"), JOIN],
+    "upgrade-bad-auth-token": [upgrade(ORIGIN, b"Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.bm9wZQ")],
+    "upgrade-bad-socket-token": [upgrade(ORIGIN, path=b"/events/websocket?vsn=2.0.0&token=nope")],
+    "upgrade-bad-origin": [upgrade(b"Origin: http://evil.example")],
+    "upgrade-bad-vsn": [upgrade(ORIGIN, path=b"/events/websocket?vsn=9.9.9")],
+    "upgrade-cross-site-without-origin": [upgrade(b"Sec-Fetch-Site: cross-site")],
+    "upgrade-same-origin-fetch": [upgrade(b"Origin: http://evil.example", b"Sec-Fetch-Site: same-origin")],
+    "upgrade-two-origins": [upgrade(ORIGIN, b"Origin: http://evil.example")],
+    "upgrade-version-8": [upgrade(ORIGIN).replace(b"Version: 13", b"Version: 8")],
+    "upgrade-bad-key": [upgrade(ORIGIN).replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"short")],
+    "upgrade-no-upgrade-header": [upgrade(ORIGIN).replace(b"Upgrade: websocket\r\n", b"")],
+    "upgrade-then-more-requests": [upgrade(b"Origin: http://evil.example")
+                                   + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"],
+
     "pipelined": [publish(event(1)) + publish(event(2)) + publish(event(3))],
     "split-everywhere": [publish(event(4))[:7], publish(event(4))[7:30], publish(event(4))[30:-3],
                          publish(event(4))[-3:]],

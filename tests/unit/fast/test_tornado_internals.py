@@ -193,3 +193,65 @@ def test_an_oversized_head_closes_the_stream_with_unsatisfiable_read_error():
     b.close()
     assert isinstance(got["exc"], tornado.iostream.UnsatisfiableReadError)
     assert got["regex"] is not None and got["regex"] != "absent"
+
+
+# --- upgrade.py: an upgrade completed over UpgradeConnection -----------------------------------
+
+def test_websocket_get_checks_only_what_read_upgrade_checked_before_the_protocol_accepts():
+    """upgrade.py skips WebSocketHandler.get: get must do nothing else before it hands the
+    handler to ``get_websocket_protocol().accept_connection`` (its checks of Upgrade,
+    Connection and the origin are made before: http1.read_upgrade, Upgrades.admit)."""
+    import inspect
+    source = inspect.getsource(tornado.websocket.WebSocketHandler.get)
+    for needed in ("self.open_args = args", "self.open_kwargs = kwargs", "self.get_websocket_protocol()",
+                   "accept_connection(self)"):
+        assert needed in source, needed
+    # Nothing but those checks writes a response before the protocol does.
+    assert source.count("self.finish(") == 3 and source.count("self.set_status(") == 4
+    assert "self._transforms" in inspect.getsource(tornado.web.RequestHandler.flush)
+    assert "self.request.connection.detach()" in inspect.getsource(tornado.web.RequestHandler.detach)
+
+
+def test_a_handler_over_upgrade_connection_writes_the_101_through_it_and_detaches_the_stream():
+    from pusherd.fast.upgrade import UpgradeConnection, _Context
+
+    a, b = socket.socketpair()
+    try:
+        async def run():
+            stream = tornado.iostream.IOStream(a)
+            connection = UpgradeConnection(stream, _Context("203.0.113.9", ("203.0.113.9", 1)))
+            headers = httputil.HTTPHeaders({"Host": "x", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                             "Sec-WebSocket-Version": "13", "Upgrade": "websocket",
+                                             "Connection": "Upgrade"})
+            request = httputil.HTTPServerRequest(headers=headers, connection=connection,
+                                                 start_line=httputil.RequestStartLine("GET", "/ws", "HTTP/1.1"))
+            assert request.remote_ip == "203.0.113.9"
+            opened = []
+
+            class Handler(tornado.websocket.WebSocketHandler):
+                def open(self):
+                    opened.append(self.ws_connection.stream)
+
+            app = tornado.web.Application([])
+            handler = Handler(app, request)
+            handler._transforms = []
+            handler.open_args, handler.open_kwargs = (), {}
+            handler.ws_connection = handler.get_websocket_protocol()
+            task = asyncio.ensure_future(handler.ws_connection.accept_connection(handler))
+            for _ in range(50):
+                if opened:
+                    break
+                await asyncio.sleep(0.01)
+            assert opened == [stream] and connection.stream is None  # detached: the protocol's
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await asyncio.get_running_loop().sock_recv(b, 4096)
+            assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            assert b"Sec-Websocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
+            handler.close()
+            await asyncio.wait_for(task, 5)
+        b.setblocking(False)
+        asyncio.run(run())
+    finally:
+        a.close()
+        b.close()
