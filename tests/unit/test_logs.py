@@ -260,3 +260,16 @@ def test_first_refusal_at_once_then_one_line_per_interval_with_the_count(caplog)
         (logging.WARNING, "refused 29 upgrade(s): limit 5"),
         (logging.WARNING, "refused 1 upgrade(s): limit 7"),
     ]
+
+
+def test_records_skip_what_no_format_shows(stream):
+    """setup_logging turns off the caller lookup and the thread and process fields (the logging
+    HOWTO's optimization): neither of pusherd's formats may show them."""
+    import re as _re
+    logs.setup_logging("info", environ={}, stream=stream)
+    assert logging._srcfile is None and not logging.logThreads and not logging.logProcesses
+    unused = _re.compile(r"%\((pathname|filename|module|funcName|lineno|thread|threadName|process|processName)\)")
+    for formatter in (logs.HumanFormatter(), logs.JournalFormatter()):
+        assert not unused.search(formatter._fmt), formatter._fmt
+    logging.getLogger("pusherd").info("still %s", "logged")
+    assert lines_of(stream)[-1].endswith("INFO pusherd: still logged")
