@@ -1,0 +1,167 @@
+"""Where a connect-and-join storm's server CPU goes: pusherd under cProfile while N clients connect
+and join at once, the self time grouped by where the code lives, and the garbage collector's time.
+
+    python bench/profile_storm.py                          # 5,000 clients, a Rails token each
+    python bench/profile_storm.py --anonymous -n 5000      # joins of a public topic, no token
+    python bench/profile_storm.py --root /work/wt/before   # pusherd from another checkout
+    python bench/profile_storm.py --no-profile             # the CPU figure alone (no profiler)
+
+The same clients as ``run.py --only storm,stormrails`` (bench/loadgen.py, two worker processes;
+server pinned to CPU 0, load generator to CPU 1). cProfile slows Python code more than C code,
+so its shares say where to look, not what a change will save: the figure without the profiler
+(``--no-profile``) is the one to compare. Each run opens and closes the storm ``--repeat`` times
+(the closes belong to a deploy storm too: the old pages' sockets go as the new ones come).
+"""
+
+import argparse
+import collections
+import json
+import os
+import pstats
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run  # noqa: E402  (bench/run.py: Pool, tokens, CPU time)
+
+#: Where a function's file lives -> the row it is counted in.
+AREAS = [
+    ("tornado/websocket.py", "Tornado WebSocket (handshake, frames)"),
+    ("tornado/iostream.py", "Tornado IOStream"),
+    ("tornado/http1connection.py", "Tornado HTTP server"), ("tornado/httpserver.py", "Tornado HTTP server"),
+    ("tornado/httputil.py", "Tornado HTTP server"), ("tornado/routing.py", "Tornado HTTP server"),
+    ("tornado/web.py", "Tornado RequestHandler"), ("tornado/", "Tornado, other"),
+    ("jwt/", "PyJWT"), ("pusherd/core/tokens.py", "pusherd tokens"),
+    ("pusherd/fast/", "pusherd fast/"), ("pusherd/core/", "pusherd core (session, join)"),
+    ("pusherd/transports/", "pusherd transports/"), ("pusherd/", "pusherd, other"),
+    ("asyncio/", "asyncio"), ("json/", "json"), ("copy.py", "copy (Tornado's query arguments)"),
+    ("uvloop", "uvloop"),
+]
+
+GC_HOOK = '''
+import atexit, gc, sys, time
+_t = [0.0, 0.0, 0]
+def _cb(phase, info):
+    if phase == "start":
+        _t[0] = time.perf_counter()
+    else:
+        _t[1] += time.perf_counter() - _t[0]; _t[2] += 1
+gc.callbacks.append(_cb)
+atexit.register(lambda: sys.stderr.write("BENCH-GC %f %d\\n" % (_t[1], _t[2])))
+'''
+
+
+def rails_tokens(n: int) -> list:
+    """A distinct token per page, as the Rails helper mints them (sub an object, deploys:web)."""
+    return [run.mint_token(run.GSECRET, sub={"id": i, "name": "User %d" % i, "email": "u%d@example.com" % i,
+                                             "crews": ["ops"]},
+                           listen=["deploys:web", "public:*"], csrf_token=run.CSRF, ttl=3600, issuer="rails")
+            for i in range(n)]
+
+
+def area(filename: str) -> str:
+    for needle, name in AREAS:
+        if needle in filename:
+            return name
+    if filename == "~":
+        return "built-ins (sockets, hashing, ...)"
+    return "other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=5000, help="clients")
+    ap.add_argument("--anonymous", action="store_true", help="join a public topic without a token")
+    ap.add_argument("--repeat", type=int, default=2, help="storms in one server")
+    ap.add_argument("--root", default=str(HERE.parent), help="the pusherd checkout to run")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--top", type=int, default=25, help="functions listed by self time")
+    opts = ap.parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else (None, None)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    run.loadgen.raise_nofile()
+    tmp = tempfile.mkdtemp(prefix="pusherd-profile-storm-")
+    cfg = {"guardian_secret": run.GSECRET, "publish_secret": run.PSECRET, "allowed_origins": ["http://localhost:3000"],
+           "heartbeat_timeout": 3600, "max_connections": opts.n + 1000, "max_http_connections": opts.n + 1000,
+           "log_level": "info", "access_log": False}
+    path = os.path.join(tmp, "pusher.yml")
+    with open(path, "w") as f:
+        json.dump({"bench": cfg}, f)
+    with open(os.path.join(tmp, "sitecustomize.py"), "w") as f:
+        f.write(GC_HOOK)
+    prof = os.path.join(tmp, "storm.prof")
+    port = run.free_port()
+    env = dict(os.environ, PYTHONPATH=opts.root + os.pathsep + tmp, PUSHERD_LOOP="uvloop")
+    cmd = [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
+    cmd += ["-m", "pusherd", "--config", path, "--env", "bench", "--listen", "%s:%d" % (run.HOST, port)]
+    log = open(os.path.join(tmp, "server.log"), "w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=run.loadgen.raise_nofile)
+    if server_cpus:
+        os.sched_setaffinity(proc.pid, server_cpus)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((run.HOST, port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("pusherd did not start")
+            time.sleep(0.05)
+    time.sleep(0.5)
+
+    class S:  # what Pool.connect reads of a server
+        pass
+    server = S()
+    server.port = port
+    pool = run.Pool(2, client_cpus, "uvloop")
+    cpu0 = run.cpu_seconds(proc.pid)
+    try:
+        for _ in range(opts.repeat):
+            if opts.anonymous:
+                topic, tokens = "public:storm", None
+            else:
+                topic, tokens = "deploys:web", rails_tokens(opts.n)
+            c = pool.connect(server, opts.n, topic, tokens=tokens, concurrency=opts.n, timeout=60)
+            pool.close_all()
+            print("storm: %d joined, %d errors, %.2f s" % (c["joined"], c["failed"], c["seconds"]), flush=True)
+            time.sleep(1.5)
+    finally:
+        pool.exit()
+    cpu = run.cpu_seconds(proc.pid) - cpu0
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    log.seek(0)
+    gc_seconds = gc_runs = 0
+    for line in log:
+        if line.startswith("BENCH-GC "):
+            gc_seconds, gc_runs = float(line.split()[1]), int(line.split()[2])
+    storms = opts.n * opts.repeat
+    print("server CPU: %.0f µs per client (connect, join, close; %s)%s"
+          % (cpu / storms * 1e6, "anonymous" if opts.anonymous else "a Rails token each",
+             "" if opts.no_profile else ", under cProfile"))
+    print("garbage collector: %.0f µs per client (%d collections)" % (gc_seconds / storms * 1e6, gc_runs))
+    if opts.no_profile:
+        return
+    stats = pstats.Stats(prof)
+    by_area = collections.Counter()
+    total = 0.0
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        by_area[area(filename)] += tottime
+        total += tottime
+    print("\n| where (self time under cProfile) | share |\n|---|---|")
+    for name, seconds in by_area.most_common():
+        print("| %s | %.0f %% |" % (name, 100 * seconds / total))
+    print()
+    stats.sort_stats("tottime").print_stats(opts.top)
+
+
+if __name__ == "__main__":
+    main()
