@@ -44,8 +44,10 @@ AREAS = [
     ("uvloop", "uvloop"),
 ]
 
+#: Put on the server's path as sitecustomize.py: the collector's time, written out on SIGUSR2 (before
+#: and after the storms: start-up's collections are not the storm's).
 GC_HOOK = '''
-import atexit, gc, sys, time
+import gc, os, signal, time
 _t = [0.0, 0.0, 0]
 def _cb(phase, info):
     if phase == "start":
@@ -53,7 +55,10 @@ def _cb(phase, info):
     else:
         _t[1] += time.perf_counter() - _t[0]; _t[2] += 1
 gc.callbacks.append(_cb)
-atexit.register(lambda: sys.stderr.write("BENCH-GC %f %d\\n" % (_t[1], _t[2])))
+def _dump(*_):
+    with open(os.environ["BENCH_GC_FILE"], "a") as f:
+        f.write("%f %d\\n" % (_t[1], _t[2]))
+signal.signal(signal.SIGUSR2, _dump)
 '''
 
 
@@ -99,7 +104,8 @@ def main(argv=None):
         f.write(GC_HOOK)
     prof = os.path.join(tmp, "storm.prof")
     port = run.free_port()
-    env = dict(os.environ, PYTHONPATH=opts.root + os.pathsep + tmp, PUSHERD_LOOP="uvloop")
+    gc_file = os.path.join(tmp, "gc.txt")
+    env = dict(os.environ, PYTHONPATH=opts.root + os.pathsep + tmp, PUSHERD_LOOP="uvloop", BENCH_GC_FILE=gc_file)
     cmd = [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
     cmd += ["-m", "pusherd", "--config", path, "--env", "bench", "--listen", "%s:%d" % (run.HOST, port)]
     log = open(os.path.join(tmp, "server.log"), "w+")
@@ -123,6 +129,7 @@ def main(argv=None):
     server.port = port
     pool = run.Pool(2, client_cpus, "uvloop")
     cpu0 = run.cpu_seconds(proc.pid)
+    proc.send_signal(signal.SIGUSR2)
     try:
         for _ in range(opts.repeat):
             if opts.anonymous:
@@ -136,13 +143,13 @@ def main(argv=None):
     finally:
         pool.exit()
     cpu = run.cpu_seconds(proc.pid) - cpu0
+    proc.send_signal(signal.SIGUSR2)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
-    log.seek(0)
-    gc_seconds = gc_runs = 0
-    for line in log:
-        if line.startswith("BENCH-GC "):
-            gc_seconds, gc_runs = float(line.split()[1]), int(line.split()[2])
+    with open(gc_file) as f:
+        (t0, n0), (t1, n1) = [map(float, line.split()) for line in f.read().split("\n")[:2]]
+    gc_seconds, gc_runs = t1 - t0, int(n1 - n0)
     storms = opts.n * opts.repeat
     print("server CPU: %.0f µs per client (connect, join, close; %s)%s"
           % (cpu / storms * 1e6, "anonymous" if opts.anonymous else "a Rails token each",

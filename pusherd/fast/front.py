@@ -19,6 +19,7 @@ bench/run.py --only publish`` (bench/README.md: publish requests/s against the f
 """
 
 import asyncio
+import collections
 import json
 import logging
 import socket
@@ -42,6 +43,11 @@ log = logging.getLogger("pusherd")
 _RECV = 65536
 #: Pipelined requests answered in one go before other callbacks get the loop.
 REQUESTS_PER_TURN = 16
+#: WebSocket upgrades completed per loop iteration, at most (the rest wait for the next ones, in
+#: order): a reconnect storm must not hold the loop for long, so the sockets already joined and
+#: the publishers are served between every batch. 32 upgrades and their joins are ~10 ms of the
+#: loop (bench/run.py --only storm20k: fan-out latency to joined sockets during a storm).
+UPGRADES_PER_TURN = 32
 #: How often the deadlines of open connections are checked: a timeout fires up to this late.
 SWEEP_SECONDS = 0.5
 
@@ -60,6 +66,8 @@ class PublishConnections:
         self.server_header = "TornadoServer/%s" % tornado.version
         self._sweeper: Optional[asyncio.TimerHandle] = None
         self.upgrades = None  # upgrade.Upgrades: WebSocket upgrades completed here (set by Daemon.start)
+        self.waiting_upgrades: "collections.deque" = collections.deque()  # (connection, head), in arrival order
+        self._upgrading = False  # a batch is scheduled
         self._date_second = -1
         self._date = ""
 
@@ -67,6 +75,27 @@ class PublishConnections:
         PublishConnection(self, stream, address)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def upgrade_soon(self, conn: "PublishConnection", head) -> None:
+        """Complete `conn`'s upgrade in the next batch (`UPGRADES_PER_TURN` per loop iteration)."""
+        self.waiting_upgrades.append((conn, head))
+        if not self._upgrading:
+            self._upgrading = True
+            self.loop.call_soon(self._upgrade_batch)
+
+    def _upgrade_batch(self) -> None:
+        waiting = self.waiting_upgrades
+        for _ in range(min(UPGRADES_PER_TURN, len(waiting))):
+            conn, head = waiting.popleft()
+            try:
+                conn.upgrade_now(head)
+            except Exception:  # one connection's failure must not strand the others
+                log.exception("WebSocket upgrade failed")
+                conn.close()
+        if waiting:
+            self.loop.call_soon(self._upgrade_batch)
+        else:
+            self._upgrading = False
 
     def _sweep(self) -> None:
         """The timeouts of every open connection, checked once a second while there are any
@@ -183,7 +212,9 @@ class PublishConnection:
                         if upgrade is MORE:
                             return
                         if upgrade is not OTHER and upgrade.length == len(self.buf):
-                            self._upgrade(upgrade)
+                            self.busy = True  # waiting for its batch: not read, not evicted (Server._make_room)
+                            self._pause()
+                            self.front.upgrade_soon(self, upgrade)
                             return
                     self._hand_over()
                     return
@@ -337,9 +368,12 @@ class PublishConnection:
         elif now >= self.deadline:  # a head, a body or an answer's write took too long: closed, as Tornado does
             self.close()
 
-    def _upgrade(self, head) -> None:
+    def upgrade_now(self, head) -> None:
         """A plain WebSocket upgrade (and nothing after it): completed here when pusherd accepts
         it (upgrade.py), else given to Tornado, which answers it."""
+        self.busy = False
+        if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
+            return
         stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
         sock, prefix = self._detach()
         self.stream = None
