@@ -2,17 +2,20 @@
 internals: checked against Tornado 6.5.3 and 6.6.1). Always on, with or without the speed-ups.
 
 `Server` is Tornado's ``HTTPServer`` with: a cap on the connections that are not (yet)
-WebSockets (``max_http_connections``); a 431 answer for a request head over 16 KiB (Tornado
-closes such a connection without a word); nothing executed after ``Connection: close`` (RFC 9112
-9.6; Tornado parses and runs what it had buffered); and, with the publisher front (front.py),
-the hand-over of a connection to Tornado with the bytes read so far and one header timeout.
+WebSockets (``max_http_connections``), held by closing silent ones or else by not accepting
+(its own accept, which can pause: Tornado's public ``IOLoop.add_handler``); a 431 answer for a
+request head over 16 KiB (Tornado closes such a connection without a word); nothing executed
+after ``Connection: close`` (RFC 9112 9.6; Tornado parses and runs what it had buffered); and,
+with the publisher front (front.py), the hand-over of a connection to Tornado with the bytes read
+so far and one header timeout.
 
 What it relies on of Tornado's: ``HTTPServer._connections`` (its live connections),
 ``HTTPServer.start_request``/``on_close`` (HTTP1ServerConnection's callbacks into the server,
 ``server_conn.stream``), ``HTTP1ConnectionParameters.header_timeout`` read per request from
 ``request_conn.params``, ``IOStream._read_regex`` (set while a head is read), that
-``IOStream.close`` is told ``UnsatisfiableReadError`` for a head over ``max_header_size``, and
-``IOStream.read_from_fd`` (documented as the override point for a stream's reads).
+``IOStream.close`` is told ``UnsatisfiableReadError`` for a head over ``max_header_size``,
+``IOStream.read_from_fd`` (documented as the override point for a stream's reads), and
+``TCPServer.max_buffer_size``/``read_chunk_size`` (what its own accept makes streams with).
 tests/unit/fast/test_tornado_internals.py checks each.
 """
 
@@ -185,7 +188,8 @@ class Server(tornado.httpserver.HTTPServer):
             if sock is None or not self._accepting:
                 return
             if not self._has_room():  # the rest wait in the listen queue
-                self.service.refusals.http_paused.note(time.monotonic(), self.service.config.settings.max_http_connections)
+                service = self.service
+                service.refusals.http_paused.note(time.monotonic(), service.config.settings.max_http_connections)
                 self._pause_for(PAUSE_RECHECK_SECONDS)
                 return
             try:

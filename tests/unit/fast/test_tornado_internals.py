@@ -193,3 +193,13 @@ def test_an_oversized_head_closes_the_stream_with_unsatisfiable_read_error():
     b.close()
     assert isinstance(got["exc"], tornado.iostream.UnsatisfiableReadError)
     assert got["regex"] is not None and got["regex"] != "absent"
+
+
+def test_tcp_server_keeps_the_sizes_listener_accepts_with_and_stops_without_sockets_of_its_own():
+    """listener.Server accepts itself (it can pause before accept()): it makes each IOStream with
+    TCPServer's ``max_buffer_size`` and ``read_chunk_size``, and TCPServer.stop, holding no socket
+    of its own, has nothing to do."""
+    server = tornado.httpserver.HTTPServer(lambda request: None, max_buffer_size=12345, chunk_size=678)
+    assert (server.max_buffer_size, server.read_chunk_size) == (12345, 678)
+    server.stop()
+    server.stop()
