@@ -97,7 +97,7 @@ run unauthenticated_body_front pusherd/fast/front.py 'self.grant, refusal = auth
 run unauthenticated_body_tornado pusherd/transports/http.py 'self._grant, refusal = authorize_head(self.service, self.request.headers.get_list("Authorization"))' 'self._grant, refusal = authorize_head(self.service, self.request.headers.get_list("Authorization"))[0], None' "tests/security/test_hostile_http.py -k 'refused_before_the_body and tornado'"
 run max_http_connections pusherd/fast/listener.py "return self.http_connections() < limit or self._make_room(limit)" "return True" "tests/security/test_hostile_http.py -k 'max_http_connections or idle_connection_flood'"
 run idle_flood_evicted pusherd/fast/listener.py "return self.http_connections() < limit or self._make_room(limit)" "return self.http_connections() < limit" "tests/security/test_hostile_http.py -k idle_connection_flood"
-run storm_unread_kept pusherd/fast/listener.py "                if _unread(sock):" "                if False:" "tests/integration/test_admission.py -k storm"
+run storm_unread_kept pusherd/fast/listener.py "                if _unread(sock):" "                if False:" "tests/integration/test_admission.py -k 'storm or unread'"
 run keep_alive_last pusherd/fast/listener.py "for waiting in (self.fresh, self.idle):" "for waiting in (self.idle, self.fresh):" "tests/security/test_hostile_http.py -k idle_connection_flood"
 run header_timeout_once pusherd/fast/listener.py "params.header_timeout = max(0.0, deadline - stream.io_loop.time())" "pass" "tests/security/test_hostile_http.py -k 'one_header_timeout and front'"
 run head_431 pusherd/fast/listener.py "if (isinstance(exc_info, UnsatisfiableReadError)" "if (False" "tests/security/test_hostile_http.py -k 431"

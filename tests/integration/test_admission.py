@@ -121,6 +121,48 @@ def test_reconnect_storm_of_500_upgrades_all_join_with_max_http_connections_50(p
     assert not [l for l in d.lines if " ERROR " in l], d.log()
 
 
+def read_status(sock):
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return None  # closed without an answer
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+@PATHS
+def test_at_the_cap_an_old_connection_whose_head_arrived_unread_is_not_closed(pusherd_factory, fast):
+    """max_http_connections: 1. A connects and stays silent past the 1 s grace; then, while the
+    daemon is stopped (SIGSTOP: its loop busy, as in a storm), B connects and A sends its upgrade
+    head. When the daemon resumes it sees B first, at the cap: A is old enough to be closed, but
+    its head waits unread on its socket, so it is kept (before: closed, "connection lost before
+    join"); B waits in the listen queue until A has upgraded. Both get 101."""
+    d = start(pusherd_factory, fast, {"max_http_connections": 1})
+    a = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    time.sleep(1.5)  # past the grace: A would be closed if it had sent nothing
+    d.send_signal(signal.SIGSTOP)
+    try:
+        b = socket.create_connection(("127.0.0.1", d.port), timeout=10)  # the kernel's listen queue
+        b.sendall(upgrade_head(d.port))
+        time.sleep(0.1)
+        a.sendall(upgrade_head(d.port))
+        time.sleep(0.1)
+    finally:
+        d.send_signal(signal.SIGCONT)
+    try:
+        assert read_status(a) == 101, "the connection whose head was unread was closed"
+        assert read_status(b) == 101
+    finally:
+        a.close()
+        b.close()
+    assert "waiting for a request to let new ones in" not in d.log(), d.log()
+
+
 def refused_rate_limited(answer):
     status, headers, body = answer
     return (status == 503 and headers.get("retry-after") == "1"
