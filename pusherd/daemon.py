@@ -46,6 +46,12 @@ TASK_GRACE_SECONDS = 5.0
 HTTP_GRACE_SECONDS = 2.0
 #: How long close frames get to leave before the process exits.
 CLOSE_WAIT_SECONDS = 2.0
+#: The listen queue's length asked for: a reconnect storm's connections wait there while
+#: max_http_connections is reached (fast/listener.py stops accepting then). The kernel caps it at
+#: net.core.somaxconn (4096 since Linux 5.4), so this is "as deep as the host allows"; past it,
+#: the kernel drops SYNs and clients retry them (1 s, then 3 s...). systemd/pusherd.socket asks
+#: for Backlog=4096 for an inherited listener.
+LISTEN_BACKLOG = 65535
 #: Ceiling for the soft RLIMIT_NOFILE when the hard limit is "unlimited".
 NOFILE_CEILING = 1 << 20
 #: STATUS= goes out every STATUS_EVERY_SECONDS, and within STATUS_POLL_SECONDS of the broker
@@ -147,7 +153,7 @@ class Daemon:
             await self.longpoll.relay.start()
         s = self.settings
         if sockets is None:
-            sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=1024)
+            sockets = tornado.netutil.bind_sockets(s.port, s.host, reuse_port=s.reuse_port, backlog=LISTEN_BACKLOG)
         sockets = list(sockets)
         self._app = self.make_app()
         server = Server(

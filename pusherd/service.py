@@ -30,6 +30,9 @@ from .counters import Counters
 
 log = logging.getLogger("pusherd")
 
+#: `Service.refusal` when ``max_new_connections_per_second`` is spent (retried after 1 s).
+RATE_LIMITED = "connection rate limited"
+
 
 class Connection:
     """What the service needs of a transport's connection (a protocol)."""
@@ -69,14 +72,43 @@ class Refusals:
     def __init__(self):
         self.connections = StormLog("refused %d connection(s) with 503: max_connections (%d) reached")
         self.draining = StormLog("refused %d connection(s) with 503: shutting down", logging.INFO)
-        self.http = StormLog("refused %d new HTTP connection(s) with 503: max_http_connections (%d) reached,"
-                             " every connection inside a request")
+        self.http_paused = StormLog("stopped accepting %d time(s): max_http_connections (%d) reached, no"
+                                    " connection to close yet (new connections wait in the listen queue)")
+        self.rate = StormLog("refused %d connection(s) with 503: max_new_connections_per_second (%d) reached")
         self.http_evictions = StormLog("closed %d HTTP connection(s) waiting for a request to let new ones in:"
                                        " max_http_connections (%d) reached")
 
     def flush(self, now: float) -> None:
-        for storm in (self.connections, self.draining, self.http, self.http_evictions):
+        for storm in (self.connections, self.draining, self.rate, self.http_paused, self.http_evictions):
             storm.flush(now)
+
+
+class ConnectionRate:
+    """``max_new_connections_per_second``: a token bucket on new connections (WebSocket upgrades,
+    long-poll sessions), ``rate`` tokens a second up to a burst of ``rate``; 0 is no limit. The
+    rate is passed at each take, so a reload applies to the next connection (the bucket keeps
+    what it holds, up to the new burst). Time comes in as ``now`` (time.monotonic)."""
+
+    __slots__ = ("rate", "tokens", "stamp")
+
+    def __init__(self):
+        self.rate = 0
+        self.tokens = 0.0
+        self.stamp = 0.0
+
+    def take(self, rate: int, now: float) -> bool:
+        if rate <= 0:
+            self.rate = 0
+            return True
+        if self.rate <= 0:  # first use, or the limit was off: a full bucket
+            self.tokens, self.stamp = float(rate), now
+        self.rate = rate
+        self.tokens = min(float(rate), self.tokens + max(0.0, now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
 
 
 class Service:
@@ -104,6 +136,7 @@ class Service:
         self.connections: Set[Connection] = set()
         self.requests: Set[Any] = set()   # HTTP requests being answered (a drain lets them finish)
         self.refusals = Refusals()
+        self.connection_rate = ConnectionRate()
         self.draining = False
         self.tasks: Set[asyncio.Future] = set()
 
@@ -135,16 +168,21 @@ class Service:
         return not self.draining and len(self.connections) < self.config.settings.max_connections
 
     def refusal(self) -> Optional[str]:
-        """Why one more connection cannot open (draining, or ``max_connections`` reached), noted
-        in the storm logs; None when it can."""
+        """Why one more connection cannot open (draining, ``max_connections`` reached, or
+        ``max_new_connections_per_second`` spent), noted in the storm logs; None when it can."""
         now = time.monotonic()
         if self.draining:
             self.refusals.draining.note(now)
             return "shutting down"
-        limit = self.config.settings.max_connections
+        settings = self.config.settings
+        limit = settings.max_connections
         if len(self.connections) >= limit:
             self.refusals.connections.note(now, limit)
             return "too many connections"
+        rate = settings.max_new_connections_per_second
+        if rate and not self.connection_rate.take(rate, now):
+            self.refusals.rate.note(now, rate)
+            return RATE_LIMITED
         return None
 
     # -- actions ------------------------------------------------------------------------------

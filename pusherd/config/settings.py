@@ -277,6 +277,7 @@ class Settings:
     max_publish_bytes: int = key(1048576, v.size)
     max_connections: int = key(10000, v.count(1))
     max_http_connections: int = key(1000, v.count(1))
+    max_new_connections_per_second: int = key(0, v.count(0))
     max_channels_per_socket: int = key(100, v.count(1))
     max_topic_length: int = key(255, v.count(1))
     client_push_rate: float = key(10.0, v.positive_number)

@@ -10,7 +10,7 @@ Everything outside this package uses Tornado's public API only (pusherd/transpor
   `http1`), `upgrade` (the WebSocket upgrades pusherd accepts, completed on the front), `gc`
   (the garbage collector kept off the long-lived sockets);
 - `listener`: the HTTP server's own limits that Tornado's public API cannot express (the
-  ``max_http_connections`` cap, a 431 for an oversized head, nothing executed after
+  ``max_http_connections`` cap, held by pausing its accept in a storm, a 431 for an oversized head, nothing executed after
   ``Connection: close``, one header timeout across the front's hand-over). Always on.
 
 Each module names the Tornado releases it was checked against: `CHECKED_TORNADO`, the range

@@ -155,7 +155,7 @@ class PublishConnection:
         except OSError:
             pass  # not TCP (an inherited Unix socket)
         front.open.add(self)
-        front.server.fresh[self] = None  # waiting for its first request (Server._make_room)
+        front.server.fresh[self] = (time.monotonic(), None)  # waiting for its first request (Server._make_room)
         self.deadline = front.loop.time() + front.service.config.settings.http_header_timeout
         self._resume()
 
@@ -316,7 +316,7 @@ class PublishConnection:
             server.fresh.pop(self, None)
             idle = server.idle
             idle.pop(self, None)
-            idle[self] = None
+            idle[self] = (time.monotonic(), None)
         self.deadline = front.loop.time() + settings.http_header_timeout
         self._write("\r\n".join(lines).encode("latin1") + data)
 
@@ -403,6 +403,7 @@ class PublishConnection:
         front.server.fresh.pop(self, None)
         front.server.idle.pop(self, None)
         front.service.requests.discard(self)
+        front.server.left()  # (handed over, it counts in Tornado's connections: the listener checks)
         prefix, self.buf = bytes(self.buf), bytearray()
         return sock, prefix
 

@@ -2,29 +2,36 @@
 internals: checked against Tornado 6.5.3 and 6.6.1). Always on, with or without the speed-ups.
 
 `Server` is Tornado's ``HTTPServer`` with: a cap on the connections that are not (yet)
-WebSockets (``max_http_connections``); a 431 answer for a request head over 16 KiB (Tornado
-closes such a connection without a word); nothing executed after ``Connection: close`` (RFC 9112
-9.6; Tornado parses and runs what it had buffered); and, with the publisher front (front.py),
-the hand-over of a connection to Tornado with the bytes read so far and one header timeout.
+WebSockets (``max_http_connections``), held by closing silent ones or else by not accepting
+(its own accept, which can pause: Tornado's public ``IOLoop.add_handler``); a 431 answer for a
+request head over 16 KiB (Tornado closes such a connection without a word); nothing executed
+after ``Connection: close`` (RFC 9112 9.6; Tornado parses and runs what it had buffered); and,
+with the publisher front (front.py), the hand-over of a connection to Tornado with the bytes read
+so far and one header timeout.
 
 What it relies on of Tornado's: ``HTTPServer._connections`` (its live connections),
 ``HTTPServer.start_request``/``on_close`` (HTTP1ServerConnection's callbacks into the server,
 ``server_conn.stream``), ``HTTP1ConnectionParameters.header_timeout`` read per request from
 ``request_conn.params``, ``IOStream._read_regex`` (set while a head is read), that
-``IOStream.close`` is told ``UnsatisfiableReadError`` for a head over ``max_header_size``, and
-``IOStream.read_from_fd`` (documented as the override point for a stream's reads).
+``IOStream.close`` is told ``UnsatisfiableReadError`` for a head over ``max_header_size``,
+``IOStream.read_from_fd`` (documented as the override point for a stream's reads), and
+``TCPServer.max_buffer_size``/``read_chunk_size`` (what its own accept makes streams with).
 tests/unit/fast/test_tornado_internals.py checks each.
 """
 
 import copy
+import errno
 import json
+import logging
+import socket
 import time
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import tornado
 import tornado.httpserver
 from tornado import httputil
+from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,10 +39,24 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Largest request head Tornado's HTTP server reads (its ``max_header_size``); a longer one gets 431.
 MAX_HEADER_SIZE = 16384
-#: Retry-After of the 503 for a connection over max_http_connections.
-RETRY_AFTER_SECONDS = 1
+#: At max_http_connections, a connection waiting for a request head is closed to let a new one
+#: in only once it has waited this long with nothing unread on its socket: a silent or slow one
+#: (slowloris). One that has sent its head but was not read yet (a reconnect storm: thousands of
+#: upgrades at once, the loop busy with the ones before) is never closed, nor one whose head is
+#: still on its way (a retransmission, a busy client). The price: silent connections faster than
+#: max_http_connections per second keep newcomers waiting in the listen queue.
+EVICT_GRACE_SECONDS = 1.0
+#: While accepting is paused (max_http_connections reached, no connection to close), how often
+#: the listener looks again, besides at once when a connection leaves the count.
+PAUSE_RECHECK_SECONDS = 0.1
+#: Connections accepted per readiness of a listening socket before other callbacks get the loop
+#: (Tornado's add_accept_handler accepts up to 128).
+ACCEPTS_PER_TURN = 128
+#: accept() errors that mean "out of descriptors or memory": the listener pauses and retries
+#: instead of spinning on a socket that stays readable.
+_ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-_DISCARD = bytearray(65536)  # where a refused connection's first bytes are read to and dropped
+log = logging.getLogger("pusherd")
 
 
 def http_answer(status: int, answer: dict, headers=()) -> bytes:
@@ -58,11 +79,19 @@ class Server(tornado.httpserver.HTTPServer):
     It also bounds the connections that are not (yet) WebSockets, publishers on the front and
     connections in Tornado's HTTP server alike, to ``max_http_connections`` (an upgraded
     connection leaves Tornado's and counts against ``max_connections`` instead). At the cap a
-    new connection is let in by closing the one that has waited longest for a request head:
-    first among connections that never completed a request (silent or slow ones), then among
-    keep-alive ones between requests. Only when every connection is inside a request is the
-    newcomer refused: 503 with Retry-After, then closed. So a flood of idle connections costs
-    its sender the race, not the WebSocket upgrades and publishers that send their heads.
+    new connection is let in by closing the one that has waited longest for a request head, if
+    it has waited `EVICT_GRACE_SECONDS` and nothing it sent is left unread on its socket: first
+    among connections that never completed a request (silent or slow ones), then, when none of
+    those waits at all, among keep-alive ones between requests. When no connection may be
+    closed, the listener stops accepting (as nginx at worker_connections): new connections wait
+    in the kernel's listen queue, not refused, and are accepted as soon as one leaves the count
+    (upgraded, answered and closed, or closed) or becomes closable. So a reconnect storm of
+    well-behaved clients is served in full, however many arrive at once, and a flood of idle
+    connections costs its sender the race, not the upgrades and publishers that send their heads.
+
+    The accepting is its own (Tornado's public ``IOLoop.add_handler`` and ``IOStream``, as
+    ``tornado.netutil.add_accept_handler`` and ``TCPServer`` do), so that it can pause before
+    ``accept()``: a connection taken from the queue could only be refused.
     """
 
     front = None  # fast.front.PublishConnections when the publisher front is on (set by Daemon.start)
@@ -74,8 +103,13 @@ class Server(tornado.httpserver.HTTPServer):
         # (`fresh`), or keep-alive between requests (`idle`); entries are checked when used.
         # Keys: a PublishConnection, or the IOStream of one of Tornado's connections (its
         # HTTP1ServerConnection as the value once its serving loop has begun).
+        # Values: (time.monotonic() it began waiting, the HTTP1ServerConnection or None).
         self.fresh: dict = {}
         self.idle: dict = {}
+        self._listeners: Dict[int, socket.socket] = {}  # fd -> listening socket (add_sockets)
+        self._accepting = False  # the listeners are registered with the loop
+        self._listen_stopped = False
+        self._recheck = None  # the timer that looks again while accepting is paused
         self._evicted = set()  # streams closed here whose connection is not out of Tornado's _connections yet
         # Handed-over streams -> the loop time their current head is due by (the front's deadline).
         self._head_deadlines: "weakref.WeakKeyDictionary[IOStream, float]" = weakref.WeakKeyDictionary()
@@ -93,13 +127,102 @@ class Server(tornado.httpserver.HTTPServer):
         front = self.front
         return (len(front.open) if front is not None else 0) + len(self._connections) - len(self._evicted)
 
-    def handle_stream(self, stream: IOStream, address) -> None:
+    # -- accepting ---------------------------------------------------------------------------
+
+    def add_sockets(self, sockets) -> None:
+        """Accept on `sockets` (TCPServer's method, with an accept that can pause: `_accept`)."""
+        for sock in sockets:
+            sock.setblocking(False)
+            self._listeners[sock.fileno()] = sock
+            if self._accepting:
+                IOLoop.current().add_handler(sock.fileno(), self._accept, IOLoop.READ)
+        self._listen_stopped = False
+        self._resume()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening sockets (an inherited one stays open in systemd)."""
+        self._pause()
+        self._listen_stopped = True
+        if self._recheck is not None:
+            IOLoop.current().remove_timeout(self._recheck)
+            self._recheck = None
+        for sock in self._listeners.values():
+            sock.close()
+        self._listeners = {}
+        super().stop()
+
+    def _pause(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            loop = IOLoop.current()
+            for fd in self._listeners:
+                loop.remove_handler(fd)
+
+    def _resume(self) -> None:
+        """Accept again (if paused): a connection left the count, or the recheck timer fired."""
+        if self._recheck is not None:
+            IOLoop.current().remove_timeout(self._recheck)
+            self._recheck = None
+        if not self._accepting and not self._listen_stopped and self._listeners:
+            self._accepting = True
+            loop = IOLoop.current()
+            for fd in self._listeners:  # (registered by descriptor: `_accept` is called with it)
+                loop.add_handler(fd, self._accept, IOLoop.READ)
+
+    def _pause_for(self, delay: float) -> None:
+        self._pause()
+        if self._recheck is None and not self._listen_stopped:
+            self._recheck = IOLoop.current().call_later(delay, self._resume)
+
+    def _has_room(self) -> bool:
+        """Room for one more connection, closing one that waits to make it if need be."""
         service = self.service
-        if service is not None:
-            limit = service.config.settings.max_http_connections
-            if self.http_connections() >= limit and not self._make_room(limit):
-                self._refuse(stream, limit)
+        if service is None:
+            return True
+        limit = service.config.settings.max_http_connections
+        return self.http_connections() < limit or self._make_room(limit)
+
+    def _accept(self, fd: int, events: int) -> None:
+        sock = self._listeners.get(fd)
+        for _ in range(ACCEPTS_PER_TURN):
+            if sock is None or not self._accepting:
                 return
+            if not self._has_room():  # the rest wait in the listen queue
+                service = self.service
+                service.refusals.http_paused.note(time.monotonic(), service.config.settings.max_http_connections)
+                self._pause_for(PAUSE_RECHECK_SECONDS)
+                return
+            try:
+                connection, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_EXHAUSTED:
+                    log.warning("cannot accept connections: %s; retrying in 1 s", exc)
+                    self._pause_for(1.0)
+                    return
+                raise
+            self._handle_connection_socket(connection, address)
+
+    def _handle_connection_socket(self, connection: socket.socket, address) -> None:
+        """What TCPServer does with an accepted socket (pusherd serves no TLS itself)."""
+        try:
+            stream = IOStream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
+            self.handle_stream(stream, address)
+        except Exception:
+            log.error("error in connection callback", exc_info=True)
+            connection.close()
+
+    def left(self) -> None:
+        """A connection left the count (closed, or upgraded to a WebSocket): accept again."""
+        if not self._accepting:
+            self._resume()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def handle_stream(self, stream: IOStream, address) -> None:
         front = self.front
         if type(stream) is not IOStream:
             super().handle_stream(stream, address)
@@ -107,7 +230,7 @@ class Server(tornado.httpserver.HTTPServer):
             front.adopt(stream, address)
         else:
             stream.__class__ = _ServedIOStream
-            self.fresh[stream] = None
+            self.fresh[stream] = (time.monotonic(), None)
             super().handle_stream(stream, address)
 
     def hand_over(self, stream: IOStream, address, prefix: bytes, head_deadline: float) -> None:
@@ -118,7 +241,7 @@ class Server(tornado.httpserver.HTTPServer):
         stream.read_chunk_size = max(stream.read_chunk_size, len(prefix))
         stream.__class__ = cls
         self._head_deadlines[stream] = head_deadline
-        self.fresh[stream] = None
+        self.fresh[stream] = (time.monotonic(), None)
         super().handle_stream(stream, address)
 
     def start_request(self, server_conn, request_conn):
@@ -135,11 +258,12 @@ class Server(tornado.httpserver.HTTPServer):
         if getattr(server_conn, "pusherd_served", False):  # a keep-alive connection's next request
             self.fresh.pop(stream, None)
             self.idle.pop(stream, None)
-            self.idle[stream] = server_conn
+            self.idle[stream] = (time.monotonic(), server_conn)
         else:
             server_conn.pusherd_served = True
-            if stream in self.fresh:  # (not once given up as inside a request)
-                self.fresh[stream] = server_conn  # its place in the queue kept
+            waiting = self.fresh.get(stream)
+            if waiting is not None:  # (not once given up as inside a request)
+                self.fresh[stream] = (waiting[0], server_conn)  # its place in the queue kept
         return super().start_request(server_conn, request_conn)
 
     def on_close(self, server_conn) -> None:
@@ -148,44 +272,53 @@ class Server(tornado.httpserver.HTTPServer):
         self.idle.pop(stream, None)
         self._evicted.discard(stream)
         super().on_close(server_conn)
+        self.left()
 
     def _make_room(self, limit: int) -> bool:
-        """Close the connection that has waited longest for a request head; False if none waits."""
+        """Close the connection that has waited longest for a request head, if it has waited
+        `EVICT_GRACE_SECONDS` with nothing unread; False if none may be closed (yet).
+
+        Both queues are in the order connections began to wait: the scan stops at the first
+        one too young. One with bytes unread (its head arrived, the loop has not read it yet)
+        goes to the back with a new grace; one gone or inside a request leaves the queue."""
+        now = time.monotonic()
         for waiting in (self.fresh, self.idle):
             while waiting:
                 conn = next(iter(waiting))
-                server_conn = waiting.pop(conn)
+                since, server_conn = waiting[conn]
+                if now - since < EVICT_GRACE_SECONDS:
+                    return False  # younger ones follow; keep-alive ones wait while these do
+                del waiting[conn]
                 if not isinstance(conn, IOStream):  # a publisher connection on the front
                     if not conn.waiting_for_head():
                         continue  # gone, or inside a request: it registers again when it waits
-                    conn.close()
+                    sock = conn.sock
                 else:  # one of Tornado's: waiting if it has not begun, or reads up to a blank line
                     if conn.closed() or (server_conn is not None and getattr(conn, "_read_regex", None) is None):
                         continue
-                    conn.close()
+                    if conn in self._prefilled.prefixes:  # handed over with bytes not read yet
+                        waiting[conn] = (now, server_conn)
+                        continue
+                    sock = conn.socket
+                if _unread(sock):
+                    waiting[conn] = (now, server_conn)
+                    continue
+                conn.close()
+                if isinstance(conn, IOStream):
                     self._evicted.add(conn)
-                self.service.refusals.http_evictions.note(time.monotonic(), limit)
+                self.service.refusals.http_evictions.note(now, limit)
                 return True
         return False
 
-    def _refuse(self, stream: IOStream, limit: int) -> None:
-        """503 to a connection over max_http_connections, then closed; it registered nothing yet."""
-        self.service.refusals.http.note(time.monotonic(), limit)
-        sock = stream.socket
-        try:
-            # What the client sent already is read (and dropped) first: closing a socket with
-            # unread bytes resets the connection, and the client may lose the answer.
-            sock.recv_into(_DISCARD)
-        except OSError:  # nothing yet (BlockingIOError), or gone
-            pass
-        try:
-            # "status": 500 is for phoenix.js's long-poll, which reads the body's status (not the
-            # HTTP one) and retries only on 0 or 500: anything else strands the page for good.
-            sock.send(http_answer(503, {"error": "too many HTTP connections", "status": 500},
-                                  (("Retry-After", str(RETRY_AFTER_SECONDS)),)))
-        except OSError:
-            pass
-        stream.close()
+
+def _unread(sock: Optional[socket.socket]) -> bool:
+    """Bytes from the peer wait on `sock`, not read yet (False when none, at EOF, or gone)."""
+    if sock is None:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except OSError:  # nothing yet (BlockingIOError), or gone
+        return False
 
 
 class _Unanswerable(httputil.HTTPMessageDelegate):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from ..core.errors import AuthError
 from ..core.protocol import serializer_for_vsn
 from ..core.tokens import socket_token
+from ..service import RATE_LIMITED
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -50,10 +51,12 @@ def refuse_origin(service: "Service", what: str, origin: Optional[str]) -> Refus
 
 
 def check_room(service: "Service") -> None:
+    """503 when no connection may open now: Retry-After 1 for the rate limit (a token is back
+    within a second), 5 for a full or stopping process."""
     refusal = service.refusal()
     if refusal is not None:
         service.counters.connections_refused[refusal.replace(" ", "_")] += 1
-        raise Refusal(503, refusal, retry_after="5")
+        raise Refusal(503, refusal, retry_after="1" if refusal == RATE_LIMITED else "5")
 
 
 def check_socket_token(service: "Service", what: str, params: Mapping[str, str],

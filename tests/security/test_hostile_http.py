@@ -169,26 +169,29 @@ def stalled_publishers(port, n):
 
 
 @PATHS
-def test_connection_flood_beyond_max_http_connections_gets_503(pusherd_factory, fast):
-    """Every connection inside a request: one more gets 503 with a JSON reason and Retry-After,
-    then is closed, be it a publish or a WebSocket upgrade. A slot frees when one leaves."""
+def test_connection_flood_beyond_max_http_connections_waits_in_the_listen_queue(pusherd_factory, fast):
+    """Every connection inside a request: one more, be it a publish or a WebSocket upgrade, is
+    neither refused nor closed: the listener stops accepting, and it waits in the listen queue
+    (its head unread) until a slot frees; then it is served. Logged once, rate-limited."""
     d = start(pusherd_factory, fast, {"max_http_connections": 4, "http_body_timeout": 60})
     socks = stalled_publishers(d.port, 4)
     try:
         s = connect(d.port)
         s.sendall(publish_head(b"Bearer " + PUBLISH_SECRET.encode(), len(EVENT)) + EVENT)
-        status, headers, body, closed = read_answer(s)
-        s.close()
-        assert (status, body) == (503, {"error": "too many HTTP connections", "status": 500}), (status, body)
-        assert headers["retry-after"] == "1" and headers["connection"] == "close" and closed
-        ws = RawWS(d.port)
-        assert ws.status == 503
+        assert read_answer(s, timeout=1.5, wait_close=False) == (None, {}, None, False)  # waits, not refused
+        ws = socket.create_connection(("127.0.0.1", d.port), timeout=5)  # an upgrade waits as well
+        ws.sendall(b"GET /events/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+        socks.pop().close()  # a slot frees: the publish is accepted and answered
+        status, headers, body, closed = read_answer(s, wait_close=False)
+        assert status == 200, (status, body)
+        s.close()  # ... and its slot goes to the upgrade
+        ws.settimeout(5)
+        assert ws.recv(65536).startswith(b"HTTP/1.1 101 "), "the waiting upgrade was not served"
         ws.close()
-        socks.pop().close()
-        time.sleep(0.3)
-        assert d.publish("public:http", "e")[0] == 200
-        line = d.wait_log("new HTTP connection(s) with 503")
-        assert "WARNING" in line and "max_http_connections (4)" in line
+        line = d.wait_log("stopped accepting")
+        assert "WARNING" in line and "max_http_connections (4)" in line and "listen queue" in line
         assert not [l for l in d.lines if " ERROR " in l], d.log()
     finally:
         for s in socks:

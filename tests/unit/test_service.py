@@ -143,3 +143,43 @@ def test_a_push_is_answered_after_the_broker_took_it():
     texts = asyncio.run(run())
     assert [t for t in texts if '"msg"' in t] == ['[null,null,"public:x","msg",{"body":"hi"}]']
     assert texts[-1] == '["1","2","public:x","phx_reply",{"status":"ok","response":{}}]'
+
+
+# --- max_new_connections_per_second ----------------------------------------------------------
+
+def test_connection_rate_is_a_token_bucket_whose_burst_is_its_rate():
+    from pusherd.service import ConnectionRate
+    bucket = ConnectionRate()
+    assert all(bucket.take(0, 0.0) for _ in range(100))  # 0: no limit
+    assert [bucket.take(3, 10.0) for _ in range(4)] == [True, True, True, False]  # the burst, then none
+    assert bucket.take(3, 10.2) is False  # 0.6 of a token back
+    assert bucket.take(3, 10.34) is True  # 1.02
+    assert [bucket.take(3, 20.0) for _ in range(4)] == [True, True, True, False]  # refilled up to the burst only
+    assert [bucket.take(1, 30.0) for _ in range(2)] == [True, False]  # a reload to 1: burst 1
+    assert bucket.take(0, 30.0) and bucket.take(0, 30.0)  # turned off
+    assert [bucket.take(2, 30.0) for _ in range(3)] == [True, True, False]  # turned on again: a full bucket
+
+
+def test_over_the_connection_rate_check_room_refuses_503_retry_after_1_counted_and_storm_logged(caplog):
+    import types
+    from pusherd.transports.admission import Refusal, check_room
+    service = service_over(MemoryBroker())
+    settings = types.SimpleNamespace(max_connections=100, max_new_connections_per_second=2)
+    service.config = Config(settings=settings, policy=service.config.policy, origins=service.config.origins,
+                            publish_secrets=service.config.publish_secrets)
+    with caplog.at_level("WARNING", logger="pusherd"):
+        check_room(service)
+        check_room(service)
+        refusals = []
+        for _ in range(5):
+            with pytest.raises(Refusal) as raised:
+                check_room(service)
+            refusals.append(raised.value)
+    assert {(r.status, r.reason, r.retry_after) for r in refusals} == {(503, "connection rate limited", "1")}
+    assert service.counters.connections_refused["connection_rate_limited"] == 5
+    lines = [r.getMessage() for r in caplog.records if "max_new_connections_per_second" in r.getMessage()]
+    assert lines == ["refused 1 connection(s) with 503: max_new_connections_per_second (2) reached"], lines
+    settings.max_connections = 0  # full: refused for that first, with its own Retry-After
+    with pytest.raises(Refusal) as raised:
+        check_room(service)
+    assert (raised.value.reason, raised.value.retry_after) == ("too many connections", "5")

@@ -255,3 +255,13 @@ def test_a_handler_over_upgrade_connection_writes_the_101_through_it_and_detache
     finally:
         a.close()
         b.close()
+
+
+def test_tcp_server_keeps_the_sizes_listener_accepts_with_and_stops_without_sockets_of_its_own():
+    """listener.Server accepts itself (it can pause before accept()): it makes each IOStream with
+    TCPServer's ``max_buffer_size`` and ``read_chunk_size``, and TCPServer.stop, holding no socket
+    of its own, has nothing to do."""
+    server = tornado.httpserver.HTTPServer(lambda request: None, max_buffer_size=12345, chunk_size=678)
+    assert (server.max_buffer_size, server.read_chunk_size) == (12345, 678)
+    server.stop()
+    server.stop()
