@@ -164,8 +164,14 @@ class Service:
 
     def has_room(self) -> bool:
         """Whether one more connection may open, noting nothing (fast/upgrade.py asks first;
-        a refusal is then `refusal`'s to note)."""
+        a refusal is then `refusal`'s to note). Takes no token of the rate: `take_rate` does."""
         return not self.draining and len(self.connections) < self.config.settings.max_connections
+
+    def take_rate(self) -> bool:
+        """A token of ``max_new_connections_per_second`` for a connection about to open (True),
+        or False when none is left, noting nothing (then `refusal` refuses and notes it)."""
+        rate = self.config.settings.max_new_connections_per_second
+        return not rate or self.connection_rate.take(rate, time.monotonic())
 
     def refusal(self) -> Optional[str]:
         """Why one more connection cannot open (draining, ``max_connections`` reached, or

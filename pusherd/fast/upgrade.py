@@ -136,6 +136,8 @@ class Upgrades:
                 claims = service.policy.verifier.verify(token, csrf, now=time.time())
             except AuthError:
                 return None
+        if not service.take_rate():  # last: only an upgrade about to open spends a token
+            return None
         return serializer, claims
 
     def complete(self, stream: IOStream, head: UpgradeHead, remote_ip: str, address) -> bool:
