@@ -44,7 +44,9 @@ def masked_frame(text: str, opcode: int = 1) -> bytes:
         head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
         head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    masked = bytes(b ^ MASK[i & 3] for i, b in enumerate(data))
+    if not n:
+        return head + MASK
+    masked = (int.from_bytes(data, "big") ^ int.from_bytes((MASK * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
     return head + MASK + masked
 
 
@@ -199,11 +201,15 @@ class Worker:
         self._all_joined = self.loop.create_future()
         self._check_done()  # n == 0
         sem = asyncio.Semaphore(concurrency)
+        # Join frames are built before the clock starts (a storm's tokens were minted before it too).
+        if tokens:
+            joins = [join_frame(topic, t, csrf) for t in tokens]
+        else:
+            joins = [join_frame(topic, None, csrf)]
         t0 = time.monotonic()
 
         async def one(i):
-            token = tokens[i % len(tokens)] if tokens else None
-            conn = Conn(self, join_frame(topic, token, csrf), sample_every > 0 and i % sample_every == 0)
+            conn = Conn(self, joins[i % len(joins)], sample_every > 0 and i % sample_every == 0)
             async with sem:
                 try:
                     if rcvbuf:  # a reader with a small window: its backlog shows up in the server
