@@ -1,4 +1,4 @@
-"""pusherd side by side with the classic Tornado pattern and the bare-asyncio floor.
+"""pusherd side by side with the classic Tornado pattern, the bare-asyncio floor and Node's ws.
 
     python bench/run.py            # full run (about 8 minutes on 2 cores)
     python bench/run.py --quick    # shorter phases, fewer sizes (about 2 minutes)
@@ -28,9 +28,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Where the node contender runs when --servers is not given (with --servers naming it, it runs in
-# every scenario it can: not overload, no bound by design, nor the long-poll ones).
-NODE_DEFAULT_SCENARIOS = {"storm", "stormrails", "publish", "fanout"}
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
@@ -635,9 +632,8 @@ def overload(pool: Pool, server: Server, n: int, paused: int, seconds: float) ->
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter phases and fewer sizes")
-    ap.add_argument("--servers", default=None,
-                    help="comma-separated contenders: pusherd,baseline,floor,node (default: pusherd,baseline,"
-                         "floor and node, node in %s only)" % ",".join(sorted(NODE_DEFAULT_SCENARIOS)))
+    ap.add_argument("--servers", default="pusherd,baseline,floor,node",
+                    help="comma-separated contenders (node is skipped with a message when node or ws is missing)")
     ap.add_argument("--only", default="", help="comma-separated scenario names (fanout,burst,latency,"
                                                 "latency10k,memory,lpfanout,lpmemory,publish,storm,"
                                                 "stormrails,storm20k,overload)")
@@ -652,14 +648,13 @@ def main(argv=None):
     ap.add_argument("--before", metavar="DIR", help="also run pusherd from this checkout, as the contender "
                                                     "'before' (e.g. a git worktree of the previous commit)")
     opts = ap.parse_args(argv)
-    node_everywhere = opts.servers is not None  # named: node runs in every scenario it can
-    if opts.servers is None:
-        opts.servers = "pusherd,baseline,floor,node"
     if "node" in opts.servers.split(","):
         why = node_missing()
         if why:
             print("skipping the node contender: %s" % why, flush=True)
             opts.servers = ",".join(k for k in opts.servers.split(",") if k != "node")
+            if not opts.servers:
+                ap.error("no contender left to run")
     if opts.before and "before" not in opts.servers.split(","):
         opts.servers += ",before"
     if opts.loop == "auto":
@@ -703,8 +698,6 @@ def main(argv=None):
                     for kind in servers:
                         if name == "overload" and kind in ("floor", "node"):
                             continue  # the floor (and node's ws) has no bound by design: nothing to show
-                        if kind == "node" and not node_everywhere and name not in NODE_DEFAULT_SCENARIOS:
-                            continue
                         if name.startswith("lp") and kind != "pusherd":
                             continue  # long-poll: pusherd's own (the others, and 'before' it, have none)
                         key, r = run_one(name, case, kind, opts, pool, phase, q)
