@@ -500,12 +500,14 @@ class PeakRss(threading.Thread):
 
 
 def storm20k(pool: Pool, server: Server, base: int, n: int, rate: float = 20, grace: float = 10,
-             in_flight: int = 2000) -> dict:
+             in_flight: int = 1000) -> dict:
     """base sockets joined on deploys:web (Rails tokens, every one sampled for latency); then, while
     a publisher posts to deploys:web at `rate`/s (open loop, latency from the scheduled time), n
     more connect and join as fast as they are answered, `in_flight` at a time (connecting,
     upgrading or awaiting their join reply), each with its own Rails token, on public:storm20k (a
     topic of their own: the load generator could not read a 20/s fan-out to all of them).
+    1000 in flight stays within every contender's accept backlog (1024); at 2000 the queue
+    overflowed on this machine and a few hundred connections were reset.
 
     All n at once, the storm overflows every contender's accept queue (SYNs dropped, retried after
     1 s, 3 s) and the load generator's own loop stalls on thousands of completions at a time,
