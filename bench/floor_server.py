@@ -3,7 +3,12 @@
 No framework at all: a minimal HTTP/1.1 parser for the upgrade and for POST /publish, a minimal
 WebSocket reader for joins and heartbeats, and for every broadcast one frame built once and
 ``transport.write(frame)`` per socket. It is what no Python server can undercut while writing
-one message per socket. Run: ``python bench/floor_server.py PORT GSECRET PSECRET LOOP``.
+one message per socket. Run: ``python bench/floor_server.py PORT GSECRET PSECRET LOOP [ISSUER]``.
+
+Joins follow pusherd's rules at their barest: ``public:*`` needs no token; a token, when sent (and
+on any other topic always), is verified with PyJWT (HS256, ``exp`` required), ``iss`` compared when
+an issuer is given, ``s_csrf`` checked against HMAC-SHA256(secret, csrf_token) when ``aud`` is
+``"csrf"``, and the topic matched against the ``listen`` claim (exact or ``prefix*``).
 """
 
 import asyncio
@@ -34,9 +39,34 @@ def unmask(mask: bytes, data: bytes) -> bytes:
 
 
 class State:
-    def __init__(self, gsecret, psecret):
-        self.gsecret, self.psecret = gsecret, psecret
+    def __init__(self, gsecret, psecret, issuer=None):
+        self.gsecret, self.psecret, self.issuer = gsecret, psecret, issuer
         self.topics = {}
+
+    def may_join(self, topic, payload):
+        """None when the join is allowed, else the reason."""
+        public = topic.startswith("public:")
+        token = payload.get("guardian_token")
+        if token is None:
+            return None if public else "authentication_required"
+        try:
+            claims = jwt.decode(token, self.gsecret, algorithms=["HS256"],
+                                options={"require": ["exp"], "verify_aud": False, "verify_sub": False})
+        except jwt.InvalidTokenError:
+            return None if public else "invalid_token"
+        if self.issuer is not None and claims.get("iss") != self.issuer:
+            return None if public else "invalid_token"
+        if claims.get("aud") == "csrf":
+            digest = hmac.new(self.gsecret.encode(), str(payload.get("csrf_token")).encode(), hashlib.sha256).digest()
+            if not hmac.compare_digest(base64.urlsafe_b64encode(digest).rstrip(b"=").decode(),
+                                       str(claims.get("s_csrf"))):
+                return None if public else "csrf_mismatch"
+        if public:
+            return None
+        for pattern in claims.get("listen") or ():
+            if pattern == topic or (pattern.endswith("*") and topic.startswith(pattern[:-1])):
+                return None
+        return "forbidden"
 
 
 class Conn(asyncio.Protocol):
@@ -135,13 +165,9 @@ class Conn(asyncio.Protocol):
         join_ref, ref, topic, event, payload = msg
         status, response = "ok", {}
         if event == "phx_join":
-            token = payload.get("guardian_token")
-            if token is not None:
-                try:
-                    jwt.decode(token, self.state.gsecret, algorithms=["HS256"], audience="csrf",
-                               options={"verify_sub": False})
-                except jwt.InvalidTokenError:
-                    status, response = "error", {"reason": "invalid_token"}
+            reason = self.state.may_join(topic, payload)
+            if reason is not None:
+                status, response = "error", {"reason": reason}
             if status == "ok":
                 self.state.topics.setdefault(topic, set()).add(self.transport)
                 self.topics.append(topic)
@@ -153,8 +179,8 @@ class Conn(asyncio.Protocol):
             self.state.topics.get(topic, set()).discard(self.transport)
 
 
-async def main(port, gsecret, psecret):
-    state = State(gsecret, psecret)
+async def main(port, gsecret, psecret, issuer=None):
+    state = State(gsecret, psecret, issuer)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Conn(state), "127.0.0.1", port, backlog=1024)
     print("serving on 127.0.0.1:%d" % port, flush=True)
@@ -167,4 +193,4 @@ if __name__ == "__main__":
     if loop_kind == "uvloop":
         import uvloop
         uvloop.install()
-    asyncio.run(main(port, gsecret, psecret))
+    asyncio.run(main(port, gsecret, psecret, sys.argv[5] if len(sys.argv) > 5 else None))

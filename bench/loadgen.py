@@ -8,6 +8,7 @@ the payload for latency). Workers are driven by the coordinator (run.py) over a 
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ from typing import List, Optional
 
 CLIENT_KEY = base64.b64encode(b"pusherd-bench-k!").decode()  # any 16 bytes will do
 MASK = b"\x01\x02\x03\x04"
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux >= 4.2
 
 
 def raise_nofile(want: int = 65536) -> int:
@@ -44,7 +46,9 @@ def masked_frame(text: str, opcode: int = 1) -> bytes:
         head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
         head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    masked = bytes(b ^ MASK[i & 3] for i, b in enumerate(data))
+    if not n:
+        return head + MASK
+    masked = (int.from_bytes(data, "big") ^ int.from_bytes((MASK * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
     return head + MASK + masked
 
 
@@ -56,7 +60,7 @@ def join_frame(topic: str, token: Optional[str], csrf: Optional[str], ref: str =
 class Conn(asyncio.Protocol):
     """One Phoenix V2 socket: upgrade, join, then count frames."""
 
-    __slots__ = ("w", "transport", "state", "buf", "sample", "join", "close_code")
+    __slots__ = ("w", "transport", "state", "buf", "sample", "join", "close_code", "waiter")
 
     def __init__(self, worker: "Worker", join: bytes, sample: bool):
         self.w = worker
@@ -66,6 +70,7 @@ class Conn(asyncio.Protocol):
         self.sample = sample
         self.join = join
         self.close_code = None
+        self.waiter = None      # a future set once the join is answered (or failed), when gated
 
     def connection_made(self, transport):
         self.transport = transport
@@ -154,16 +159,24 @@ class Worker:
 
     def joined(self, conn):
         self.n_joined += 1
+        self._release(conn)
         self._check_done()
+
+    @staticmethod
+    def _release(conn):
+        if conn.waiter is not None and not conn.waiter.done():
+            conn.waiter.set_result(None)
 
     def failed(self, conn, why):
         self.n_failed += 1
+        self._release(conn)
         if len(self.errors) < 5:
             self.errors.append(why)
         self._check_done()
 
     def lost(self, conn):
         self.n_lost += 1
+        self._release(conn)
         if conn.state < 2:
             if conn.state != 3:
                 self.n_failed += 1
@@ -189,7 +202,17 @@ class Worker:
 
     # -- commands -----------------------------------------------------------------------------
 
-    async def connect(self, host, port, path, n, topic, tokens, csrf, sample_every, concurrency, timeout, rcvbuf=0):
+    async def connect(self, host, port, path, n, topic, tokens, csrf, sample_every, concurrency, timeout, rcvbuf=0,
+                      gate_joins=False, spread=0):
+        """n sockets; at most `concurrency` connecting at a time (with gate_joins: connecting,
+        upgrading or waiting for their join reply).
+
+        spread > 0 (loopback only): each socket bound to one of 250 source addresses
+        127.<spread>.<0..>.x, the port left to connect() (IP_BIND_ADDRESS_NO_PORT). From one
+        source address, tens of thousands of sockets (and the TIME_WAITs of earlier runs) make
+        the kernel's ephemeral port search (__inet_hash_connect) cost the load generator ~0.5 ms
+        per connect at 17k sockets: the storm would measure the load generator.
+        """
         self.upgrade = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                         "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
                         "Origin: http://localhost:3000\r\n\r\n" % (path, host, port, CLIENT_KEY)).encode()
@@ -199,16 +222,29 @@ class Worker:
         self._all_joined = self.loop.create_future()
         self._check_done()  # n == 0
         sem = asyncio.Semaphore(concurrency)
+        # Join frames are built before the clock starts (a storm's tokens were minted before it too).
+        if tokens:
+            joins = [join_frame(topic, t, csrf) for t in tokens]
+        else:
+            joins = [join_frame(topic, None, csrf)]
+        # Thousands of new objects per storm: the cyclic GC's passes over them were ~15 % of the
+        # load generator's CPU under perf. Nothing here makes cycles that must go at once.
+        gc.disable()
         t0 = time.monotonic()
 
         async def one(i):
-            token = tokens[i % len(tokens)] if tokens else None
-            conn = Conn(self, join_frame(topic, token, csrf), sample_every > 0 and i % sample_every == 0)
+            conn = Conn(self, joins[i % len(joins)], sample_every > 0 and i % sample_every == 0)
+            if gate_joins:
+                conn.waiter = self.loop.create_future()
             async with sem:
                 try:
-                    if rcvbuf:  # a reader with a small window: its backlog shows up in the server
+                    if rcvbuf or spread:
                         sock = socket.socket()
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                        if rcvbuf:  # a reader with a small window: its backlog shows up in the server
+                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                        if spread:
+                            sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                            sock.bind(("127.%d.%d.%d" % (spread, i // 250 % 250, 1 + i % 250), 0))
                         sock.setblocking(False)
                         await asyncio.wait_for(self.loop.sock_connect(sock, (host, port)), timeout)
                         await self.loop.create_connection(lambda: conn, sock=sock)
@@ -218,13 +254,21 @@ class Worker:
                     self.failed(conn, "connect: %r" % exc)
                     conn.state = 3
                     return
-            self.conns.append(conn)
+                self.conns.append(conn)
+                if gate_joins:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(conn.waiter), timeout)
+                    except asyncio.TimeoutError:
+                        pass
 
-        await asyncio.gather(*(one(i) for i in range(n)))
         try:
-            await asyncio.wait_for(asyncio.shield(self._all_joined), timeout)
-        except asyncio.TimeoutError:
-            self.errors.append("timed out waiting for joins")
+            await asyncio.gather(*(one(i) for i in range(n)))
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_joined), timeout)
+            except asyncio.TimeoutError:
+                self.errors.append("timed out waiting for joins")
+        finally:
+            gc.enable()
         return {"joined": self.n_joined, "failed": self.n_failed, "seconds": time.monotonic() - t0,
                 "errors": self.errors}
 

@@ -1,4 +1,4 @@
-"""pusherd side by side with the classic Tornado pattern and the bare-asyncio floor.
+"""pusherd side by side with the classic Tornado pattern, the bare-asyncio floor and Node's ws.
 
     python bench/run.py            # full run (about 8 minutes on 2 cores)
     python bench/run.py --quick    # shorter phases, fewer sizes (about 2 minutes)
@@ -16,11 +16,14 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +38,8 @@ from pusherd.client import mint_token  # noqa: E402
 GSECRET = "bench-guardian-secret-0123456789abcdef"
 PSECRET = "bench-publish-secret-0123456789abcdef"
 CSRF = "bench-csrf-token"
+ISSUER = "https://rails.bench.example"  # every contender checks iss against it
+NODE_WS = ROOT / "tests" / "interop" / "node_modules" / "ws"
 HOST = "127.0.0.1"
 CLK = os.sysconf("SC_CLK_TCK")
 # Publishes per second in the latency scenarios. 1k x 200/s (the issue's figure) is 200k frames/s,
@@ -84,7 +89,7 @@ class Server:
         if kind in ("pusherd", "before"):
             cfg = {"guardian_secret": GSECRET, "publish_secret": PSECRET,
                    "allowed_origins": ["http://localhost:3000"], "heartbeat_timeout": 3600,
-                   "max_connections": 20000, "log_level": "info",
+                   "max_connections": 20000, "log_level": "info", "issuer": [ISSUER],
                    # The baseline and the floor log no access lines: compare like with like.
                    "access_log": False}
             cfg.update(overrides or {})
@@ -96,11 +101,22 @@ class Server:
                 env["PUSHERD_FAST"] = opts.fast
             cmd = [sys.executable, "-m", "pusherd", "--config", path, "--env", "bench",
                    "--listen", "%s:%d" % (HOST, self.port)]
+        elif kind == "node":
+            cmd = ["node", str(HERE / "node_ws_server.js"), str(self.port), GSECRET, PSECRET, opts.loop, ISSUER]
         else:
             script = {"baseline": "baseline_server.py", "floor": "floor_server.py"}[kind]
             cmd = [sys.executable, str(HERE / script), str(self.port), GSECRET, PSECRET, opts.loop]
+            if kind == "floor":
+                cmd.append(ISSUER)
+        cpus = opts.server_cpus
+
+        def child_setup():
+            loadgen.raise_nofile()
+            if cpus:  # before exec: every thread the server starts (node's too) inherits it
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=lambda: loadgen.raise_nofile())
+                                     preexec_fn=child_setup)
         if opts.server_cpus:
             os.sched_setaffinity(self.proc.pid, opts.server_cpus)
         deadline = time.monotonic() + 15
@@ -158,17 +174,20 @@ class Pool:
         return out
 
     def connect(self, server: Server, n: int, topic: str, tokens=None, sample_every=0, concurrency=256,
-                timeout=60, rcvbuf=0):
+                timeout=60, rcvbuf=0, gate_joins=False, spread=False):
         k = len(self.pipes)
         shares = [n // k + (1 if i < n % k else 0) for i in range(k)]
         path = "/events/websocket?vsn=2.0.0"
         per = [(HOST, server.port, path, shares[i], topic,
-                tokens[i::k] if tokens else None, CSRF, sample_every, max(1, concurrency // k), timeout, rcvbuf)
+                tokens[i::k] if tokens else None, CSRF, sample_every, max(1, concurrency // k), timeout, rcvbuf,
+                gate_joins, 10 + i if spread else 0)
                for i in range(k)]
         t0 = time.monotonic()
         res = self.all("connect", *per, timeout=timeout + 30)
         return {"joined": sum(r["joined"] for r in res), "failed": sum(r["failed"] for r in res),
-                "seconds": time.monotonic() - t0, "errors": [e for r in res for e in r["errors"]][:5]}
+                "seconds": time.monotonic() - t0, "errors": [e for r in res for e in r["errors"]][:5],
+                # from each worker's own clock, started once its join frames were built
+                "worker_seconds": max(r["seconds"] for r in res)}
 
     def received(self) -> int:
         return sum(r["received"] for r in self.all("received"))
@@ -415,14 +434,144 @@ def _publish_client(q, port, body, seconds, conns, cpus, loop_kind):
     q.put(loop.run_until_complete(main()))
 
 
-def storm(pool: Pool, server: Server, n: int) -> dict:
-    """n sockets connect and join a private topic with tokens, all at once."""
-    tokens = [mint_token(GSECRET, sub={"id": i}, listen=["private:*"], csrf_token=CSRF, ttl=3600)
-              for i in range(min(n, 500))]
-    c = pool.connect(server, n, "private:storm", tokens=tokens, concurrency=n, timeout=60)
+def node_missing():
+    """Why the node contender cannot run here (None when it can)."""
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not NODE_WS.is_dir():
+        return "the ws package is missing (cd tests/interop && npm ci --no-audit --no-fund)"
+    return None
+
+
+def rails_tokens(n: int, first_id: int = 0) -> list:
+    """n distinct join tokens as the Rails helper mints them on a page render: HS256, aud "csrf",
+    a sub object of its own per user, iss, exp, s_csrf of the page's csrf token, listen/publish."""
+    return [mint_token(GSECRET, sub={"id": i, "name": "User %d" % i, "email": "user%d@example.com" % i,
+                                     "crews": ["web", "crew-%d" % (i % 7)]},
+                       listen=["deploys:web", "public:*"], publish=[], csrf_token=CSRF, issuer=ISSUER,
+                       ttl=3600)
+            for i in range(first_id, first_id + n)]
+
+
+def storm(pool: Pool, server: Server, n: int, rails: bool = False) -> dict:
+    """n sockets connect and join at once: anonymously on a public topic, or (rails) each with
+    its own Rails token on deploys:web. Tokens are minted before the clock starts."""
+    tokens = rails_tokens(n) if rails else None
+    topic = "deploys:web" if rails else "public:storm"
+    time.sleep(0.2)
+    cpu0 = server.cpu()
+    c = pool.connect(server, n, topic, tokens=tokens, concurrency=n, timeout=60, spread=True)
+    cpu1 = server.cpu()
     pool.close_all()
-    return {"sockets": n, "joined": c["joined"], "errors": c["failed"], "seconds": c["seconds"],
+    return {"sockets": n, "joined": c["joined"], "errors": c["failed"], "seconds": c["worker_seconds"],
+            "cpu_seconds": cpu1 - cpu0, "us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, c["joined"]),
             "first_errors": c["errors"]}
+
+
+def storm20k_size(base: int, want: int = 20000) -> int:
+    """The storm's size: 20,000, unless the server cannot hold base + 20,000 sockets under this
+    machine's hard RLIMIT_NOFILE (no raising it without CAP_SYS_RESOURCE)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return want
+    return max(1000, min(want, (hard - base - 1500) // 500 * 500))
+
+
+class PeakRss(threading.Thread):
+    """Polls the server's RSS every 50 ms; .peak after stop()."""
+
+    def __init__(self, server: Server, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.server, self.every = server, every
+        self.peak = server.rss()
+        self._stop_evt = threading.Event()
+
+    def run(self):
+        while not self._stop_evt.wait(self.every):
+            try:
+                self.peak = max(self.peak, self.server.rss())
+            except OSError:
+                return
+
+    def stop(self):
+        self._stop_evt.set()
+        self.join()
+        return self.peak
+
+
+def storm20k(pool: Pool, server: Server, base: int, n: int, rate: float = 20, grace: float = 10,
+             in_flight: int = 1000) -> dict:
+    """base sockets joined on deploys:web (Rails tokens, every one sampled for latency); then, while
+    a publisher posts to deploys:web at `rate`/s (open loop, latency from the scheduled time), n
+    more connect and join as fast as they are answered, `in_flight` at a time (connecting,
+    upgrading or awaiting their join reply), each with its own Rails token, on public:storm20k (a
+    topic of their own: the load generator could not read a 20/s fan-out to all of them).
+    1000 in flight stays within every contender's accept backlog (1024); at 2000 the queue
+    overflowed on this machine and a few hundred connections were reset.
+
+    All n at once, the storm overflows every contender's accept queue (SYNs dropped, retried after
+    1 s, 3 s) and the load generator's own loop stalls on thousands of completions at a time,
+    which shows as seconds of latency for every contender: `storm` shows that case."""
+    tokens = rails_tokens(base)
+    storm_tokens = rails_tokens(n, first_id=base)
+    c = pool.connect(server, base, "deploys:web", tokens=tokens, sample_every=1)
+    assert c["joined"] == base, c
+    stop = threading.Event()
+    out = {}
+
+    def publisher():
+        async def drive():
+            p = await loadgen.Publisher(HOST, server.port, PSECRET).open()
+            sent = bad = 0
+            start = time.time()
+            while not stop.is_set():
+                at = start + sent / rate
+                delay = at - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                body = json.dumps({"topic": "deploys:web", "event": "new_version",
+                                   "payload": {"t": at, "pad": "x" * 60, "seq": sent}}).encode()
+                if await p.post(body) != 200:
+                    bad += 1
+                sent += 1
+            p.close()
+            out["sent"], out["bad"] = sent, bad
+
+        try:
+            asyncio.run(drive())
+        except Exception as exc:  # reported, not raised: the storm's figures still stand
+            out.setdefault("sent", 0)
+            out["bad"] = out.get("bad", 0) + 1
+            out["error"] = repr(exc)
+
+    time.sleep(0.3)
+    pool.all("reset")
+    rss0 = server.rss()
+    rss = PeakRss(server)
+    rss.start()
+    pub = threading.Thread(target=publisher, daemon=True)
+    cpu0, lcpu0 = server.cpu(), pool.cpu()
+    pub.start()
+    s = pool.connect(server, n, "public:storm20k", tokens=storm_tokens, concurrency=in_flight, gate_joins=True,
+                     timeout=60, spread=True)
+    cpu1, lcpu1 = server.cpu(), pool.cpu()
+    stop.set()
+    pub.join(30)
+    peak = rss.stop()
+    sent = out.get("sent", 0)
+    deadline = time.monotonic() + grace
+    while pool.received() < sent * base and time.monotonic() < deadline:
+        time.sleep(0.02)
+    got = pool.received()
+    lats = pool.latencies()
+    pool.close_all()
+    full = sorted(lats) + [float("inf")] * max(0, sent * base - len(lats))
+    return {"base": base, "sockets": n, "joined": s["joined"], "errors": s["failed"],
+            "seconds": s["worker_seconds"], "peak_rss_mb": peak / 2**20, "rss_growth_mb": (peak - rss0) / 2**20,
+            "cpu_seconds": cpu1 - cpu0, "us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, s["joined"]),
+            "loadgen_cpu_seconds": lcpu1 - lcpu0, "published": sent, "publish_errors": out.get("bad", 0), "lost": max(0, sent * base - got),
+            "p50_ms": 1e3 * pct(full, 0.50), "p99_ms": 1e3 * pct(full, 0.99),
+            "max_ms": 1e3 * max(full or [0]), "first_errors": s["errors"] + ([out["error"]] if "error" in out else [])}
 
 
 def overload(pool: Pool, server: Server, n: int, paused: int, seconds: float) -> dict:
@@ -485,9 +634,11 @@ def overload(pool: Pool, server: Server, n: int, paused: int, seconds: float) ->
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter phases and fewer sizes")
-    ap.add_argument("--servers", default="pusherd,baseline,floor")
+    ap.add_argument("--servers", default="pusherd,baseline,floor,node",
+                    help="comma-separated contenders (node is skipped with a message when node or ws is missing)")
     ap.add_argument("--only", default="", help="comma-separated scenario names (fanout,burst,latency,"
-                                                "latency10k,memory,lpfanout,lpmemory,publish,storm,overload)")
+                                                "latency10k,memory,lpfanout,lpmemory,publish,storm,"
+                                                "stormrails,storm20k,overload)")
     ap.add_argument("--workers", type=int, default=2, help="load generator processes")
     ap.add_argument("--loop", default="auto", choices=("auto", "asyncio", "uvloop"),
                     help="event loop for every contender and the load generator")
@@ -499,6 +650,13 @@ def main(argv=None):
     ap.add_argument("--before", metavar="DIR", help="also run pusherd from this checkout, as the contender "
                                                     "'before' (e.g. a git worktree of the previous commit)")
     opts = ap.parse_args(argv)
+    if "node" in opts.servers.split(","):
+        why = node_missing()
+        if why:
+            print("skipping the node contender: %s" % why, flush=True)
+            opts.servers = ",".join(k for k in opts.servers.split(",") if k != "node")
+            if not opts.servers:
+                ap.error("no contender left to run")
     if opts.before and "before" not in opts.servers.split(","):
         opts.servers += ",before"
     if opts.loop == "auto":
@@ -522,6 +680,8 @@ def main(argv=None):
         ("lpmemory", [(2000,)]),
         ("publish", [()]),
         ("storm", [(5000,)]),
+        ("stormrails", [(5000,)]),
+        ("storm20k", [(1000, storm20k_size(1000))]),
         ("overload", [(200,)]),
     ]
     only = set(filter(None, opts.only.split(",")))
@@ -538,8 +698,8 @@ def main(argv=None):
             for case in cases:
                 for _ in range(opts.repeat):
                     for kind in servers:
-                        if name == "overload" and kind == "floor":
-                            continue  # the floor has no bound by design: nothing to show
+                        if name == "overload" and kind in ("floor", "node"):
+                            continue  # the floor (and node's ws) has no bound by design: nothing to show
                         if name.startswith("lp") and kind != "pusherd":
                             continue  # long-poll: pusherd's own (the others, and 'before' it, have none)
                         key, r = run_one(name, case, kind, opts, pool, phase, q)
@@ -558,6 +718,9 @@ def run_one(name, case, kind, opts, pool, phase, q):
     overrides = {"max_outbox_bytes": 262144} if name == "overload" else None
     if name.startswith("lp"):  # each long-poll page holds an HTTP connection (two while it POSTs)
         overrides = {"max_http_connections": 3 * case[0] + 100}
+    # storm / stormrails keep pusherd's defaults (max_http_connections too): what a deploy meets.
+    if name == "storm20k":
+        overrides = {"max_connections": sum(case) + 100, "max_http_connections": sum(case) + 100}
     server = Server(kind, opts, overrides)
     try:
         if name == "fanout":
@@ -578,13 +741,17 @@ def run_one(name, case, kind, opts, pool, phase, q):
             r = publish_api(pool, server, phase)
         elif name == "storm":
             r = storm(pool, server, case[0])
+        elif name == "stormrails":
+            r = storm(pool, server, case[0], rails=True)
+        elif name == "storm20k":
+            r = storm20k(pool, server, case[0], case[1])
         elif name == "overload":
             r = overload(pool, server, case[0], 20, phase)
         else:
             raise ValueError(name)
     finally:
         server.stop()
-    return "%s %s" % (name, " ".join(map(str, case))), r
+    return "%s %s" % (name, "+".join(map(str, case)) if name == "storm20k" else " ".join(map(str, case))), r
 
 
 def median_of(results):
@@ -596,7 +763,7 @@ def median_of(results):
                 vals = [r[metric] for r in runs]
                 if all(isinstance(v, (int, float)) for v in vals):
                     # lost/errors: the worst run, not the median
-                    worst = metric in ("lost", "errors", "readers_lost")
+                    worst = metric in ("lost", "errors", "readers_lost", "publish_errors")
                     merged[metric] = max(vals) if worst else statistics.median(vals)
                 else:
                     merged[metric] = vals[-1]
@@ -623,17 +790,29 @@ METRICS = {
     "lpmemory": [("kb_per_session", "KB per idle long-poll session (GET pending)")],
     "publish": [("req_per_s", "publish req/s (keep-alive, auth)"), ("us_per_req", "CPU µs per request"),
                 ("errors", "errors")],
-    "storm": [("seconds", "seconds until all joined"), ("joined", "joined"), ("errors", "errors")],
+    "storm": [("seconds", "seconds until all joined (anonymous, public:storm)"), ("joined", "joined"),
+              ("errors", "errors"), ("cpu_seconds", "server CPU seconds"), ("us_per_conn", "server CPU µs per joined connection")],
+    "stormrails": [("seconds", "seconds until all joined (own Rails token each, deploys:web)"), ("joined", "joined"),
+                   ("errors", "errors"), ("cpu_seconds", "server CPU seconds"),
+                   ("us_per_conn", "server CPU µs per joined connection")],
+    "storm20k": [("seconds", "seconds until the storm joined"), ("joined", "storm sockets joined"), ("errors", "errors"),
+                 ("peak_rss_mb", "peak server RSS MB (50 ms polls)"),
+                 ("us_per_conn", "server CPU µs per joined connection (with the 20/s fan-out)"),
+                 ("p50_ms", "fan-out p50 ms to the first 1k"), ("p99_ms", "fan-out p99 ms to the first 1k"),
+                 ("max_ms", "fan-out max ms to the first 1k"),
+                 ("published", "events published during the storm (20/s scheduled, one connection)"),
+                 ("lost", "lost by the first 1k"),
+                 ("publish_errors", "publish errors")],
     "overload": [("readers_lost", "lost by readers"), ("stalled_dropped", "stalled sockets cut off by the server"),
                  ("rss_growth_mb", "server RSS growth MB")],
 }
 
 
 def table(results, servers) -> str:
-    before = "before" in servers
+    extra = [k for k in ("node", "before") if k in servers]
     rows = ["| scenario | figure | " + " | ".join(servers) + " | pusherd ÷ baseline | pusherd ÷ floor |"
-            + (" pusherd ÷ before |" if before else ""),
-            "|---|---|" + "---|" * len(servers) + "---|---|" + ("---|" if before else "")]
+            + "".join(" pusherd ÷ %s |" % k for k in extra),
+            "|---|---|" + "---|" * len(servers) + "---|---|" + "---|" * len(extra)]
     for key, by_kind in results.items():
         name = key.split()[0]
         for metric, label in METRICS.get(name, []):
@@ -643,11 +822,10 @@ def table(results, servers) -> str:
             b = by_kind.get("baseline", {}).get(metric)
             f = by_kind.get("floor", {}).get(metric)
             row = "| %s | %s | %s | %s | %s |" % (key, label, " | ".join(cells), _ratio(p, b), _ratio(p, f))
-            if before:
-                row += " %s |" % _ratio(p, by_kind.get("before", {}).get(metric))
+            for k in extra:
+                row += " %s |" % _ratio(p, by_kind.get(k, {}).get(metric))
             rows.append(row)
     return "\n".join(rows)
-
 
 
 def _cell(v):
