@@ -62,14 +62,6 @@ signal.signal(signal.SIGUSR2, _dump)
 '''
 
 
-def rails_tokens(n: int) -> list:
-    """A distinct token per page, as the Rails helper mints them (sub an object, deploys:web)."""
-    return [run.mint_token(run.GSECRET, sub={"id": i, "name": "User %d" % i, "email": "u%d@example.com" % i,
-                                             "crews": ["ops"]},
-                           listen=["deploys:web", "public:*"], csrf_token=run.CSRF, ttl=3600, issuer="rails")
-            for i in range(n)]
-
-
 def area(filename: str) -> str:
     for needle, name in AREAS:
         if needle in filename:
@@ -95,7 +87,7 @@ def main(argv=None):
     run.loadgen.raise_nofile()
     tmp = tempfile.mkdtemp(prefix="pusherd-profile-storm-")
     cfg = {"guardian_secret": run.GSECRET, "publish_secret": run.PSECRET, "allowed_origins": ["http://localhost:3000"],
-           "heartbeat_timeout": 3600, "max_connections": opts.n + 1000, "max_http_connections": opts.n + 1000,
+           "heartbeat_timeout": 3600, "issuer": [run.ISSUER], "max_connections": opts.n + 1000, "max_http_connections": opts.n + 1000,
            "log_level": "info", "access_log": False}
     path = os.path.join(tmp, "pusher.yml")
     with open(path, "w") as f:
@@ -109,7 +101,9 @@ def main(argv=None):
     cmd = [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
     cmd += ["-m", "pusherd", "--config", path, "--env", "bench", "--listen", "%s:%d" % (run.HOST, port)]
     log = open(os.path.join(tmp, "server.log"), "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=run.loadgen.raise_nofile)
+    # In the checkout's own directory: ``python -m`` puts the working directory first on sys.path.
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=opts.root,
+                            preexec_fn=run.loadgen.raise_nofile)
     if server_cpus:
         os.sched_setaffinity(proc.pid, server_cpus)
     deadline = time.monotonic() + 20
@@ -135,8 +129,8 @@ def main(argv=None):
             if opts.anonymous:
                 topic, tokens = "public:storm", None
             else:
-                topic, tokens = "deploys:web", rails_tokens(opts.n)
-            c = pool.connect(server, opts.n, topic, tokens=tokens, concurrency=opts.n, timeout=60)
+                topic, tokens = "deploys:web", run.rails_tokens(opts.n)
+            c = pool.connect(server, opts.n, topic, tokens=tokens, concurrency=opts.n, timeout=60, spread=True)
             pool.close_all()
             print("storm: %d joined, %d errors, %.2f s" % (c["joined"], c["failed"], c["seconds"]), flush=True)
             time.sleep(1.5)

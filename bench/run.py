@@ -84,8 +84,11 @@ class Server:
         self.log = open(os.path.join(self.tmp.name, "server.log"), "w+")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.pop("NOTIFY_SOCKET", None)
+        # The server runs in the checkout it comes from: ``python -m`` puts the working directory
+        # first on sys.path, before PYTHONPATH (run from this checkout, 'before' was this code).
+        cwd = str(ROOT)
         if kind == "before":  # pusherd from another checkout (--before DIR): a change measured in one run
-            env["PYTHONPATH"] = opts.before
+            env["PYTHONPATH"] = cwd = opts.before
         if kind in ("pusherd", "before"):
             cfg = {"guardian_secret": GSECRET, "publish_secret": PSECRET,
                    "allowed_origins": ["http://localhost:3000"], "heartbeat_timeout": 3600,
@@ -115,7 +118,7 @@ class Server:
             if cpus:  # before exec: every thread the server starts (node's too) inherits it
                 os.sched_setaffinity(0, cpus)
 
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                      preexec_fn=child_setup)
         if opts.server_cpus:
             os.sched_setaffinity(self.proc.pid, opts.server_cpus)
