@@ -157,9 +157,10 @@ def main(argv=None):
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
         by_area[area(filename)] += tottime
         total += tottime
-    print("\n| where (self time under cProfile) | share |\n|---|---|")
+    print("\n| where (self time under cProfile) | µs per client | share |\n|---|---|---|")
     for name, seconds in by_area.most_common():
-        print("| %s | %.0f %% |" % (name, 100 * seconds / total))
+        print("| %s | %.0f | %.0f %% |" % (name, seconds / storms * 1e6, 100 * seconds / total))
+    print("| all | %.0f | 100 %% |" % (total / storms * 1e6))
     print()
     stats.sort_stats("tottime").print_stats(opts.top)
 

@@ -72,6 +72,18 @@ class PublishHead:
             self.path, len(self.authorizations), self.content_type, self.content_length, self.close, self.length)
 
 
+def _head_lines(buf: Union[bytes, bytearray]):
+    """(the head's lines, request line first; its length with the blank line), or (MORE or
+    OTHER, 0): incomplete, or past MAX_HEAD, a bare LF or a byte that is not ASCII."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+    if end < 0:  # incomplete; a bare LF already tells it is not a shape read here
+        return (MORE if len(buf) < MAX_HEAD and buf.count(b"\n") == buf.count(b"\r\n") else OTHER), 0
+    try:
+        return bytes(buf[:end]).decode("ascii").split("\r\n"), end + 4
+    except UnicodeDecodeError:
+        return OTHER, 0
+
+
 def read_head(buf: Union[bytes, bytearray]) -> Union[PublishHead, _Verdict]:
     """The head at the start of ``buf``: a `PublishHead`, `MORE` or `OTHER`."""
     n = len(buf)
@@ -79,14 +91,9 @@ def read_head(buf: Union[bytes, bytearray]) -> Union[PublishHead, _Verdict]:
         return MORE if _PREFIX.startswith(bytes(buf)) else OTHER
     if not buf.startswith(_PREFIX) or buf[len(_PREFIX)] not in b" ?":
         return OTHER
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
-    if end < 0:  # incomplete; a bare LF already tells it is not this shape
-        return MORE if n < MAX_HEAD and buf.count(b"\n") == buf.count(b"\r\n") else OTHER
-    try:
-        text = bytes(buf[:end]).decode("ascii")
-    except UnicodeDecodeError:
-        return OTHER
-    lines = text.split("\r\n")
+    lines, length = _head_lines(buf)
+    if length == 0:
+        return lines  # MORE or OTHER
     request = _REQUEST_LINE.fullmatch(lines[0])
     if request is None:
         return OTHER
@@ -106,11 +113,12 @@ def read_head(buf: Union[bytes, bytearray]) -> Union[PublishHead, _Verdict]:
         elif name in _OTHER:
             return OTHER
     host = single.get("host")
-    length = single.get("content-length")
-    if host is None or _HOST.fullmatch(host) is None or length is None or _DIGITS.fullmatch(length) is None:
+    content_length = single.get("content-length")
+    if (host is None or _HOST.fullmatch(host) is None or content_length is None
+            or _DIGITS.fullmatch(content_length) is None):
         return OTHER
     return PublishHead(request.group(1).split("?", 1)[0], authorizations, single.get("content-type", ""),
-                       int(length), single.get("connection", "").lower() == "close", end + 4)
+                       int(content_length), single.get("connection", "").lower() == "close", length)
 
 
 _GET = b"GET "
@@ -147,14 +155,9 @@ def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Ver
         return MORE if _GET.startswith(bytes(buf)) else OTHER
     if not buf.startswith(_GET):
         return OTHER
-    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
-    if end < 0:
-        return MORE if n < MAX_HEAD and buf.count(b"\n") == buf.count(b"\r\n") else OTHER
-    try:
-        text = bytes(buf[:end]).decode("ascii")
-    except UnicodeDecodeError:
-        return OTHER
-    lines = text.split("\r\n")
+    lines, length = _head_lines(buf)
+    if length == 0:
+        return lines  # MORE or OTHER
     request = _UPGRADE_LINE.fullmatch(lines[0])
     if request is None:
         return OTHER
@@ -189,4 +192,4 @@ def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Ver
     # would run: such a request is left to it.
     if single.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") and not single.get("origin"):
         return OTHER
-    return UpgradeHead(uri, path, fields, end + 4)
+    return UpgradeHead(uri, path, fields, length)
