@@ -6,6 +6,7 @@ The same contract suite (tests/broker/test_contract.py) runs against every broke
 """
 
 import logging
+import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..core.broadcast import Broadcast
@@ -142,3 +143,10 @@ class PresenceBackplane:
 
     async def close(self) -> None:
         """Flush what is written and say goodbye: this process's entries leave at once."""
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> float:
+    """Capped exponential backoff with jitter in [50%, 100%] of the step (no thundering herd):
+    every reconnecting part of a broker (redis.py's lanes and seeds, redis_presence.py)."""
+    step = min(cap, base * (2 ** min(attempt, 30)))
+    return step * (0.5 + 0.5 * rand())

@@ -102,7 +102,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import secrets
 import time
 import zlib
@@ -116,7 +115,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, ResponseError
 
 from ..core.broadcast import Broadcast
-from .base import Broker, Deliver, log_evictions
+from .base import Broker, Deliver, backoff_delay, log_evictions
 from ..config.values import mask_url, multi_host_url
 from ..core import protocol
 from ..core.errors import BrokerUnavailable, StartupError
@@ -313,13 +312,6 @@ def decode_envelope(data: bytes):
     if not isinstance(ts, (int, float)) or isinstance(ts, bool):
         ts = None
     return origin, Broadcast(topic, event, payload, ts, pos if isinstance(pos, str) else None)
-
-
-def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP,
-                  rand=random.random) -> float:
-    """Capped exponential backoff with jitter in [50%, 100%] of the step (no thundering herd)."""
-    step = min(cap, base * (2 ** min(attempt, 30)))
-    return step * (0.5 + 0.5 * rand())
 
 
 def _batches(items: List, size: int) -> Iterable[List]:

@@ -51,7 +51,7 @@ from redis.exceptions import ReadOnlyError, RedisError
 
 from ..core.errors import BrokerUnavailable
 from ..core.presence import Diff, Entry, decode_entry, encode_entry, entry_field
-from .base import PresenceBackplane
+from .base import PresenceBackplane, backoff_delay
 
 log = logging.getLogger("pusherd.presence")
 
@@ -255,7 +255,6 @@ class RedisPresence(PresenceBackplane):
     async def _supervise(self) -> None:
         attempts = 0
         down_since: Optional[float] = None
-        from .redis import backoff_delay
         while not self._closing:
             conn = None
             try:

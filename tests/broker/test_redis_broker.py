@@ -18,7 +18,8 @@ from pusherd.core.errors import BrokerUnavailable
 
 redis_py()
 from pusherd.brokers import redis as redis_broker  # noqa: E402
-from pusherd.brokers.redis import RedisBroker, backoff_delay, decode_envelope, encode_envelope  # noqa: E402
+from pusherd.brokers.base import backoff_delay  # noqa: E402
+from pusherd.brokers.redis import RedisBroker, decode_envelope, encode_envelope  # noqa: E402
 from pusherd.config.values import mask_url  # noqa: E402
 
 FAST = dict(backoff_base=0.02, backoff_cap=0.2, connect_timeout=0.5, command_timeout=1.0)
