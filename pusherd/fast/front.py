@@ -375,9 +375,14 @@ class PublishConnection:
         if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
             return
         stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
-        sock, prefix = self._detach()
+        _, prefix = self._detach()
         self.stream = None
-        if sock is not None and not self.front.upgrades.complete(stream, head, remote_ip, address):
+        try:
+            completed = self.front.upgrades.complete(stream, head, remote_ip, address)
+        except Exception:
+            stream.close()  # detached from here already: nobody else would close it
+            raise
+        if not completed:
             self.front.server.hand_over(stream, address, prefix, deadline)
 
     def _hand_over(self) -> None:
