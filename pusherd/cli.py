@@ -46,13 +46,19 @@ def publish_parser() -> argparse.ArgumentParser:
     p.add_argument("event", metavar="EVENT")
     p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?",
                    help="a JSON object (default {}); '-' reads it from standard input")
+    add_daemon_options(p)
+    return p
+
+
+def add_daemon_options(p: argparse.ArgumentParser) -> None:
+    """How `publish` and `presence` reach the daemon: its URL and secret, the configuration they
+    may come from, the timeout and the retries."""
     p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
     p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
     add_config_options(p)
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per attempt (default 5)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries on 503 or connection errors, with backoff (default 3)")
-    return p
 
 
 def presence_parser() -> argparse.ArgumentParser:
@@ -63,12 +69,7 @@ def presence_parser() -> argparse.ArgumentParser:
         epilog="URL and secret as for pusherd publish. Exit 0 with the list; 1 with pusherd's reason (404: "
                "no presence on that topic) or when unreachable; 2 for bad arguments or configuration.")
     p.add_argument("topic", metavar="TOPIC")
-    p.add_argument("--url", help="pusherd's base URL, e.g. http://127.0.0.1:4000")
-    p.add_argument("--secret", help="the publish secret (visible to other users in ps: prefer the variable)")
-    add_config_options(p)
-    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per attempt (default 5)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries on 503 or connection errors, with backoff (default 3)")
+    add_daemon_options(p)
     return p
 
 
