@@ -72,6 +72,8 @@ class Refusals:
     def __init__(self):
         self.connections = StormLog("refused %d connection(s) with 503: max_connections (%d) reached")
         self.draining = StormLog("refused %d connection(s) with 503: shutting down", logging.INFO)
+        self.http = StormLog("refused %d new HTTP connection(s) with 503: max_http_connections (%d) reached"
+                             " and no connection left it for a while (every one inside a request)")
         self.http_paused = StormLog("stopped accepting %d time(s): max_http_connections (%d) reached, no"
                                     " connection to close yet (new connections wait in the listen queue)")
         self.rate = StormLog("refused %d connection(s) with 503: max_new_connections_per_second (%d) reached")
@@ -79,7 +81,7 @@ class Refusals:
                                        " max_http_connections (%d) reached")
 
     def flush(self, now: float) -> None:
-        for storm in (self.connections, self.draining, self.rate, self.http_paused, self.http_evictions):
+        for storm in (self.connections, self.draining, self.rate, self.http, self.http_paused, self.http_evictions):
             storm.flush(now)
 
 

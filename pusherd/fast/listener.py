@@ -49,6 +49,14 @@ EVICT_GRACE_SECONDS = 1.0
 #: While accepting is paused (max_http_connections reached, no connection to close), how often
 #: the listener looks again, besides at once when a connection leaves the count.
 PAUSE_RECHECK_SECONDS = 0.1
+#: At the cap for this long with no connection leaving it (every one inside a long request:
+#: long-poll GETs held for up to longpoll_window, slow bodies), newcomers are accepted and refused
+#: (503, Retry-After) instead of waiting in the listen queue with no end in sight. In a storm
+#: connections leave the count all the time (each upgrade), so it never comes to this.
+STUCK_SECONDS = 3.0
+#: Retry-After of that 503.
+RETRY_AFTER_SECONDS = 1
+_DISCARD = bytearray(65536)
 #: Connections accepted per readiness of a listening socket before other callbacks get the loop
 #: (Tornado's add_accept_handler accepts up to 128).
 ACCEPTS_PER_TURN = 128
@@ -110,6 +118,7 @@ class Server(tornado.httpserver.HTTPServer):
         self._accepting = False  # the listeners are registered with the loop
         self._listen_stopped = False
         self._recheck = None  # the timer that looks again while accepting is paused
+        self._stuck_since: Optional[float] = None  # at the cap since, no connection left it (`left`)
         self._evicted = set()  # streams closed here whose connection is not out of Tornado's _connections yet
         # Handed-over streams -> the loop time their current head is due by (the front's deadline).
         self._head_deadlines: "weakref.WeakKeyDictionary[IOStream, float]" = weakref.WeakKeyDictionary()
@@ -187,11 +196,19 @@ class Server(tornado.httpserver.HTTPServer):
         for _ in range(ACCEPTS_PER_TURN):
             if sock is None or not self._accepting:
                 return
+            refuse = False
             if not self._has_room():  # the rest wait in the listen queue
                 service = self.service
-                service.refusals.http_paused.note(time.monotonic(), service.config.settings.max_http_connections)
-                self._pause_for(PAUSE_RECHECK_SECONDS)
-                return
+                now = time.monotonic()
+                limit = service.config.settings.max_http_connections
+                if self._stuck_since is None:
+                    self._stuck_since = now
+                if now - self._stuck_since < STUCK_SECONDS:
+                    service.refusals.http_paused.note(now, limit)
+                    self._pause_for(PAUSE_RECHECK_SECONDS)
+                    return
+                service.refusals.http.note(now, limit)  # nobody leaves: refused, not left waiting
+                refuse = True
             try:
                 connection, address = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -204,6 +221,9 @@ class Server(tornado.httpserver.HTTPServer):
                     self._pause_for(1.0)
                     return
                 raise
+            if refuse:
+                _refuse(connection)
+                continue
             self._handle_connection_socket(connection, address)
 
     def _handle_connection_socket(self, connection: socket.socket, address) -> None:
@@ -217,6 +237,7 @@ class Server(tornado.httpserver.HTTPServer):
 
     def left(self) -> None:
         """A connection left the count (closed, or upgraded to a WebSocket): accept again."""
+        self._stuck_since = None
         if not self._accepting:
             self._resume()
 
@@ -309,6 +330,25 @@ class Server(tornado.httpserver.HTTPServer):
                 self.service.refusals.http_evictions.note(now, limit)
                 return True
         return False
+
+
+def _refuse(sock: socket.socket) -> None:
+    """503 to a connection accepted over max_http_connections (`STUCK_SECONDS`), then closed."""
+    sock.setblocking(False)
+    try:
+        # What the client sent already is read (and dropped) first: closing a socket with
+        # unread bytes resets the connection, and the client may lose the answer.
+        sock.recv_into(_DISCARD)
+    except OSError:  # nothing yet (BlockingIOError), or gone
+        pass
+    try:
+        # "status": 500 is for phoenix.js's long-poll, which reads the body's status (not the
+        # HTTP one) and retries only on 0 or 500: anything else strands the page for good.
+        sock.send(http_answer(503, {"error": "too many HTTP connections", "status": 500},
+                              (("Retry-After", str(RETRY_AFTER_SECONDS)),)))
+    except OSError:
+        pass
+    sock.close()
 
 
 def _unread(sock: Optional[socket.socket]) -> bool:

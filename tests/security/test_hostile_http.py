@@ -199,6 +199,40 @@ def test_connection_flood_beyond_max_http_connections_waits_in_the_listen_queue(
 
 
 @PATHS
+def test_a_cap_no_connection_leaves_refuses_newcomers_after_a_while_instead_of_holding_them(pusherd_factory, fast):
+    """Every connection inside a request that does not end (long-poll GETs, slow bodies) and none
+    leaving the cap for STUCK_SECONDS: a newcomer is not left in the listen queue with no end in
+    sight (a publisher would hang until its own timeout), it gets 503 with Retry-After and a
+    long-poll-readable status, and the refusals are one rate-limited WARNING."""
+    from pusherd.fast.listener import STUCK_SECONDS
+    d = start(pusherd_factory, fast, {"max_http_connections": 4, "http_body_timeout": 60})
+    socks = stalled_publishers(d.port, 4)
+    try:
+        s = connect(d.port)
+        s.sendall(publish_head(b"Bearer " + PUBLISH_SECRET.encode(), len(EVENT)) + EVENT)
+        status, headers, body, closed = read_answer(s, timeout=STUCK_SECONDS + 5)
+        assert status == 503 and headers.get("retry-after") == "1", (status, headers, body)
+        assert body == {"error": "too many HTTP connections", "status": 500} and closed
+        line = d.wait_log("refused 1 new HTTP connection(s) with 503")
+        assert "WARNING" in line and "max_http_connections (4)" in line
+        socks.pop().close()  # a slot frees: once the server has seen it go, newcomers are served again
+        deadline = time.monotonic() + 5
+        while True:
+            s = connect(d.port)
+            s.sendall(publish_head(b"Bearer " + PUBLISH_SECRET.encode(), len(EVENT)) + EVENT)
+            status = read_answer(s, wait_close=False)[0]
+            s.close()
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert status == 200
+        assert not [l for l in d.lines if " ERROR " in l], d.log()
+    finally:
+        for s in socks:
+            s.close()
+
+
+@PATHS
 def test_idle_connection_flood_does_not_starve_websockets_or_keep_alive_publishers(pusherd_factory, phx_connect, fast):
     """20 connections that never send a byte, against max_http_connections: 5. Each newcomer at
     the cap closes the one that has waited longest for its first request, so a WebSocket still
