@@ -36,6 +36,7 @@ from ..core.origins import upgrade_allowed
 from ..core.errors import AuthError
 from ..core.protocol import serializer_for_vsn
 from ..core.tokens import auth_token_from_subprotocols, socket_token
+from ..transports.websocket import query_params
 from .http1 import UpgradeHead
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,12 +123,7 @@ class Upgrades:
         allowed, _ = upgrade_allowed(service.config.origins, headers)
         if not allowed or not service.has_room():
             return None
-        params = {}
-        for name, values in query.items():  # as transports.websocket.query_params
-            try:
-                params[name] = values[-1].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
+        params = query_params(request)
         protocols = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",")]
         token, csrf = socket_token(params, auth_token_from_subprotocols(protocols))
         claims = None
