@@ -79,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--root", default=str(HERE.parent), help="the pusherd checkout to run")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--top", type=int, default=25, help="functions listed by self time")
+    ap.add_argument("--py-spy", metavar="FILE", help="also sample the server with py-spy (no cProfile): "
+                    "collapsed stacks to FILE, self time by function printed (pip install py-spy)")
     opts = ap.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else (None, None)
@@ -98,6 +100,8 @@ def main(argv=None):
     port = run.free_port()
     gc_file = os.path.join(tmp, "gc.txt")
     env = dict(os.environ, PYTHONPATH=opts.root + os.pathsep + tmp, PUSHERD_LOOP="uvloop", BENCH_GC_FILE=gc_file)
+    if opts.py_spy:
+        opts.no_profile = True  # one profiler at a time: a sampler sees real time, cProfile's slows Python
     cmd = [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
     cmd += ["-m", "pusherd", "--config", path, "--env", "bench", "--listen", "%s:%d" % (run.HOST, port)]
     log = open(os.path.join(tmp, "server.log"), "w+")
@@ -122,6 +126,11 @@ def main(argv=None):
     server = S()
     server.port = port
     pool = run.Pool(2, client_cpus, "uvloop")
+    spy = None
+    if opts.py_spy:
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "997", "--format", "raw",
+                                "--output", opts.py_spy, "--nonblocking"], stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
     cpu0 = run.cpu_seconds(proc.pid)
     proc.send_signal(signal.SIGUSR2)
     try:
@@ -137,6 +146,9 @@ def main(argv=None):
     finally:
         pool.exit()
     cpu = run.cpu_seconds(proc.pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
     proc.send_signal(signal.SIGUSR2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -149,6 +161,8 @@ def main(argv=None):
           % (cpu / storms * 1e6, "anonymous" if opts.anonymous else "a Rails token each",
              "" if opts.no_profile else ", under cProfile"))
     print("garbage collector: %.0f µs per client (%d collections)" % (gc_seconds / storms * 1e6, gc_runs))
+    if opts.py_spy:
+        print_samples(opts.py_spy, opts.top)
     if opts.no_profile:
         return
     stats = pstats.Stats(prof)
@@ -163,6 +177,28 @@ def main(argv=None):
     print("| all | %.0f | 100 %% |" % (total / storms * 1e6))
     print()
     stats.sort_stats("tottime").print_stats(opts.top)
+
+
+def print_samples(path: str, top: int) -> None:
+    """Self samples by function and by area from py-spy's collapsed stacks (idle samples left out)."""
+    by_function, by_area, total = collections.Counter(), collections.Counter(), 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            frames = stack.split(";")
+            leaf = frames[-1]
+            if "select" in leaf or "epoll" in leaf or "run_forever" in leaf and len(frames) < 4:
+                continue  # waiting in the loop, not working
+            n = int(count)
+            total += n
+            by_function[leaf] += n
+            by_area[area(leaf.rpartition("(")[2])] += n
+    print("\n| where (py-spy self samples) | share |\n|---|---|")
+    for name, n in by_area.most_common():
+        print("| %s | %.1f %% |" % (name, 100 * n / max(total, 1)))
+    print()
+    for name, n in by_function.most_common(top):
+        print("%5.1f %%  %s" % (100 * n / max(total, 1), name))
 
 
 if __name__ == "__main__":

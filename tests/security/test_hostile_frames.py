@@ -342,3 +342,22 @@ def test_silent_socket_and_partial_frame_are_closed(pusherd_factory):
         silent.close()
         partial.close()
     assert still_serving(d)
+
+
+def test_a_close_frame_whose_reason_is_not_utf8_ends_the_connection_and_frees_its_slot(pusherd_factory):
+    """RFC 6455 7.1.6: a close reason must be UTF-8. Tornado's reader raises on one that is not
+    (and on Tornado 6.5 then never closes the socket nor frees its slot): pusherd's reader
+    (fast/websocket.py) ends the connection at once."""
+    d = pusherd_factory({})
+    ws = RawWS(d.port)
+    try:
+        assert ws.join("public:bye")[3] == "phx_reply"
+        ws.send_frame(0x8, b"\x03\xe8" + b"\xff\xfe not utf-8")
+        assert ws.close_outcome(timeout=3)[0] in ("close", "dropped")
+    finally:
+        ws.close()
+    deadline = time.monotonic() + 3
+    while d.request("GET", "/healthz")[1]["connections"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.request("GET", "/healthz")[1]["connections"] == 0
+    assert still_serving(d)

@@ -114,6 +114,29 @@ def settings():
     return config.from_mapping({"test": {"allowed_origins": ["*"]}}, "test", "<t>", {}, lambda p: "")
 
 
+def test_the_frame_reader_finds_what_it_reads_and_calls_on_the_protocol():
+    """websocket._Protocol._receive_frame_loop replaces Tornado's reader: Tornado must still start
+    it as the accept's last step, and keep the state and the methods it shares with Tornado's
+    own (tests/unit/fast/test_frame_reader.py checks that the two behave the same)."""
+    import inspect
+
+    from pusherd.fast.websocket import _Protocol
+
+    cls = tornado.websocket.WebSocketProtocol13
+    assert "await self._receive_frame_loop()" in inspect.getsource(cls._accept_connection)
+    assert inspect.iscoroutinefunction(cls._receive_frame_loop)
+    assert set(inspect.signature(cls._handle_message).parameters) == {"self", "opcode", "data"}
+    params = tornado.websocket._WebSocketParams(max_message_size=123)
+    protocol = _Protocol(object(), False, params)
+    for name in ("client_terminated", "server_terminated", "close_code", "close_reason", "_decompressor",
+                 "_fragmented_message_buffer", "_fragmented_message_opcode", "_wire_bytes_in"):
+        assert hasattr(protocol, name), name
+    assert protocol.params.max_message_size == 123
+    assert protocol._decompressor is None and protocol._fragmented_message_buffer is None
+    for name in ("_abort", "close", "_handle_message"):
+        assert callable(getattr(protocol, name)), name
+
+
 def test_an_open_socket_sheds_what_lean_drops_and_its_stream_wears_list_queues():
     seen = {}
 
