@@ -68,6 +68,7 @@ class FastSocketHandler(SocketHandler):
             outbox.send(frame)
 
     def close_with(self, code: int, reason: str) -> None:
+        self._asked_to_close()
         if self.outbox is not None:
             self.outbox.flush()
             self.outbox.detach()
@@ -85,6 +86,7 @@ class FastSocketHandler(SocketHandler):
 
     def _drop_stalled(self) -> None:
         self.closing = True
+        self._asked_to_close()
         self.service.counters.slow_consumer_closes += 1
         log.info("%s: dropping slow consumer (writes stalled)", self.session.peer if self.session else "-")
         self.outbox.detach()

@@ -57,10 +57,18 @@ def utf8(text: str) -> bytes:
     return text.encode("utf-8")
 
 
+#: How long a socket pusherd closed may stay registered. Tornado waits 5 s for the client's close
+#: frame, then drops the connection and says so (``on_close``); a socket still here this long
+#: after its close is one whose reader ended without saying so (Tornado 6.5's raises out of
+#: itself on a close frame whose reason is not UTF-8): the sweep releases it (`SocketHandler.tick`).
+RELEASE_AFTER_CLOSE_SECONDS = 10.0
+
+
 class SocketHandler(tornado.websocket.WebSocketHandler):
     """One browser socket: Tornado does the handshake and reads frames; `Session` decides."""
 
     wire = staticmethod(utf8)
+    close_asked: Optional[float] = None  # monotonic time pusherd closed it (set on the instance then)
 
     def initialize(self, service: "Service", legacy_path: bool = False):
         self.service = service
@@ -181,12 +189,18 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.send_frame(self.wire(text))
 
     def close_with(self, code: int, reason: str) -> None:
+        self._asked_to_close()
         self.close(code, reason)
+
+    def _asked_to_close(self) -> None:
+        if self.close_asked is None:
+            self.close_asked = time.monotonic()
 
     def _slow_consumer(self, why: str, verb: str = "closing") -> None:
         if self.closing:
             return
         self.closing = True
+        self._asked_to_close()
         counters = self.service.counters
         counters.slow_consumer_closes += 1
         counters.frames_dropped += self._frames_waiting()  # what waits in Tornado will not get through
@@ -211,6 +225,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         """Called by the service's periodic sweep (one timer for every socket)."""
         session = self.session
         if session is None:
+            return
+        if self.close_asked is not None and time.monotonic() - self.close_asked > RELEASE_AFTER_CLOSE_SECONDS:
+            log.warning("%s: released a socket closed %.0f s ago whose connection never reported its end",
+                        session.peer, RELEASE_AFTER_CLOSE_SECONDS)
+            self.on_connection_close()  # Tornado's own hook for a connection gone: drops it, calls on_close
             return
         if self.stalled_for(time.monotonic()) > self.service.config.settings.slow_consumer_seconds:
             self._drop_stalled()
