@@ -5,8 +5,8 @@ Everything outside this package uses Tornado's public API only (pusherd/transpor
 - the optional speed-ups, on by default, off with ``PUSHERD_FAST=0`` (the bytes on the wire are
   the same either way; tests/transport/test_transport_contract.py runs both):
   `direct` (fan-out and replies written straight to the sockets, a bounded coalescing outbox),
-  `websocket` (the WebSocket handler that uses them, and trims an open socket's memory:
-  `lean`), `front` (publisher connections answered outside Tornado's HTTP server, parsed by
+  `websocket` (the WebSocket handler that uses them, reads the frames clients send its own way,
+  and trims an open socket's memory: `lean`), `front` (publisher connections answered outside Tornado's HTTP server, parsed by
   `http1`), `upgrade` (the WebSocket upgrades pusherd accepts, completed on the front), `gc`
   (the garbage collector kept off the long-lived sockets);
 - `listener`: the HTTP server's own limits that Tornado's public API cannot express (the
