@@ -154,7 +154,11 @@ def test_presence_across_processes_on_redis_a_killed_process_and_a_redis_restart
     dave.disconnect()
     wait_lists([bob], {"alice": 1, "bob": 1}, timeout=5)   # B's members hear it at once...
     redis_server.start()
-    wait_lists([alice, bob], {"alice": 1, "bob": 1}, timeout=ttl * 4 / 3 + 5.0)   # ... A's once Redis is back
+    # ... A's once Redis is back: once A's subscriber has reconnected (its next attempt may be up
+    # to the backoff's cap away: brokers/base.backoff_delay), resynchronised, and dropped B's old
+    # entries, kept for ttl until B registers again (a sweep every ttl / 3), plus a margin.
+    from pusherd.brokers.redis import BACKOFF_CAP
+    wait_lists([alice, bob], {"alice": 1, "bob": 1}, timeout=BACKOFF_CAP + ttl * 4 / 3 + 2.0)
     time.sleep(ttl)   # a heartbeat or two after everyone registered again: still right, nothing else moved
     wait_lists([alice, bob], {"alice": 1, "bob": 1}, timeout=1)
     for p, mark in marks.items():
