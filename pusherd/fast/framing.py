@@ -32,9 +32,10 @@ class ClientFrameHead:
 
 def client_frame_head(data, pos: int):
     """The head of the frame starting at ``data[pos]``, or None when `data` does not hold its
-    length yet (the 2, 4 or 10 bytes before the mask key). Nothing is judged here (a reserved bit, an unmasked frame, a length): the reader does.
-    A control frame whose 7-bit length is 126 or 127 is given as it is (its length 126 or 127,
-    its head 2 bytes): it is refused before anything more of it is read, as Tornado does."""
+    length yet (the 2, 4 or 10 bytes before the mask key). Nothing is judged here (a reserved
+    bit, an unmasked frame, a length): the reader does. A control frame whose 7-bit length is
+    126 or 127 is given as it is (its length 126 or 127, its head 2 bytes): it is refused before
+    anything more of it is read, as Tornado does."""
     end = len(data)
     if end - pos < 2:
         return None
@@ -42,7 +43,7 @@ def client_frame_head(data, pos: int):
     masked = bool(b1 & 0x80)
     length = b1 & 0x7F
     size = 2
-    if b0 & 0x08 and length >= 126:  # a control frame that says it is long: refused on its first two bytes
+    if b0 & 0x08 and length >= 126:  # a control frame that says it is long: refused on these two bytes
         return ClientFrameHead(bool(b0 & 0x80), b0 & 0x70, b0 & 0x0F, masked, length, size)
     if length == 126:
         size = 4
