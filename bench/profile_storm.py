@@ -18,6 +18,7 @@ import collections
 import json
 import os
 import pstats
+import re
 import signal
 import socket
 import subprocess
@@ -179,26 +180,39 @@ def main(argv=None):
     stats.sort_stats("tottime").print_stats(opts.top)
 
 
+#: Leaves of a sample taken while the loop waits for events (uvloop's loop is C: its Python leaf is
+#: asyncio's Runner.run), not working.
+_IDLE_LEAVES = ("Runner.run ", "run_forever ", "BaseEventLoop.run_forever ", "BaseEventLoop._run_once ")
+
+
 def print_samples(path: str, top: int) -> None:
-    """Self samples by function and by area from py-spy's collapsed stacks (idle samples left out)."""
-    by_function, by_area, total = collections.Counter(), collections.Counter(), 0
+    """Shares of the busy samples in py-spy's collapsed stacks (the loop's idle samples left out),
+    by function with line numbers merged: self time by area and by function, and inclusive time
+    by function (what bench/README.md's py-spy table quotes)."""
+    by_function, inclusive, by_area, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
-            frames = stack.split(";")
+            frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
             leaf = frames[-1]
-            if "select" in leaf or "epoll" in leaf or "run_forever" in leaf and len(frames) < 4:
-                continue  # waiting in the loop, not working
+            if leaf.startswith(_IDLE_LEAVES) or "select" in leaf or "epoll" in leaf:
+                continue
             n = int(count)
             total += n
             by_function[leaf] += n
             by_area[area(leaf.rpartition("(")[2])] += n
+            for frame in set(frames):
+                inclusive[frame] += n
+    share = lambda n: 100 * n / max(total, 1)  # noqa: E731
     print("\n| where (py-spy self samples) | share |\n|---|---|")
     for name, n in by_area.most_common():
-        print("| %s | %.1f %% |" % (name, 100 * n / max(total, 1)))
-    print()
+        print("| %s | %.1f %% |" % (name, share(n)))
+    print("\nself:")
     for name, n in by_function.most_common(top):
-        print("%5.1f %%  %s" % (100 * n / max(total, 1), name))
+        print("%5.1f %%  %s" % (share(n), name))
+    print("\ninclusive:")
+    for name, n in inclusive.most_common(top):
+        print("%5.1f %%  %s" % (share(n), name))
 
 
 if __name__ == "__main__":
