@@ -227,8 +227,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         if session is None:
             return
         if self.close_asked is not None and time.monotonic() - self.close_asked > RELEASE_AFTER_CLOSE_SECONDS:
-            log.warning("%s: released a socket closed %.0f s ago whose connection never reported its end",
-                        session.peer, RELEASE_AFTER_CLOSE_SECONDS)
+            log.warning("%s: released a socket closed %.1f s ago whose connection never reported its end",
+                        session.peer, time.monotonic() - self.close_asked)
             self.on_connection_close()  # Tornado's own hook for a connection gone: drops it, calls on_close
             return
         if self.stalled_for(time.monotonic()) > self.service.config.settings.slow_consumer_seconds:
