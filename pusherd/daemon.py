@@ -168,9 +168,7 @@ class Daemon:
             from .fast.front import PublishConnections
             server.front = PublishConnections(self.service, server)
             from .fast.upgrade import Upgrades
-            from .fast.websocket import FastSocketHandler
-            server.front.upgrades = Upgrades(self.service, self._app, FastSocketHandler,
-                                             {"service": self.service, "rounds": self.rounds})
+            server.front.upgrades = Upgrades(self.service, self.rounds, server.front.date)
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]

@@ -8,7 +8,8 @@ Everything outside this package uses Tornado's public API only (pusherd/transpor
   `websocket` (the WebSocket handler that uses them, reads the frames clients send its own way,
   and trims an open socket's memory: `lean`), `front` (publisher connections answered outside
   Tornado's HTTP server, parsed by `http1`), `upgrade` (the WebSocket upgrades pusherd accepts,
-  completed on the front), `gc` (the garbage collector kept off the long-lived sockets);
+  completed on the front) and `frontsocket` (the sockets they become: pusherd's own, no Tornado
+  handler or stream), `gc` (the garbage collector kept off the long-lived sockets);
 - `listener`: the HTTP server's own limits that Tornado's public API cannot express (the
   ``max_http_connections`` cap, held by pausing its accept in a storm, a 431 for an oversized head, nothing executed after
   ``Connection: close``, one header timeout across the front's hand-over). Always on.

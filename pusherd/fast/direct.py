@@ -166,8 +166,9 @@ class Outbox:
         self._on_drop = on_drop  # told how many frames were discarded unsent (metrics)
         self._flush = self.flush  # one bound method for the life of the socket
         # Only a plain socket stream may be bypassed (an SSLIOStream must encrypt), and only
-        # when its write buffer looks as this module expects (Tornado 6's _StreamBuffer).
-        direct = (direct and type(stream) is IOStream
+        # when its write buffer looks as this module expects (Tornado 6's _StreamBuffer), or a
+        # writer that says it may (frontsocket.SocketWriter).
+        direct = (direct and (type(stream) is IOStream or getattr(type(stream), "direct_writes", False))
                   and isinstance(getattr(getattr(stream, "_write_buffer", None), "_size", None), int))
         # Read once here rather than per write from the stream's (cold) instance dict. A closed
         # socket object refuses send() (EBADF): it never writes to a reused descriptor, and the

@@ -211,7 +211,7 @@ class PublishConnection:
                         upgrade = read_upgrade(self.buf, upgrades.paths())
                         if upgrade is MORE:
                             return
-                        if upgrade is not OTHER and upgrade.length == len(self.buf):
+                        if upgrade is not OTHER:  # (what follows its head: its first frames)
                             self.busy = True  # waiting for its batch: not read, not evicted (Server._make_room)
                             self._pause()
                             self.front.upgrade_soon(self, upgrade)
@@ -369,18 +369,18 @@ class PublishConnection:
             self.close()
 
     def upgrade_now(self, head) -> None:
-        """A plain WebSocket upgrade (and nothing after it): completed here when pusherd accepts
-        it (upgrade.py), else given to Tornado, which answers it."""
+        """A plain WebSocket upgrade: completed here when pusherd accepts it (upgrade.py), else
+        given to Tornado, which answers it."""
         self.busy = False
         if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
             return
         stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
-        _, prefix = self._detach()
+        sock, prefix = self._detach()
         self.stream = None
         try:
-            completed = self.front.upgrades.complete(stream, head, remote_ip, address)
+            completed = self.front.upgrades.complete(sock, head, remote_ip, prefix[head.length:])
         except Exception:
-            stream.close()  # detached from here already: nobody else would close it
+            sock.close()  # detached from here already: nobody else would close it
             raise
         if not completed:
             self.front.server.hand_over(stream, address, prefix, deadline)

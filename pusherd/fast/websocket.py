@@ -15,12 +15,11 @@ import logging
 
 import tornado.websocket
 from tornado.iostream import StreamClosedError
-from tornado.util import _websocket_mask
 
 from ..core import errors
 from ..transports.websocket import SocketHandler
 from .direct import Outbox
-from .framing import client_frame_head, text_frame
+from .framing import ABORT, PAUSE, TOO_BIG, MessageReader, text_frame
 from .lean import open_class, trim_open_socket
 
 log = logging.getLogger("pusherd")
@@ -103,19 +102,6 @@ _OPEN_CLASS = open_class(FastSocketHandler)
 
 #: Bytes asked of the stream per read (Tornado's own read chunk).
 READ_SIZE = 65536
-#: After this much work the reader lets the loop serve others (a client sending frames faster
-#: than they are handled must not hold the loop), each frame counting as `FRAME_WORK` bytes
-#: beside its own: Tornado 6.6's ``_YIELD_THRESHOLD`` and ``_FRAME_YIELD_COST``, on every release.
-YIELD_AFTER = 256 * 1024
-FRAME_WORK = 1024
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 class _Protocol(tornado.websocket.WebSocketProtocol13):
@@ -126,12 +112,12 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     buffer is not clean.
 
     And it reads frames its own way (`_receive_frame_loop`): what has arrived is read at once
-    and the frames are cut out of it, where Tornado awaits a ``read_bytes`` for each part of
-    each frame (2 to 4 Futures and coroutines a frame). The rules are Tornado's, check for
-    check: reserved bits, long control frames and unfinished fragments abort, a message over
-    ``max_message_size`` is closed with 1009, every message goes to Tornado's own
-    ``_handle_message`` (text decoding, ping, pong, close). One check is added: a close frame
-    whose reason is not UTF-8 aborts the connection (Tornado raises out of its reader there).
+    and the frames are cut out of it (`framing.MessageReader`, Tornado's rules), where Tornado
+    awaits a ``read_bytes`` for each part of each frame (2 to 4 Futures and coroutines a
+    frame). A message over ``max_message_size`` is closed with 1009, every message goes to
+    Tornado's own ``_handle_message`` (text decoding, ping, pong, close). One check is added:
+    a close frame whose reason is not UTF-8 aborts the connection (Tornado raises out of its
+    reader there).
     Benchmark that justifies it: ``python bench/client_frames.py`` (server CPU per frame a client
     sends, 56 → 30 µs in bench/README.md; a storm's one join frame per page does not show it).
     """
@@ -154,71 +140,21 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
 
     async def _read_frames(self) -> None:
         stream = self.stream
-        max_size = self.params.max_message_size
-        data = b""  # read, not handled yet: the start of a frame at most, between reads
-        pos = 0
-        work = 0
+        reader = MessageReader()
         while not self.client_terminated:
-            head = client_frame_head(data, pos)
-            if head is None:  # keep only the unhandled bytes while waiting: an idle socket holds none
-                data = data[pos:]
-                pos = 0
-                chunk = await stream.read_bytes(READ_SIZE, partial=True)
-                self._wire_bytes_in += len(chunk)
-                data = data + chunk if data else chunk
-                continue
-            opcode = head.opcode
-            if head.rsv or (opcode & 0x8 and head.length >= 126):
-                self._abort()  # an extension nobody negotiated; a control frame must be short
-                return
-            fragments = self._fragmented_message_buffer
-            if head.length + (len(fragments) if fragments is not None else 0) > max_size:
-                self.close(1009, "message too big")
-                self._abort()
-                return
-            start = pos + head.size
-            end = start + head.length
-            if end > len(data):  # the rest of this frame has not arrived: read exactly that much
-                rest = await stream.read_bytes(end - len(data))
-                self._wire_bytes_in += len(rest)
-                data = data[pos:] + rest
-                start, end, pos = start - pos, end - pos, 0
-            payload = data[start:end]
-            if head.masked:
-                payload = _websocket_mask(data[start - 4:start], payload)
-            pos = end
-            fin = head.fin
-            if opcode & 0x8:  # control frames may come between the fragments of a message
-                if not fin:
+            chunk = await stream.read_bytes(READ_SIZE, partial=True)
+            self._wire_bytes_in += len(chunk)
+            for item in reader.feed(chunk, self.params.max_message_size):
+                if item is PAUSE:
+                    await asyncio.sleep(0)
+                    continue
+                if item is TOO_BIG:
+                    self.close(1009, "message too big")
+                if item is ABORT or item is TOO_BIG:
                     self._abort()
                     return
-            elif opcode == 0:  # a continuation
-                if fragments is None:
-                    self._abort()
-                    return
-                fragments.extend(payload)
-                if fin:
-                    opcode = self._fragmented_message_opcode
-                    payload = bytes(fragments)
-                    self._fragmented_message_buffer = None
-            else:  # a new message
-                if fragments is not None:
-                    self._abort()
-                    return
-                if not fin:
-                    self._fragmented_message_opcode = opcode
-                    self._fragmented_message_buffer = bytearray(payload)
-            if fin:
-                if opcode == 0x8 and not _utf8(payload[2:]):
-                    # A close reason must be UTF-8 (RFC 6455 7.1.6). Tornado's _handle_message
-                    # raises out of the reader on one that is not (its to_unicode): the socket
-                    # would stay open, read by nobody, and on Tornado 6.5 counted for good.
-                    self._abort()
-                    return
-                handled = self._handle_message(opcode, payload)
+                handled = self._handle_message(*item)
                 if handled is not None:
                     await handled
-            work += FRAME_WORK + head.size + head.length
-            if work >= YIELD_AFTER:
-                work = 0
-                await asyncio.sleep(0)
+                if self.client_terminated:  # a close frame: nothing after it is read
+                    break

@@ -43,8 +43,13 @@ BOUND_CHECK_DELAY = 0.05
 
 def query_params(request) -> Dict[str, str]:
     """The request's query parameters, the last value of each (as Plug does), UTF-8 text only."""
+    return text_params(request.query_arguments)
+
+
+def text_params(arguments: Dict[str, list]) -> Dict[str, str]:
+    """`query_params` of parsed query arguments (name -> the values as bytes, in order)."""
     params = {}
-    for name, values in request.query_arguments.items():
+    for name, values in arguments.items():
         try:
             params[name] = values[-1].decode("utf-8")
         except UnicodeDecodeError:

@@ -1,4 +1,4 @@
-"""fast.websocket's frame reader against Tornado's own, on the same bytes arriving in the same pieces.
+"""pusherd's two frame readers against Tornado's own, on the same bytes arriving in the same pieces.
 
 `_Protocol._receive_frame_loop` cuts frames out of what has arrived where Tornado's
 ``WebSocketProtocol13`` awaits a read per part of a frame. Both run here over a stream that hands
@@ -7,16 +7,25 @@ told: the messages, pings, pongs and the close each delivers, the bytes each wri
 close frames), whether it aborted, must be the same, for any frames hypothesis makes (fragments,
 control frames between them, reserved bits and opcodes, unmasked frames, over-long lengths,
 lengths in 16 or 64 bits, invalid UTF-8, a stream cut mid-frame).
+
+The second reader is `frontsocket.FrontSocket`'s, the sockets the front completes: it is run on a
+real socket pair (`run_front_socket`), the bytes sent in the same pieces, and must deliver the
+same messages and write the same bytes as Tornado's protocol.
 """
 
 import asyncio
+import socket
 import struct
+import types
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketProtocol13, _WebSocketParams
 
+from pusherd.core.session import Limits, Policy
+from pusherd.fast.direct import FlushQueue
 from pusherd.fast.framing import client_frame_head
+from pusherd.fast.frontsocket import FrontSocket
 from pusherd.fast.websocket import _Protocol
 
 
@@ -105,6 +114,76 @@ def run_reader(cls, data: bytes, cuts, max_message_size: int):
     return asyncio.run(go())
 
 
+class FrontService:
+    """What a FrontSocket asks of the service (service.py), recording the messages it is given."""
+
+    def __init__(self, max_message_size: int):
+        settings = types.SimpleNamespace(max_frame_bytes=max_message_size, max_outbox_bytes=1 << 20,
+                                         slow_consumer_seconds=30.0)
+        self.config = types.SimpleNamespace(settings=settings)
+        self.counters = types.SimpleNamespace(dropped=lambda n: None, slow_consumer_closes=0)
+        self.policy = Policy(verifier=None, limits=Limits())
+        self.events = []
+        self.open = set()
+
+    def opened(self, conn):
+        self.open.add(conn)
+
+    def closed(self, conn):
+        self.open.discard(conn)
+        self.events.append(("closed",))
+
+    def receive(self, conn, message):
+        self.events.append(("message", message))
+
+
+def run_front_socket(data: bytes, cuts, max_message_size: int):
+    """A FrontSocket on one end of a socket pair; `data` sent in `pieces` from the other, which
+    then closes its side. What it delivered, what it wrote (all of it, in order), and that it ended."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        ours, peer = socket.socketpair()
+        ours.setblocking(False)
+        peer.setblocking(False)
+        service = FrontService(max_message_size)
+        conn = FrontSocket(service, FlushQueue(), ours, "203.0.113.9", None, None, b"")
+        received = bytearray()
+
+        async def read_all():
+            while True:
+                try:
+                    got = await loop.sock_recv(peer, 65536)
+                except OSError:
+                    return
+                if not got:
+                    return
+                received.extend(got)
+
+        reading = asyncio.ensure_future(read_all())
+        for piece in PiecesStream(data, cuts, None).pieces:
+            try:
+                await loop.sock_sendall(peer, piece)
+            except OSError:
+                break
+            await asyncio.sleep(0)
+        try:
+            peer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        await asyncio.wait_for(reading, 10)
+        for _ in range(100):
+            if not service.open:
+                break
+            await asyncio.sleep(0.01)
+        peer.close()
+        return {"events": service.events, "writes": bytes(received), "ended": not service.open and conn.sock.fileno() == -1}
+    return asyncio.run(go())
+
+
+def messages(events):
+    return [e for e in events if e[0] == "message"]
+
+
 def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, masked: bool = True, mask=b"\x01\x02\x03\x04",
           width=None) -> bytes:
     n = len(payload)
@@ -144,13 +223,19 @@ def test_the_reader_does_what_tornados_does_with_the_same_bytes_in_the_same_piec
         data = data[:cut_at]  # the peer goes away mid-stream
     ours, _ = run_reader(_Protocol, data, cuts, max_size)
     tornados, _ = run_reader(WebSocketProtocol13, data, cuts, max_size)
+    front = run_front_socket(data, cuts, max_size)
+    assert front["ended"] and front["events"][-1] == ("closed",)
     assert ours["raised"] is None
-    if tornados["raised"]:  # the one place they differ on purpose: ours aborts instead
+    if tornados["raised"]:  # the one place they differ on purpose: ours abort instead
         assert ours["closed"] and ours["client_terminated"] and ours["server_terminated"]
         assert ours["events"][-1] == ("closed", None, None)
         assert ours["events"][:-1] == tornados["events"][:len(ours["events"]) - 1]
+        assert messages(front["events"]) == messages(ours["events"])
+        assert front["writes"] == b"".join(ours["writes"])
         return
     assert ours == tornados
+    assert messages(front["events"]) == messages(tornados["events"])
+    assert front["writes"] == b"".join(tornados["writes"])
 
 
 def test_a_close_frame_whose_reason_is_not_utf8_aborts_where_tornados_reader_raises():
@@ -169,6 +254,9 @@ def test_a_fragmented_message_with_a_ping_between_its_fragments_arriving_a_byte_
     assert ours["events"] == [("ping", b"hb"), ("message", '[null,"1","phoenix","heartbeat",{}]'), ("closed", 1000, None)]
     assert ours["writes"] == [b"\x8a\x02hb", b"\x88\x02\x03\xe8"]  # the pong, the close echoed
     assert ours == run_reader(WebSocketProtocol13, data, range(len(data)), 1 << 16)[0]
+    front = run_front_socket(data, range(len(data)), 1 << 16)
+    assert front["events"] == [("message", '[null,"1","phoenix","heartbeat",{}]'), ("closed",)]
+    assert front["writes"] == b"\x8a\x02hb\x88\x02\x03\xe8" and front["ended"]
 
 
 def test_frames_that_arrived_together_are_read_with_one_read():
@@ -186,6 +274,8 @@ def test_a_frame_over_the_limit_is_closed_1009_before_its_payload_arrives():
     ours, _ = run_reader(_Protocol, data, [], 4096)
     assert ours["writes"] == [b"\x88\x11\x03\xf1message too big"] and ours["closed"]
     assert ours == run_reader(WebSocketProtocol13, data, [], 4096)[0]
+    front = run_front_socket(data, [], 4096)
+    assert front["writes"] == b"\x88\x11\x03\xf1message too big" and front["events"] == [("closed",)]
 
 
 def test_a_long_control_frame_is_refused_on_its_first_two_bytes():

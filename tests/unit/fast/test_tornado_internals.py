@@ -9,6 +9,7 @@ making them pass on it.
 """
 
 import asyncio
+import re
 import collections
 import socket
 import time
@@ -17,6 +18,8 @@ import pytest
 import tornado
 import tornado.httpserver
 import tornado.iostream
+import tornado.testing
+import tornado.web
 import tornado.websocket
 from tornado import http1connection, httputil
 
@@ -218,66 +221,35 @@ def test_an_oversized_head_closes_the_stream_with_unsatisfiable_read_error():
     assert got["regex"] is not None and got["regex"] != "absent"
 
 
-# --- upgrade.py: an upgrade completed over UpgradeConnection -----------------------------------
+# --- upgrade.py: the 101 written on the front ---------------------------------------------------
 
-def test_websocket_get_checks_only_what_read_upgrade_checked_before_the_protocol_accepts():
-    """upgrade.py skips WebSocketHandler.get: get must do nothing else before it hands the
-    handler to ``get_websocket_protocol().accept_connection`` (its checks of Upgrade,
-    Connection and the origin are made before: http1.read_upgrade, Upgrades.admit)."""
-    import inspect
-    source = inspect.getsource(tornado.websocket.WebSocketHandler.get)
-    for needed in ("self.open_args = args", "self.open_kwargs = kwargs", "self.get_websocket_protocol()",
-                   "accept_connection(self)"):
-        assert needed in source, needed
-    # Nothing but those checks writes a response before the protocol does.
-    assert source.count("self.finish(") == 3 and source.count("self.set_status(") == 4
-    assert "self._transforms" in inspect.getsource(tornado.web.RequestHandler.flush)
-    assert "self.request.connection.detach()" in inspect.getsource(tornado.web.RequestHandler.detach)
+@pytest.mark.parametrize("offered", [None, "phoenix", "phoenix, base64url.bearer.phx.bm9wZQ"])
+def test_the_front_writes_the_101_tornados_websocket_handler_writes(offered):
+    """upgrade.handshake is Tornado's 101, header for header, for the subprotocols pusherd picks
+    (SocketHandler.select_subprotocol): a Tornado release that changes its 101 fails here."""
+    from pusherd.fast.upgrade import handshake
+    from pusherd.transports.websocket import SocketHandler
 
+    class Handler(tornado.websocket.WebSocketHandler):
+        select_subprotocol = SocketHandler.select_subprotocol
 
-def test_a_handler_over_upgrade_connection_writes_the_101_through_it_and_detaches_the_stream():
-    from pusherd.fast.upgrade import UpgradeConnection, _Context
+    async def run():
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(tornado.web.Application([("/ws", Handler)]))
+        server.add_sockets([sock])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        extra = "Sec-WebSocket-Protocol: %s\r\n" % offered if offered else ""
+        writer.write(("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n"
+                      % extra).encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        server.stop()
+        return head
 
-    a, b = socket.socketpair()
-    try:
-        async def run():
-            stream = tornado.iostream.IOStream(a)
-            connection = UpgradeConnection(stream, _Context("203.0.113.9", ("203.0.113.9", 1)))
-            headers = httputil.HTTPHeaders({"Host": "x", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                                             "Sec-WebSocket-Version": "13", "Upgrade": "websocket",
-                                             "Connection": "Upgrade"})
-            request = httputil.HTTPServerRequest(headers=headers, connection=connection,
-                                                 start_line=httputil.RequestStartLine("GET", "/ws", "HTTP/1.1"))
-            assert request.remote_ip == "203.0.113.9"
-            opened = []
-
-            class Handler(tornado.websocket.WebSocketHandler):
-                def open(self):
-                    opened.append(self.ws_connection.stream)
-
-            app = tornado.web.Application([])
-            handler = Handler(app, request)
-            handler._transforms = []
-            handler.open_args, handler.open_kwargs = (), {}
-            handler.ws_connection = handler.get_websocket_protocol()
-            task = asyncio.ensure_future(handler.ws_connection.accept_connection(handler))
-            for _ in range(50):
-                if opened:
-                    break
-                await asyncio.sleep(0.01)
-            assert opened == [stream] and connection.stream is None  # detached: the protocol's
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += await asyncio.get_running_loop().sock_recv(b, 4096)
-            assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
-            assert b"Sec-Websocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head
-            handler.close()
-            await asyncio.wait_for(task, 5)
-        b.setblocking(False)
-        asyncio.run(run())
-    finally:
-        a.close()
-        b.close()
+    head = asyncio.run(run())
+    date = re.search(rb"Date: ([^\r]*)", head).group(1).decode()
+    assert head == handshake("dGhlIHNhbXBsZSBub25jZQ==", "phoenix" if offered else None, date)
 
 
 def test_tcp_server_keeps_the_sizes_listener_accepts_with_and_stops_without_sockets_of_its_own():
