@@ -137,8 +137,9 @@ class SocketWriter:
 
     def _failed(self) -> None:
         if not self._closed:
+            on_error = self._on_error
             self.close()
-            self._loop.call_soon(self._on_error)
+            self._loop.call_soon(on_error)
 
     def close(self) -> None:
         """Nothing more is written (what waits is dropped); the socket is its owner's to close."""

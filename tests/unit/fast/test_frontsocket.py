@@ -132,3 +132,18 @@ def test_a_handler_that_raises_ends_that_socket_alone_and_is_logged(caplog):
     with caplog.at_level(logging.ERROR, logger="pusherd"):
         asyncio.run(go())
     assert "message handling failed" in caplog.text
+
+
+def test_a_send_that_fails_ends_the_socket():
+    async def go():
+        service = FrontService(4096)
+        conn, peer = _pair(service)
+        conn._pause_reading()  # only the write side may notice: not the end of the stream
+        peer.close()
+        conn.send_frame(b"\x81\x02[]")
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if conn not in service.open:
+                break
+        assert conn not in service.open and conn.sock.fileno() == -1
+    asyncio.run(go())
