@@ -155,7 +155,7 @@ class FrontSocket:
     it out; frames out through the outbox. A connection as the service sees it (service.py)."""
 
     __slots__ = ("service", "sock", "fd", "loop", "session", "serializer", "writer", "outbox", "reader",
-                 "closing", "close_asked", "client_terminated", "server_terminated", "_waiting",
+                 "closing", "client_terminated", "server_terminated", "_waiting",
                  "_readable_cb", "_ended")
 
     wire = staticmethod(ws_text_frame)
@@ -169,13 +169,12 @@ class FrontSocket:
         self.loop = loop = asyncio.get_running_loop()
         self.serializer = serializer
         self.closing = False  # closed by pusherd: nothing more is written but its close frame
-        self.close_asked: Optional[float] = None
         self.client_terminated = False  # its close frame came (or the connection is gone)
         self.server_terminated = False  # pusherd's close frame is sent
         self._waiting: Optional[asyncio.TimerHandle] = None
         self._ended = False
         self.reader = MessageReader()
-        self.writer = writer = SocketWriter(sock, loop, self._lost)
+        self.writer = writer = SocketWriter(sock, loop, self.abort)
         writer.write(response)
         settings = service.config.settings
         counters = service.counters
@@ -195,11 +194,11 @@ class FrontSocket:
             n = self.sock.recv_into(_READ_VIEW)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self._lost()
+        except OSError:  # reset
+            self.abort()
             return
         if not n:  # the client went away (or half-closed: Tornado reads that as gone too)
-            self._lost()
+            self.abort()
             return
         self._frames(bytes(_READ_VIEW[:n]))
 
@@ -233,8 +232,8 @@ class FrontSocket:
                 self._client_closed(payload)
                 return
             elif opcode == 0x9:
-                if not self.server_terminated:
-                    self._write_own(_control_frame(0xA, payload))
+                if not self.server_terminated:  # (the outbox takes frames until then)
+                    self._write_now(_control_frame(0xA, payload))
             elif opcode != 0xA:  # a pong needs nothing; any other opcode is not RFC 6455
                 self.abort()
                 return
@@ -274,17 +273,10 @@ class FrontSocket:
     def send_text(self, text: str) -> None:
         self.outbox.send(ws_text_frame(text))
 
-    def _write_own(self, frame: bytes) -> None:
-        """A control frame (a pong): written now, after every frame before it, as Tornado does."""
-        outbox = self.outbox
-        if outbox.fast_sock is not None:  # attached: in order with what it queued
-            outbox.queue(frame)
-            outbox.flush()
-        else:
-            try:
-                self.writer.write(frame)
-            except (StreamClosedError, StreamBufferFullError):
-                pass
+    def _write_now(self, frame: bytes) -> None:
+        """A pong: written now, after every frame queued before it, as Tornado does."""
+        self.outbox.queue(frame)
+        self.outbox.flush()
 
     def _send_close(self, code: Optional[int], reason: Optional[str]) -> None:
         """pusherd's close frame, once, after what the outbox holds (which then takes no more)."""
@@ -305,17 +297,12 @@ class FrontSocket:
             pass
 
     def close_with(self, code: int, reason: str) -> None:
-        self._asked_to_close()
+        self.closing = True
         self._send_close(code, reason)
         if self.client_terminated:
             self._end_when_sent()
         elif self._waiting is None and not self._ended:
             self._waiting = self.loop.call_later(CLOSE_WAIT_SECONDS, self.abort)
-
-    def _asked_to_close(self) -> None:
-        self.closing = True
-        if self.close_asked is None:
-            self.close_asked = time.monotonic()
 
     def _overflowed(self) -> None:
         self._slow_consumer("outbox over %d bytes" % self.service.config.settings.max_outbox_bytes)
@@ -330,15 +317,12 @@ class FrontSocket:
 
     # -- time and the end -----------------------------------------------------------------------
 
-    def stalled_for(self, now: float) -> float:
-        return self.outbox.stalled_for(now)
-
     def tick(self, now: float) -> None:
         """Called by the service's periodic sweep (one timer for every socket)."""
         if self._ended:
             return
-        if self.stalled_for(time.monotonic()) > self.service.config.settings.slow_consumer_seconds:
-            self._asked_to_close()
+        if self.outbox.stalled_for(time.monotonic()) > self.service.config.settings.slow_consumer_seconds:
+            self.closing = True
             self.service.counters.slow_consumer_closes += 1
             log.info("%s: dropping slow consumer (writes stalled)", self.session.peer)
             self.abort()  # a close frame could not get through either
@@ -355,12 +339,9 @@ class FrontSocket:
         else:
             self.abort()
 
-    def _lost(self) -> None:
-        """The connection is gone (the peer closed or reset it, a send failed)."""
-        self.abort()
-
     def abort(self) -> None:
-        """The end, at once: the socket closed, out of the service, every callback let go."""
+        """The end, at once (also when the connection is gone: the peer closed or reset it, a
+        send failed): the socket closed, out of the service, every callback let go."""
         if self._ended:
             return
         self._ended = True

@@ -79,7 +79,7 @@ class Upgrades:
         path = self.service.config.settings.path.rstrip("/")
         return path + "/websocket", path or "/"
 
-    def admit(self, headers: UpgradeHeaders, arguments: Dict[str, list], legacy: bool):
+    def admit(self, headers: UpgradeHeaders, arguments: Dict[str, list], protocols: List[str], legacy: bool):
         """(serializer, socket claims) when SocketHandler.prepare would accept this upgrade, else
         None: the same checks, none of their side effects (a refusal is Tornado's to count).
         Where this reads a value more strictly than Tornado would, the upgrade goes to Tornado."""
@@ -95,7 +95,6 @@ class Upgrades:
         allowed, _ = upgrade_allowed(service.config.origins, headers)
         if not allowed or not service.has_room():
             return None
-        protocols = self.subprotocols(headers)
         token, csrf = socket_token(text_params(arguments), auth_token_from_subprotocols(protocols))
         claims = None
         if token is not None:
@@ -120,12 +119,13 @@ class Upgrades:
         legacy = head.path != self.paths()[0]
         headers = UpgradeHeaders(head.fields)
         arguments = httputil.parse_qs_bytes(head.uri.partition("?")[2], keep_blank_values=True)
-        admitted = self.admit(headers, arguments, legacy)
+        protocols = self.subprotocols(headers)
+        admitted = self.admit(headers, arguments, protocols, legacy)
         if admitted is None:
             return False
         serializer, claims = admitted
         # SocketHandler.select_subprotocol: "phoenix" when offered (never the bearer entry).
-        subprotocol = "phoenix" if "phoenix" in self.subprotocols(headers) else None
+        subprotocol = "phoenix" if "phoenix" in protocols else None
         now = time.time()
         response = handshake(headers["sec-websocket-key"], subprotocol, self.date(now))
         if self.service.config.settings.access_log:  # as Tornado logs its 101 (transports.http.log_request)
