@@ -1,0 +1,213 @@
+"""pusherd.core.hs256, the join token's fast path, against PyJWT itself: the same tokens, valid and
+mangled every way a segment, a header, a signature or a claim can be, through `Verifier` with the
+fast path and without it (``fast_path=False``: PyJWT alone). The outcome must be the same: the
+same claims, or the same refusal word for word. .ci/run runs this on the lowest PyJWT pinned
+(2.8.0, lenient about base64) and the highest (2.15.1, strict).
+
+The tokens are built by hand (base64url + hmac) so that the test does not trust what it checks.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+from pusherd.core import tokens
+from pusherd.core.errors import AuthError
+from pusherd.core.hs256 import HEADERS, HS256Keys, canonical_segment
+from pusherd.core.tokens import Verifier, s_csrf
+
+SECRET = "od-web-guardian-secret-0123456789abcdef"
+OLD_SECRET = "od-web-old-guardian-secret-fedcba9876543210"
+STRANGER = "someone-elses-secret-0123456789abcdef"
+ISSUER = "od-web-production"
+CSRF = "page-csrf-token-0123456789"
+NOW = 1_700_000_000
+SUB = {"id": 42, "name": "Ada Lovelace", "email": "ada@example.com", "crews": ["web"]}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def sign(header: str, payload: str, secret: str) -> str:
+    return b64(hmac.new(secret.encode(), ("%s.%s" % (header, payload)).encode(), hashlib.sha256).digest())
+
+
+def rails_token(claims: dict, secret: str = SECRET, header: str = '{"alg":"HS256"}') -> str:
+    h, p = b64(header.encode()), b64(json.dumps(claims, separators=(",", ":")).encode())
+    return "%s.%s.%s" % (h, p, sign(h, p, secret))
+
+
+def outcome(verifier: Verifier, token, csrf=CSRF, now=NOW):
+    try:
+        c = verifier.verify(token, csrf, now=now)
+    except AuthError as exc:
+        return ("refused", exc.reason, str(exc))
+    return ("accepted", c.raw, c.sub, c.exp, [p.text for p in c.listen], [p.text for p in c.publish], c.iss, c.aud)
+
+
+def both(secrets, issuers=None, leeway=0):
+    return (Verifier(secrets, issuers=issuers, leeway=leeway),
+            Verifier(secrets, issuers=issuers, leeway=leeway, fast_path=False))
+
+
+# --- the strategies: every part of a token, and what can go wrong with it ---------------------
+
+HEADER_TEXTS = [
+    '{"alg":"HS256"}', '{"alg":"HS256","typ":"JWT"}', '{"typ":"JWT","alg":"HS256"}',  # the fast path's
+    '{"alg": "HS256"}', '{"alg":"HS256","kid":"k1"}', '{"alg":"HS256","kid":7}', '{"alg":"HS256","crit":["x"]}',
+    '{"alg":"HS256","b64":false,"crit":["b64"]}', '{"alg":"HS384"}', '{"alg":"none"}', '{"alg":"RS256"}',
+    '{"typ":"JWT"}', '{"alg":"HS256","typ":"JOSE"}', '["HS256"]', '"HS256"', 'not json', '',
+]
+TIMES = st.one_of(
+    st.sampled_from([NOW + 3600, NOW - 3600, NOW, NOW + 1, NOW - 1, NOW + 0.5, float(NOW + 3600), str(NOW + 3600),
+                     "soon", None, True, False, [], {}, 10 ** 30, -1, 0]),
+    st.integers(min_value=NOW - 5, max_value=NOW + 5),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+MISSING = object()
+
+
+@st.composite
+def claims(draw):
+    c = {}
+    for name, values in (
+        ("sub", st.one_of(st.just(SUB), st.just({}), st.text(max_size=8), st.integers(), st.none())),
+        ("iss", st.sampled_from([ISSUER, "elsewhere", None, 3])),
+        ("aud", st.sampled_from(["csrf", ["csrf"], ["csrf", "other"], "other", None, 1])),
+        ("listen", st.sampled_from([["deploys:web", "public:*"], [], "deploys:web", [1], None, ["private:*"]])),
+        ("publish", st.sampled_from([[], ["public:*"], "x", [None]])),
+        ("exp", TIMES), ("iat", TIMES), ("nbf", TIMES),
+    ):
+        if draw(st.booleans()) or name == "exp" and draw(st.integers(0, 9)):
+            c[name] = draw(values)
+    if draw(st.integers(0, 4)):
+        c["s_csrf"] = draw(st.sampled_from([s_csrf(SECRET, CSRF), s_csrf(OLD_SECRET, CSRF), s_csrf(SECRET, "other"), 5]))
+    return c
+
+
+def payload_text(draw) -> str:
+    kind = draw(st.integers(0, 12))
+    if kind == 0:
+        return draw(st.sampled_from(["[1,2]", '"text"', "3", "null", "{", "", '{"exp":1e999}', "\ufeff{}",
+                                     '{"exp":%s}' % ("9" * 5000)]))
+    return json.dumps(draw(claims()), separators=(",", ":") if kind % 2 else (", ", ": "))
+
+
+def mangle(draw, segment: str) -> str:
+    """A segment as it came, or changed the way a careless (or hostile) encoder would change it."""
+    how = draw(st.integers(0, 9))
+    if how <= 4 or not segment:
+        return segment
+    if how == 5:
+        return segment + "=" * draw(st.integers(1, 2))
+    if how == 6:  # spare bits: the last character's unused low bits set
+        if len(segment) % 4 in (2, 3):
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+            i = alphabet.index(segment[-1])
+            spare = 0b1111 if len(segment) % 4 == 2 else 0b11
+            return segment[:-1] + alphabet[(i & ~spare) | draw(st.integers(1, spare))]
+        return segment
+    if how == 7:
+        at = draw(st.integers(0, len(segment)))
+        return segment[:at] + draw(st.sampled_from(["+", "/", "!", " ", "é", ".", "\x00", "A"])) + segment[at:]
+    if how == 8:
+        return segment[:draw(st.integers(0, len(segment) - 1))]
+    return segment.replace("-", "+").replace("_", "/")
+
+
+@st.composite
+def token_cases(draw):
+    header = b64(draw(st.sampled_from(HEADER_TEXTS)).encode())
+    payload = b64(payload_text(draw).encode())
+    signer = draw(st.sampled_from([SECRET, OLD_SECRET, STRANGER]))
+    header, payload = mangle(draw, header), mangle(draw, payload)
+    signature = draw(st.one_of(st.just(None), st.sampled_from(["", "AAAA", b64(b"\0" * 32)])))
+    if signature is None:
+        signature = mangle(draw, sign(header, payload, signer) if header.isascii() and payload.isascii() else "x")
+    token = "%s.%s.%s" % (header, payload, signature)
+    if not draw(st.integers(0, 20)):
+        token = draw(st.sampled_from([token + ".", token + ".e30", "." + token, token.replace(".", "", 1)]))
+    secrets = draw(st.sampled_from([[SECRET], [SECRET, OLD_SECRET], [OLD_SECRET, SECRET], [STRANGER, SECRET]]))
+    issuers = draw(st.sampled_from([None, [ISSUER]]))
+    leeway = draw(st.sampled_from([0, 2, 30]))
+    csrf = draw(st.sampled_from([CSRF, "other", None]))
+    return token, secrets, issuers, leeway, csrf
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(token_cases())
+@example((rails_token({"sub": SUB, "exp": NOW + 60, "aud": "csrf", "s_csrf": s_csrf(SECRET, CSRF)}), [SECRET], None, 0, CSRF))
+def test_the_fast_path_decides_as_pyjwt_alone(case):
+    token, secrets, issuers, leeway, csrf = case
+    fast, slow = both(secrets, issuers, leeway)
+    assert outcome(fast, token, csrf) == outcome(slow, token, csrf)
+
+
+# --- the fast path is taken for the tokens a storm brings, and only for them ------------------
+
+def rails_claims(**extra):
+    return dict({"sub": SUB, "exp": NOW + 3600, "iss": ISSUER, "aud": "csrf", "s_csrf": s_csrf(SECRET, CSRF),
+                 "listen": ["deploys:web", "public:*"], "publish": []}, **extra)
+
+
+@pytest.fixture
+def no_pyjwt(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("PyJWT was asked")
+    monkeypatch.setattr(tokens._JWT, "decode_complete", refuse)
+
+
+@pytest.mark.parametrize("header", ['{"alg":"HS256"}', '{"alg":"HS256","typ":"JWT"}', '{"typ":"JWT","alg":"HS256"}'])
+def test_a_rails_token_is_verified_without_pyjwt(no_pyjwt, header):
+    claims = Verifier([SECRET], issuers=[ISSUER]).verify(rails_token(rails_claims(), header=header), CSRF, now=NOW)
+    assert claims.sub == SUB and [p.text for p in claims.listen] == ["deploys:web", "public:*"]
+
+
+def test_a_token_of_the_rotated_secret_is_verified_without_pyjwt(no_pyjwt):
+    token = rails_token(rails_claims(s_csrf=s_csrf(OLD_SECRET, CSRF)), secret=OLD_SECRET)
+    assert Verifier([SECRET, OLD_SECRET]).verify(token, CSRF, now=NOW).sub == SUB
+
+
+@pytest.mark.parametrize("token", [
+    rails_token(rails_claims(), header='{"alg":"HS256","kid":"k1"}'),
+    rails_token(rails_claims(), secret=STRANGER),
+    rails_token({k: v for k, v in rails_claims().items() if k != "exp"}),
+    rails_token(rails_claims()) + "=",
+], ids=["kid header", "unknown key", "no exp", "padded signature"])
+def test_every_other_token_is_left_to_pyjwt(no_pyjwt, token):
+    with pytest.raises(AssertionError, match="PyJWT was asked"):
+        Verifier([SECRET]).verify(token, CSRF, now=NOW)
+
+
+def test_without_a_clock_pyjwt_decides_the_times(no_pyjwt):
+    with pytest.raises(AssertionError, match="PyJWT was asked"):
+        Verifier([SECRET]).verify(rails_token(rails_claims()), CSRF)
+
+
+def test_a_secret_pyjwt_refuses_as_an_hmac_key_turns_the_fast_path_off():
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+    assert tokens._fast_keys([pem]) is None
+    assert tokens._fast_keys([SECRET]) is not None
+
+
+def test_the_fast_path_headers_are_the_three_it_names():
+    assert {base64.urlsafe_b64decode(h + b"=" * (-len(h) % 4)) for h in HEADERS} == {
+        b'{"alg":"HS256"}', b'{"alg":"HS256","typ":"JWT"}', b'{"typ":"JWT","alg":"HS256"}'}
+
+
+@pytest.mark.parametrize("segment, expected", [
+    (b"", b""), (b"e30", b"{}"), (b"e31", None), (b"e30=", None), (b"e3+", None), (b"e", None), (b"_-8", b"\xff\xef"),
+])
+def test_canonical_segment(segment, expected):
+    assert canonical_segment(segment) == expected
+
+
+def test_hs256keys_names_the_key_that_signed():
+    token = rails_token(rails_claims(), secret=OLD_SECRET)
+    assert HS256Keys([SECRET.encode(), OLD_SECRET.encode()]).decode(token) == (rails_claims(), 1)
+    assert HS256Keys([SECRET.encode()]).decode(token) is None
