@@ -462,12 +462,13 @@ def storm(pool: Pool, server: Server, n: int, rails: bool = False) -> dict:
     tokens = rails_tokens(n) if rails else None
     topic = "deploys:web" if rails else "public:storm"
     time.sleep(0.2)
-    cpu0 = server.cpu()
+    cpu0, lcpu0 = server.cpu(), pool.cpu()
     c = pool.connect(server, n, topic, tokens=tokens, concurrency=n, timeout=60, spread=True)
-    cpu1 = server.cpu()
+    cpu1, lcpu1 = server.cpu(), pool.cpu()
     pool.close_all()
     return {"sockets": n, "joined": c["joined"], "errors": c["failed"], "seconds": c["worker_seconds"],
             "cpu_seconds": cpu1 - cpu0, "us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, c["joined"]),
+            "loadgen_cpu_seconds": lcpu1 - lcpu0,
             "first_errors": c["errors"]}
 
 

@@ -94,13 +94,25 @@ def _refuse_crit(header: Any) -> None:
         raise AuthError(INVALID_TOKEN, "crit header: no extension is supported")
 
 
+#: Compiled ``listen``/``publish`` claims by their text: every page of a kind brings the same
+#: lists (a tenth of a join's token check: bench/token_verify.py). Bounded: cleared when full.
+_PATTERNS: dict = {}
+_PATTERNS_MAX = 1024
+
+
 def _pattern_claim(claims: dict, name: str) -> Tuple[TopicPattern, ...]:
     value = claims.get(name, [])
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise AuthError(INVALID_TOKEN, "claim %r must be a list of strings" % name)
-    return compile_patterns(value)
+    key = tuple(value)
+    patterns = _PATTERNS.get(key)
+    if patterns is None:
+        if len(_PATTERNS) >= _PATTERNS_MAX:
+            _PATTERNS.clear()
+        patterns = _PATTERNS[key] = compile_patterns(value)
+    return patterns
 
 
 class Verifier:
@@ -122,6 +134,8 @@ class Verifier:
         self._issuers = tuple(issuers) if issuers else None
         self._leeway = leeway
         self._fast = _fast_keys(self._keys) if fast_path and algorithm == "HS256" else None
+        # s_csrf's HMAC keyed once per secret: copied per join, not keyed again (bench/token_verify.py)
+        self._csrf_macs = {secret: hmac.new(_bytes(secret), digestmod=hashlib.sha256) for secret in self._secrets}
 
     def verify(self, token: Any, csrf_token: Any = None, now: Optional[float] = None) -> Claims:
         """Return the token's claims, or raise AuthError with a stable reason (never echoing the token)."""
@@ -153,6 +167,10 @@ class Verifier:
         )
 
     def _decode(self, token: str, now: Optional[float]):
+        if self._fast is not None and now is not None:  # every join passes its clock
+            found = self._fast_decode(token, now)
+            if found is not None:
+                return found
         options = {
             "verify_aud": False,     # Guardian semantics: aud is a token type ("csrf"), handled below
             "verify_sub": False,     # sub is a JSON object from Rails
@@ -163,10 +181,6 @@ class Verifier:
             "verify_nbf": now is None,
             "require": ["exp"],
         }
-        if self._fast is not None and now is not None:  # every join passes its clock
-            found = self._fast_decode(token, now)
-            if found is not None:
-                return found
         last_error: Optional[Exception] = None
         for key in self._keys:
             try:
@@ -221,8 +235,17 @@ class Verifier:
             if name in times and times[name] > now + self._leeway:
                 raise AuthError(INVALID_TOKEN, "%s is in the future" % name)
 
-    @staticmethod
-    def _check_csrf(claims: dict, csrf_token: Any, secret: Optional[str]) -> None:
+    def _s_csrf(self, secret: str, text) -> bytes:
+        """`s_csrf(secret, text)` (text, or the bytes a masked token unmasks to) as ASCII bytes,
+        from the HMAC keyed for `secret` in advance."""
+        mac = self._csrf_macs.get(secret)
+        if mac is None:
+            return s_csrf(secret, text).encode()
+        mac = mac.copy()
+        mac.update(_bytes(text))
+        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
+
+    def _check_csrf(self, claims: dict, csrf_token: Any, secret: Optional[str]) -> None:
         if not secret:
             raise AuthError(CSRF_MISMATCH, "aud csrf, but no guardian_secret is configured to key the csrf HMAC")
         expected = claims.get("s_csrf")
@@ -233,10 +256,10 @@ class Verifier:
         if not _encodable(csrf_token):  # a lone surrogate ("\ud800"): no page's csrf token
             raise AuthError(CSRF_MISMATCH, "csrf_token is not valid UTF-8 text")
         claimed = expected.encode("utf-8", "replace")
-        matches = hmac.compare_digest(s_csrf(secret, csrf_token).encode(), claimed)
+        matches = hmac.compare_digest(self._s_csrf(secret, csrf_token), claimed)
         unmasked = rails_csrf.unmask(csrf_token)
         if unmasked is not None:  # also Rails' masked authenticity token: s_csrf is over what it unmasks to
-            matches |= hmac.compare_digest(s_csrf(secret, unmasked).encode(), claimed)
+            matches |= hmac.compare_digest(self._s_csrf(secret, unmasked), claimed)
         if not matches:
             raise AuthError(CSRF_MISMATCH, "csrf_token does not match s_csrf" if unmasked is None else
                             "csrf_token matches s_csrf neither as sent nor unmasked as a Rails authenticity token")
