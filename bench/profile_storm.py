@@ -5,6 +5,7 @@ and join at once, the self time grouped by where the code lives, and the garbage
     python bench/profile_storm.py --anonymous -n 5000      # joins of a public topic, no token
     python bench/profile_storm.py --root /work/wt/before   # pusherd from another checkout
     python bench/profile_storm.py --no-profile             # the CPU figure alone (no profiler)
+    python bench/profile_storm.py --no-profile --timeline  # server and load generator CPU, per 50 ms
 
 The same clients as ``run.py --only storm,stormrails`` (bench/loadgen.py, two worker processes;
 server pinned to CPU 0, load generator to CPU 1). cProfile slows Python code more than C code,
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--root", default=str(HERE.parent), help="the pusherd checkout to run")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--top", type=int, default=25, help="functions listed by self time")
+    ap.add_argument("--timeline", action="store_true", help="print the server's and the load generator's CPU "
+                    "use (%% of one core) every 50 ms of each storm, and the server's user/system split")
     ap.add_argument("--py-spy", metavar="FILE", help="also sample the server with py-spy (no cProfile): "
                     "collapsed stacks to FILE, self time by function printed (pip install py-spy)")
     opts = ap.parse_args(argv)
@@ -140,7 +144,10 @@ def main(argv=None):
                 topic, tokens = "public:storm", None
             else:
                 topic, tokens = "deploys:web", run.rails_tokens(opts.n)
+            timeline = Timeline(proc.pid, [p.pid for p in pool.procs]) if opts.timeline else None
             c = pool.connect(server, opts.n, topic, tokens=tokens, concurrency=opts.n, timeout=60, spread=True)
+            if timeline is not None:
+                timeline.stop()
             pool.close_all()
             print("storm: %d joined, %d errors, %.2f s" % (c["joined"], c["failed"], c["seconds"]), flush=True)
             time.sleep(1.5)
@@ -183,6 +190,40 @@ def main(argv=None):
 #: Leaves of a sample taken while the loop waits for events (uvloop's loop is C: its Python leaf is
 #: asyncio's Runner.run), not working.
 _IDLE_LEAVES = ("Runner.run ", "run_forever ", "BaseEventLoop.run_forever ", "BaseEventLoop._run_once ")
+
+
+class Timeline(threading.Thread):
+    """CPU use of the server and of the load generator's workers, sampled every `every` s from
+    /proc while a storm runs; printed by stop(), with the server's user and system time."""
+
+    def __init__(self, server_pid: int, worker_pids, every: float = 0.05):
+        super().__init__(daemon=True)
+        self.server_pid, self.worker_pids, self.every = server_pid, worker_pids, every
+        self.samples = []
+        self.user_system = self._ticks()
+        self._done = threading.Event()
+        self.start()
+
+    def _ticks(self):
+        fields = open("/proc/%d/stat" % self.server_pid).read().rsplit(")", 1)[1].split()
+        return int(fields[11]), int(fields[12])  # utime, stime (clock ticks)
+
+    def run(self):
+        while not self._done.is_set():
+            self.samples.append((time.monotonic(), run.cpu_seconds(self.server_pid),
+                                 sum(run.cpu_seconds(pid) for pid in self.worker_pids)))
+            time.sleep(self.every)
+
+    def stop(self):
+        self._done.set()
+        self.join()
+        pairs = list(zip(self.samples, self.samples[1:]))
+        for name, i in (("server   ", 1), ("load gen ", 2)):
+            print(name + " ".join("%3.0f" % (100 * (b[i] - a[i]) / (b[0] - a[0])) for a, b in pairs))
+        user, system = self._ticks()
+        user, system = user - self.user_system[0], system - self.user_system[1]
+        print("server user/system time: %.0f %% / %.0f %%" % (100 * user / max(1, user + system),
+                                                             100 * system / max(1, user + system)))
 
 
 def print_samples(path: str, top: int) -> None:
