@@ -149,7 +149,10 @@ REQUEST_LINES = st.sampled_from(["POST /publish HTTP/1.1", "POST /publish?x=1 HT
 
 
 def random_case(draw, name):
-    return "".join(c.upper() if draw(st.booleans()) else c.lower() for c in name)
+    """`name` with each letter upper- or lower-cased, from one draw (a draw per letter was most
+    of these tests' time)."""
+    mask = draw(st.integers(0, 2 ** len(name) - 1))
+    return "".join(c.upper() if mask >> i & 1 else c.lower() for i, c in enumerate(name))
 
 
 SAFE_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=20).map(str.strip)
