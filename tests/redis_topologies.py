@@ -201,6 +201,18 @@ class ClusterSetup:
         _wait(lambda: old_port not in self.master_ports(), timeout, "a replica promoted in place of %d" % old_port)
         self.wait_ok(timeout)
 
+    def wait_replicated(self, port: int, timeout: float = 10.0) -> None:
+        """Until every replica of the master on `port` has taken all it wrote (replication is
+        asynchronous: a master killed before its replica caught up takes its last writes along)."""
+        master = _client(port)
+
+        def caught_up():
+            info = master.info("replication")
+            offset = info["master_repl_offset"]
+            replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            return replicas and all(r.get("offset", -1) >= offset for r in replicas)
+        _wait(caught_up, timeout, "the replicas of %d caught up" % port)
+
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node says cluster_state:ok and agrees on who owns the slots."""
         def ok():
