@@ -333,7 +333,14 @@ class PresenceService:
             if entry.node == me or entry.node in alive or entry.node not in known:
                 chosen.append(entry)
         # A process not alive whose entries are here keeps them for now (nodes_alive decides).
-        chosen += [e for e in tp.state.entries() if e.node in known and e.node not in alive]
+        # It is marked absent here, not only at the next heartbeat: if it registers before that
+        # heartbeat, the heartbeat would never see it absent, the list would not be read again,
+        # and its members who left meanwhile would stay on these pages for good.
+        kept = [e for e in tp.state.entries() if e.node in known and e.node not in alive]
+        now = self._monotonic()
+        for entry in kept:
+            self._absent.setdefault(entry.node, now)
+        chosen += kept
         local, correction = tp.resync(chosen)
         self._pending.discard(replica.topic)   # the correction covers the window
         self._deliver(replica.topic, local)

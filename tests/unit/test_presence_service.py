@@ -288,6 +288,38 @@ def test_after_an_outage_the_lists_are_right_without_dropping_anyone_who_stayed(
     asyncio.run(run())
 
 
+def test_after_an_outage_a_process_registered_before_the_first_heartbeat_is_read_again():
+    """The race of the Redis restart: A reads the list while B has not registered again (B's old
+    entries are kept), and B registers before A's first heartbeat, which so never sees B absent.
+    A must still read the list again once B is back, or B's member who left during the outage
+    stays on A's pages for good."""
+    async def run():
+        store = Store()
+        a = await started(SharedBackplane(store, "A"))
+        b = await started(SharedBackplane(store, "B"))
+        a1, b1, b2 = connect(a, 1), connect(b, 2), connect(b, 3)
+        await settle(a)
+        await settle(b)
+        await settle(a)
+        assert listing(a1) == {"1": 1, "2": 1, "3": 1}
+        store.up = False
+        b.closed(b2)                      # 3 leaves on B while Redis is down
+        await settle(b)
+        store.entries.clear()
+        store.alive.clear()
+        store.up = True
+        await a.presence.resync()         # B not registered yet: its entries (2 and 3) kept
+        assert listing(a1) == {"1": 1, "2": 1, "3": 1}
+        await b.presence.resync()
+        store.alive.update({"A", "B"})    # both registered before A's first nodes_alive
+        b.presence.nodes_alive(store.alive)
+        a.presence.nodes_alive(store.alive)
+        await settle(a)
+        await settle(b)
+        assert listing(a1) == listing(b1) == {"1": 1, "2": 1}, a1.texts
+    asyncio.run(run())
+
+
 def test_a_process_given_up_for_dead_lists_its_members_again_under_a_new_id():
     async def run():
         store = Store()
