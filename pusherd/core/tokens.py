@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
 import jwt
 
 from . import rails_csrf
-from .hs256 import HS256Keys
+from .hs256 import HS256Keys, b64url
 from .errors import CSRF_MISMATCH, INVALID_TOKEN, TOKEN_EXPIRED, AuthError
 from .topics import TopicPattern, compile_patterns
 
@@ -45,7 +45,7 @@ ASYMMETRIC = {"RS256", "ES256"}
 def s_csrf(secret: str, csrf_token: str) -> str:
     """base64url(HMAC-SHA256(secret, csrf_token)) without padding, as Guardian and the Rails helper compute it."""
     digest = hmac.new(_bytes(secret), _bytes(csrf_token), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return b64url(digest).decode("ascii")
 
 
 def _bytes(value) -> bytes:
@@ -243,7 +243,7 @@ class Verifier:
             return s_csrf(secret, text).encode()
         mac = mac.copy()
         mac.update(_bytes(text))
-        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=")
+        return b64url(mac.digest())
 
     def _check_csrf(self, claims: dict, csrf_token: Any, secret: Optional[str]) -> None:
         if not secret:
