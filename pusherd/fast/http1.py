@@ -14,7 +14,7 @@ unusual is ever interpreted here.
 """
 
 import re
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 #: Largest request head (request line + headers + blank line) recognized here; a longer one
 #: (a publisher JWT would have to be very large) goes to Tornado, whose own limit is 16 KB.
@@ -30,6 +30,10 @@ _REQUEST_LINE = re.compile(r"POST (/publish(?:\?[\x21-\x7e]*)?) HTTP/1\.1")
 _FIELD = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?)[ \t]*")
 # Stricter than Tornado's Host rule (a subset of it): names, IPv4, bracketed IPv6, a port.
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]+")
+#: What `_fields` allows in a head (visible ASCII, space, tab; CR and LF only as CRLF), and
+#: what a header name is made of (RFC 9110 token): `_FIELD`'s rule, checked for the whole head.
+_HEAD_CHARS = bytes(range(0x20, 0x7f)) + b"\t\r\n"
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DIGITS = re.compile(r"[0-9]{1,%d}" % MAX_LENGTH_DIGITS)
 #: Headers that must appear at most once for the request to be recognized.
 _SINGLE = frozenset(("host", "content-length", "content-type", "connection"))
@@ -82,6 +86,28 @@ def _head_lines(buf: Union[bytes, bytearray]):
         return bytes(buf[:end]).decode("ascii").split("\r\n"), end + 4
     except UnicodeDecodeError:
         return OTHER, 0
+
+
+def _fields(buf: Union[bytes, bytearray], length: int, lines: List[str]) -> Optional[List[Tuple[str, str]]]:
+    """The header lines (``lines[1:]``) as (name, value) pairs, each line by `_FIELD`'s rule, or
+    None when one breaks it. The same rule as ``_FIELD.fullmatch`` line by line, checked with a
+    few passes over the whole head instead of a regular expression per line (a browser's head
+    of a dozen lines: 15.9 -> 11.9 us for the whole `read_upgrade`; bench/run.py --only stormrails): only `_HEAD_CHARS` in it, CR
+    and LF only as CRLF, each line a non-empty token, a colon, a value trimmed of outer spaces
+    and tabs."""
+    head = bytes(buf[:length - 4])
+    crlf = head.count(b"\r\n")
+    if head.translate(None, _HEAD_CHARS) or head.count(b"\r") != crlf or head.count(b"\n") != crlf:
+        return None
+    fields = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name:
+            return None
+        fields.append((name, value.strip(" \t")))
+    if "".join([name for name, _ in fields]).encode("ascii").translate(None, _TOKEN_CHARS):
+        return None
+    return fields
 
 
 def read_head(buf: Union[bytes, bytearray]) -> Union[PublishHead, _Verdict]:
@@ -165,13 +191,11 @@ def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Ver
     path = uri.split("?", 1)[0]
     if path not in paths:
         return OTHER
-    fields = []
+    fields = _fields(buf, length, lines)
+    if fields is None:
+        return OTHER
     single = {}
-    for line in lines[1:]:
-        field = _FIELD.fullmatch(line)
-        if field is None:
-            return OTHER
-        name, value = field.group(1), field.group(2)
+    for name, value in fields:
         lower = name.lower()
         if lower in _UPGRADE_SINGLE:
             if lower in single:
@@ -179,11 +203,11 @@ def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Ver
             single[lower] = value
         elif lower in _OTHER:
             return OTHER
-        fields.append((name, value))
     host = single.get("host")
+    connection = single.get("connection", "").lower()
     if (host is None or _HOST.fullmatch(host) is None
             or single.get("upgrade", "").lower() != "websocket"
-            or "upgrade" not in (part.strip().lower() for part in single.get("connection", "").split(","))
+            or (connection != "upgrade" and "upgrade" not in [part.strip() for part in connection.split(",")])
             or single.get("sec-websocket-version") != "13"
             or _WS_KEY.fullmatch(single.get("sec-websocket-key", "")) is None
             or single.get("content-length", "0") != "0"):

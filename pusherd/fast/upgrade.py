@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
 
 
+#: Query strings whose parsed arguments `Upgrades.arguments` keeps, and their longest: a
+#: phoenix.js query without socket params (``vsn=2.0.0``); a token is longer.
+QUERIES_KEPT = 16
+QUERY_CHARS_KEPT = 24
+
+
 class UpgradeHeaders(dict):
     """An upgrade's header fields by lower-cased name, repeated ones joined with commas: what
     ``HTTPHeaders.get`` gives for a name, at the cost of a dict."""
@@ -73,6 +79,7 @@ class Upgrades:
         self.service = service
         self.rounds = rounds
         self.date = date
+        self._queries: Dict[str, Dict[str, list]] = {}
 
     def paths(self) -> Tuple[str, str]:
         """The WebSocket path and the bare one the 2015 client opens (transports/app.py's routes)."""
@@ -106,6 +113,19 @@ class Upgrades:
             return None
         return serializer, claims
 
+    def arguments(self, query: str) -> Dict[str, list]:
+        """The query's arguments as Tornado parses them (``parse_qs_bytes``, blank values kept).
+        A storm's pages all open the same short query (``vsn=2.0.0``): those are parsed once and
+        kept, at most `QUERIES_KEPT` of at most `QUERY_CHARS_KEPT` characters (shorter than any
+        JWT: a socket token in the query is not kept). The parsed arguments are only read (`admit`)."""
+        known = self._queries.get(query)
+        if known is not None:
+            return known
+        arguments = httputil.parse_qs_bytes(query, keep_blank_values=True)
+        if len(query) <= QUERY_CHARS_KEPT and len(self._queries) < QUERIES_KEPT:
+            self._queries[query] = arguments
+        return arguments
+
     @staticmethod
     def subprotocols(headers: UpgradeHeaders) -> List[str]:
         """The subprotocols offered, as Tornado's handshake splits them (none: an empty list)."""
@@ -118,7 +138,7 @@ class Upgrades:
         started = time.time()
         legacy = head.path != self.paths()[0]
         headers = UpgradeHeaders(head.fields)
-        arguments = httputil.parse_qs_bytes(head.uri.partition("?")[2], keep_blank_values=True)
+        arguments = self.arguments(head.uri.partition("?")[2])
         protocols = self.subprotocols(headers)
         admitted = self.admit(headers, arguments, protocols, legacy)
         if admitted is None:

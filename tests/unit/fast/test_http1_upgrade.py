@@ -117,3 +117,39 @@ def test_whatever_is_recognized_tornado_reads_the_same_and_would_upgrade(raw):
 def test_any_bytes_get_a_verdict(raw):
     head = read_upgrade(head_of(LINES)[:40] + raw, PATHS)
     assert head is MORE or head is OTHER or isinstance(head, UpgradeHead)
+
+
+# The header lines are checked by a few passes over the whole head (http1._fields), not by the
+# field rule line by line: both must give the same verdict and the same (name, value) pairs.
+_LINE_CHARS = st.sampled_from(list("Ab-: \t\x00\x7f\xe9\r\n:;,/\"") + [chr(c) for c in range(0x21, 0x7f)])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.text(_LINE_CHARS, max_size=12), min_size=1, max_size=5))
+def test_the_whole_head_check_is_the_field_rule_line_by_line(lines):
+    from pusherd.fast import http1
+    raw = head_of(lines, request="GET /events HTTP/1.1")
+    if b"\r\n\r\n" in raw[:-4] or any(ord(c) > 0xff for c in "".join(lines)):
+        return  # another head's end inside, or not a byte: not this check's case
+    parsed, length = http1._head_lines(raw)
+    if length == 0:
+        expected = None  # not ASCII, or a bare LF: no lines to check
+        got = None
+    else:
+        matches = [http1._FIELD.fullmatch(line) for line in parsed[1:]]
+        expected = None if None in matches else [(m.group(1), m.group(2)) for m in matches]
+        got = http1._fields(raw, length, parsed)
+    assert got == expected, (lines, got, expected)
+
+
+def test_the_whole_head_check_refuses_what_the_field_rule_refuses():
+    from pusherd.fast import http1
+    for bad in ("Na me: x", " Host: x", "Host x", ": x", "Host: a\rb", "Host: a\x00", "Host: a\x7f", "H\tost: x",
+                "Host : x", "Hóst: x"):
+        raw = head_of(LINES + [bad])
+        lines, length = http1._head_lines(raw)
+        assert length == 0 or http1._fields(raw, length, lines) is None, bad
+        assert read_upgrade(raw, PATHS) is OTHER, bad
+    raw = head_of(LINES + ["X-Padded: \t a b \t ", "X-Empty:", "X-Empty-Spaces:   "])
+    head = read_upgrade(raw, PATHS)
+    assert head.fields[-3:] == [("X-Padded", "a b"), ("X-Empty", ""), ("X-Empty-Spaces", "")]
