@@ -6,6 +6,7 @@ and join at once, the self time grouped by where the code lives, and the garbage
     python bench/profile_storm.py --root /work/wt/before   # pusherd from another checkout
     python bench/profile_storm.py --no-profile             # the CPU figure alone (no profiler)
     python bench/profile_storm.py --no-profile --timeline  # server and load generator CPU, per 50 ms
+    python bench/profile_storm.py --callgrind -n 1000      # instructions per client, under valgrind
 
 The same clients as ``run.py --only storm,stormrails`` (bench/loadgen.py, two worker processes;
 server pinned to CPU 0, load generator to CPU 1). cProfile slows Python code more than C code,
@@ -86,6 +87,9 @@ def main(argv=None):
                     "use (%% of one core) every 50 ms of each storm, and the server's user/system split")
     ap.add_argument("--py-spy", metavar="FILE", help="also sample the server with py-spy (no cProfile): "
                     "collapsed stacks to FILE, self time by function printed (pip install py-spy)")
+    ap.add_argument("--callgrind", action="store_true", help="run the server under valgrind's callgrind, "
+                    "instrumented during the storms only: instructions per client, a count that does not move "
+                    "with the machine's load as CPU time does (a VM without hardware counters)")
     opts = ap.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else (None, None)
@@ -107,7 +111,12 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=opts.root + os.pathsep + tmp, PUSHERD_LOOP="uvloop", BENCH_GC_FILE=gc_file)
     if opts.py_spy:
         opts.no_profile = True  # one profiler at a time: a sampler sees real time, cProfile's slows Python
-    cmd = [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
+    if opts.callgrind:
+        opts.no_profile = True
+    callgrind_out = os.path.join(tmp, "callgrind.out")
+    cmd = (["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=" + callgrind_out]
+           if opts.callgrind else [])
+    cmd += [sys.executable] + ([] if opts.no_profile else ["-m", "cProfile", "-o", prof])
     cmd += ["-m", "pusherd", "--config", path, "--env", "bench", "--listen", "%s:%d" % (run.HOST, port)]
     log = open(os.path.join(tmp, "server.log"), "w+")
     # In the checkout's own directory: ``python -m`` puts the working directory first on sys.path.
@@ -115,7 +124,7 @@ def main(argv=None):
                             preexec_fn=run.loadgen.raise_nofile)
     if server_cpus:
         os.sched_setaffinity(proc.pid, server_cpus)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + (180 if opts.callgrind else 20)
     while True:
         try:
             socket.create_connection((run.HOST, port), timeout=1).close()
@@ -136,6 +145,8 @@ def main(argv=None):
         spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "997", "--format", "raw",
                                 "--output", opts.py_spy, "--nonblocking"], stdout=subprocess.DEVNULL)
         time.sleep(1.0)
+    if opts.callgrind:
+        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
     cpu0 = run.cpu_seconds(proc.pid)
     proc.send_signal(signal.SIGUSR2)
     try:
@@ -154,6 +165,9 @@ def main(argv=None):
     finally:
         pool.exit()
     cpu = run.cpu_seconds(proc.pid) - cpu0
+    instructions = None
+    if opts.callgrind:
+        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
@@ -161,6 +175,9 @@ def main(argv=None):
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
+    if opts.callgrind:  # written at exit; only the storms were instrumented
+        with open(callgrind_out) as f:
+            instructions = sum(int(line.split()[1]) for line in f if line.startswith("totals:"))
     with open(gc_file) as f:
         (t0, n0), (t1, n1) = [map(float, line.split()) for line in f.read().split("\n")[:2]]
     gc_seconds, gc_runs = t1 - t0, int(n1 - n0)
@@ -169,6 +186,8 @@ def main(argv=None):
           % (cpu / storms * 1e6, "anonymous" if opts.anonymous else "a Rails token each",
              "" if opts.no_profile else ", under cProfile"))
     print("garbage collector: %.0f µs per client (%d collections)" % (gc_seconds / storms * 1e6, gc_runs))
+    if instructions is not None:
+        print("callgrind: %.0f instructions per client (the server's, during the storms)" % (instructions / storms))
     if opts.py_spy:
         print_samples(opts.py_spy, opts.top)
     if opts.no_profile:

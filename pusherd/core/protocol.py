@@ -25,42 +25,7 @@ PHX_ERROR = "phx_error"
 HEARTBEAT = "heartbeat"
 PHOENIX_TOPIC = "phoenix"
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-class _CompactEncoder:
-    """``_ENCODER.encode``, the same text, without the C encoder ``JSONEncoder.encode`` makes
-    anew on every call (json.encoder.c_make_encoder with the encoder's own settings, as
-    ``iterencode`` makes it): 2.5 -> 1.4 us for a join reply, once per join and per broadcast
-    (bench/run.py --only stormrails,publish). The C encoder keeps the circular-reference markers
-    it was made with; a call that raised may leave some behind, so it is made anew after one.
-    Without the C accelerator, ``_ENCODER.encode`` itself."""
-
-    __slots__ = ("_encoder",)
-
-    def __init__(self):
-        self._encoder = self._make()
-
-    @staticmethod
-    def _make():
-        make = json.encoder.c_make_encoder
-        if make is None:  # pragma: no cover (CPython always has it)
-            return None
-        return make({}, _ENCODER.default, json.encoder.encode_basestring, None, _ENCODER.key_separator,
-                    _ENCODER.item_separator, False, False, False)
-
-    def __call__(self, obj) -> str:
-        encoder = self._encoder
-        if encoder is None or isinstance(obj, str):  # (a str alone: JSONEncoder.encode's own case)
-            return _ENCODER.encode(obj)
-        try:
-            return "".join(encoder(obj, 0))
-        except BaseException:
-            self._encoder = self._make()
-            raise
-
-
-_encode = _CompactEncoder()
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 64   # nesting of arrays/objects in a client frame or a publish body
 MAX_EVENT_LENGTH = 255

@@ -452,34 +452,3 @@ def test_deepest_decodable_push_can_still_be_encoded():
             hi = mid - 1
     msg = V2.decode(frame(lo))
     _at_depth(50, lambda: V2.encode_broadcast(msg.topic, msg.event, msg.payload))
-
-
-# --- the compact encoder ----------------------------------------------------------------------
-
-_REFERENCE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-@LIGHT
-@given(json_values)
-def test_the_kept_c_encoder_writes_what_a_fresh_jsonencoder_writes(value):
-    from pusherd.core.protocol import _encode
-    assert _encode(value) == _REFERENCE.encode(value)
-    assert _encode([value, {"k": value}]) == _REFERENCE.encode([value, {"k": value}])
-
-
-def test_the_kept_c_encoder_raises_as_jsonencoder_does_and_is_not_left_marked():
-    """A circular value leaves the C encoder's markers set: the next calls must not be refused
-    as circular (it is made anew after any call that raised)."""
-    from pusherd.core.protocol import _encode
-    loop = []
-    loop.append(loop)
-    shared = {"a": 1}
-    for bad, error in ((loop, ValueError), ([float("nan")], ValueError), ({"x": object()}, TypeError),
-                       ([{"deep": [shared, object()]}], TypeError)):
-        for _ in range(2):  # the same value again: the same error, not "Circular reference detected"
-            with pytest.raises(error) as ours:
-                _encode(bad)
-            with pytest.raises(error) as theirs:
-                _REFERENCE.encode(bad)
-            assert str(ours.value) == str(theirs.value)
-        assert _encode([shared, shared, {"s": shared}]) == '[{"a":1},{"a":1},{"s":{"a":1}}]'
