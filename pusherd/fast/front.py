@@ -392,20 +392,20 @@ class PublishConnection:
         if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
             return
         stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
-        fd, reading, loop = self.fd, self.reading, self.front.loop
-        # Still registered for reading (completed at once, not from a batch): the registration is
-        # left for the socket, whose add_reader replaces the callback.
+        fd, loop = self.fd, self.front.loop
+        # Still registered for reading when completed at once (not from a batch): the
+        # registration is left for the socket, whose add_reader replaces the callback. Otherwise
+        # whatever is registered (this connection's, or a half-made socket's) is removed here.
         sock, prefix = self._detach(keep_reader=True)
         self.stream = None
         try:
             completed = self.front.upgrades.complete(sock, head, remote_ip, prefix[head.length:])
         except Exception:
-            loop.remove_reader(fd)  # this connection's registration, or the half-made socket's
+            loop.remove_reader(fd)
             sock.close()  # detached from here already: nobody else would close it
             raise
         if not completed:
-            if reading:
-                loop.remove_reader(fd)
+            loop.remove_reader(fd)  # (none registered, from a batch: a no-op)
             self.front.server.hand_over(stream, address, prefix, deadline)
 
     def _hand_over(self) -> None:
