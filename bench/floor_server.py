@@ -182,7 +182,7 @@ class Conn(asyncio.Protocol):
 async def main(port, gsecret, psecret, issuer=None):
     state = State(gsecret, psecret, issuer)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Conn(state), "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(lambda: Conn(state), "127.0.0.1", port, backlog=65535)
     print("serving on 127.0.0.1:%d" % port, flush=True)
     async with server:
         await server.serve_forever()

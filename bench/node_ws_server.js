@@ -172,6 +172,6 @@ server.on("upgrade", (req, socket, head) => {
 });
 server.on("clientError", (err, socket) => socket.destroy());
 
-server.listen(Number(port), "127.0.0.1", 1024, () => {
+server.listen(Number(port), "127.0.0.1", 65535, () => {
   process.stdout.write("serving on 127.0.0.1:" + port + "\n");
 });
