@@ -71,6 +71,7 @@ class PublishConnections:
         self._turn_left = UPGRADES_PER_TURN  # upgrades this loop iteration may still complete at once
         self._date_second = -1
         self._date = ""
+        self._plain_heads = {}  # status -> `plain_head`, for the second of `_date`
 
     def adopt(self, stream: IOStream, address) -> None:
         PublishConnection(self, stream, address)
@@ -128,7 +129,27 @@ class PublishConnections:
         second = int(now)
         if second != self._date_second:
             self._date_second, self._date = second, httputil.format_timestamp(now)
+            self._plain_heads.clear()
         return self._date
+
+    def head_lines(self, status: int, now: float) -> list:
+        """An answer's first header lines, as PublishHandler's answers begin."""
+        return ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
+                "Server: " + self.server_header,
+                "Content-Type: application/json; charset=utf-8",
+                "Date: " + self.date(now),
+                "Cache-Control: no-store"]
+
+    def plain_head(self, status: int, now: float) -> bytes:
+        """An answer's head up to Content-Length's value when nothing follows `head_lines` but
+        Content-Length (no extra header, no Connection: close), kept for the second its Date
+        names: a keep-alive publisher's every answer (bench/run.py --only publish)."""
+        date = self.date(now)  # (a new second empties the kept heads)
+        head = self._plain_heads.get(status)
+        if head is None:
+            head = self._plain_heads[status] = ("\r\n".join(self.head_lines(status, now))
+                                                + "\r\nContent-Length: ").encode("latin1")
+        return head
 
     def close_all(self) -> None:
         for conn in list(self.open):
@@ -149,7 +170,7 @@ class PublishConnection:
     """
 
     __slots__ = ("front", "stream", "sock", "fd", "address", "remote_ip", "buf", "head", "grant", "out", "busy",
-                 "reading", "closing", "deadline", "started", "_readable_cb", "_writable_cb")
+                 "reading", "closing", "deadline", "started", "last_head", "_readable_cb", "_writable_cb")
 
     def __init__(self, front: PublishConnections, stream: IOStream, address):
         self.front = front
@@ -161,6 +182,7 @@ class PublishConnection:
                           else "0.0.0.0")
         self.buf = bytearray()
         self.head: Optional[PublishHead] = None
+        self.last_head: Optional[PublishHead] = None  # the previous request's, which the next often repeats
         self.grant = None  # what the credential of `head` may publish
         self.out = b""  # answer bytes the socket has not taken yet
         self.busy = False  # a request is being answered
@@ -221,7 +243,7 @@ class PublishConnection:
                     self._pause()
                     self.front.loop.call_soon(self._next_turn)
                     return
-                head = read_head(self.buf)
+                head = read_head(self.buf, self.last_head)
                 if head is MORE:
                     return
                 if head is OTHER:
@@ -247,7 +269,7 @@ class PublishConnection:
                                   refused=True)
                     return
                 del self.buf[:head.length]
-                self.head = head
+                self.head = self.last_head = head
                 self.deadline = self.front.loop.time() + settings.http_body_timeout
             if len(self.buf) < head.content_length:
                 return
@@ -303,23 +325,24 @@ class PublishConnection:
         settings = service.config.settings
         now = time.time()
         data = json.dumps(answer).encode("utf-8")
-        lines = ["HTTP/1.1 %d %s" % (status, httputil.responses.get(status, "Unknown")),
-                 "Server: " + front.server_header,
-                 "Content-Type: application/json; charset=utf-8",
-                 "Date: " + front.date(now),
-                 "Cache-Control: no-store"]
-        # The order PublishHandler's answers have: Connection (draining, or a refused body) and
-        # the extra headers as the handler sets them, Content-Length at finish(), and last the
-        # Connection: close Tornado adds when the client asked for it.
         close = refused or service.draining
-        if close:  # shutting down, or a body refused unread: no further request on this connection
-            lines.append("Connection: close")
-        lines.extend("%s: %s" % ("-".join(w.capitalize() for w in name.split("-")), value) for name, value in extra)
-        lines.append("Content-Length: %d" % len(data))
-        if head.close and not close:
-            close = True
-            lines.append("Connection: close")
-        lines.append("\r\n")
+        if not close and not extra and not head.close:
+            out = b"%s%d\r\n\r\n%s" % (front.plain_head(status, now), len(data), data)
+        else:
+            lines = front.head_lines(status, now)
+            # The order PublishHandler's answers have: Connection (draining, or a refused body)
+            # and the extra headers as the handler sets them, Content-Length at finish(), and
+            # last the Connection: close Tornado adds when the client asked for it.
+            if close:  # shutting down, or a body refused unread: no further request on this connection
+                lines.append("Connection: close")
+            lines.extend("%s: %s" % ("-".join(w.capitalize() for w in name.split("-")), value)
+                         for name, value in extra)
+            lines.append("Content-Length: %d" % len(data))
+            if head.close and not close:
+                close = True
+                lines.append("Connection: close")
+            lines.append("\r\n")
+            out = "\r\n".join(lines).encode("latin1") + data
         self.busy = False
         service.requests.discard(self)
         service.counters.publish_requests[status] += 1
@@ -335,7 +358,7 @@ class PublishConnection:
             idle.pop(self, None)
             idle[self] = (time.monotonic(), None)
         self.deadline = front.loop.time() + settings.http_header_timeout
-        self._write("\r\n".join(lines).encode("latin1") + data)
+        self._write(out)
 
     # -- writing --------------------------------------------------------------------------
 

@@ -225,3 +225,55 @@ def test_whatever_is_recognized_tornado_reads_the_same(raw):
 def test_any_bytes_get_a_verdict(raw):
     head = read_head(BASIC[:40] + raw)
     assert head is MORE or head is OTHER or isinstance(head, PublishHead)
+
+
+# -- a keep-alive publisher's next head (PublishHead.again) ------------------------------------
+
+def verdict(head):
+    if isinstance(head, PublishHead):
+        return fields(head) + (head.length,)
+    return head
+
+
+@st.composite
+def next_heads(draw):
+    """A head of the publish shape, and the connection's next one: the same with another
+    Content-Length value (digits, or anything), one line changed, or anything near the shape."""
+    first = draw(publish_heads())
+    lines = first.decode("ascii")[:-4].split("\r\n")
+    at = next(i for i, line in enumerate(lines) if line.lower().startswith("content-length"))
+    name = lines[at].partition(":")[0]
+    kind = draw(st.sampled_from(["length", "length", "name", "line", "near"]))
+    if kind == "length":
+        value = draw(st.one_of(st.from_regex(r"[ \t]*[0-9]{1,17}[ \t]*", fullmatch=True), VALUES))
+        lines[at] = name + ":" + value
+    elif kind == "name":
+        lines[at] = random_case(draw, "content-length") + draw(SEPARATORS) + "12"
+    elif kind == "line":
+        where = draw(st.integers(0, len(lines) - 1))
+        lines[where] = draw(REQUEST_LINES) if where == 0 else (
+            draw(st.one_of(st.sampled_from(NAMES), TOKEN)) + draw(SEPARATORS) + draw(VALUES))
+    else:
+        return first, draw(heads())
+    return first, ("\r\n".join(lines) + "\r\n\r\n").encode("latin1")
+
+
+@settings(max_examples=3000, deadline=None)
+@given(next_heads(), st.binary(max_size=8))
+def test_a_head_read_after_the_last_one_gets_the_verdict_it_gets_alone(pair, after):
+    first, raw = pair
+    last = read_head(first)
+    assert isinstance(last, PublishHead)
+    assert verdict(read_head(raw + after, last)) == verdict(read_head(raw + after))
+
+
+def test_a_repeated_head_with_a_new_length_is_read_from_the_last_one():
+    last = read_head(BASIC)
+    raw = BASIC.replace(b"Content-Length: 12", b"Content-Length: \t 4096")
+    head = read_head(raw, last)
+    assert head.lines is last.lines  # taken from `last`, not read again
+    assert verdict(head) == verdict(read_head(raw)) == ("POST", "/publish", ["Bearer s3cret"], "application/json",
+                                                        4096, False, len(raw))
+    for other in (BASIC.replace(b"12", b"1x"), BASIC.replace(b"s3cret", b"s3creT"),
+                  BASIC.replace(b"Content-Length", b"content-length")):
+        assert read_head(other, last) is OTHER or read_head(other, last).lines is not last.lines
