@@ -12,10 +12,11 @@ test_fast_paths.py compares both byte for byte). At the first request of any oth
 WebSocket upgrade, a health check, a chunked body, HTTP/1.0...) the connection, with every byte
 read so far, goes to Tornado's own ``HTTPServer.handle_stream`` for good (`Server.hand_over`).
 
-What it relies on of Tornado's: the IOStream that ``TCPServer`` made for the connection
-(``IOStream.socket``, registered with nothing yet when ``handle_stream`` is called), the loop's
-``add_reader``/``add_writer`` on its descriptor. Benchmark that justifies it: ``python
-bench/run.py --only publish`` (bench/README.md: publish requests/s against the floor).
+What it relies on of Tornado's: nothing of the connection before a hand-over (the listener gives
+the front the accepted socket, non-blocking and registered with nothing; an IOStream is made for
+it only when it goes to Tornado), the loop's ``add_reader``/``add_writer`` on its descriptor.
+Benchmark that justifies it: ``python bench/run.py --only publish`` (bench/README.md: publish
+requests/s against the floor).
 """
 
 import asyncio
@@ -29,7 +30,6 @@ from typing import TYPE_CHECKING, Optional
 
 import tornado
 from tornado import httputil
-from tornado.iostream import IOStream
 
 from ..transports.http import answer_publish, authorize_head, body_too_large, log_access
 from .http1 import MORE, OTHER, PublishHead, read_head, read_upgrade
@@ -73,8 +73,8 @@ class PublishConnections:
         self._date = ""
         self._plain_heads = {}  # status -> `plain_head`, for the second of `_date`
 
-    def adopt(self, stream: IOStream, address) -> None:
-        PublishConnection(self, stream, address)
+    def adopt(self, sock: socket.socket, address) -> None:
+        PublishConnection(self, sock, address)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
@@ -144,7 +144,7 @@ class PublishConnections:
         """An answer's head up to Content-Length's value when nothing follows `head_lines` but
         Content-Length (no extra header, no Connection: close), kept for the second its Date
         names: a keep-alive publisher's every answer (bench/run.py --only publish)."""
-        date = self.date(now)  # (a new second empties the kept heads)
+        self.date(now)  # (a new second empties the kept heads)
         head = self._plain_heads.get(status)
         if head is None:
             head = self._plain_heads[status] = ("\r\n".join(self.head_lines(status, now))
@@ -169,13 +169,12 @@ class PublishConnection:
     ``http_body_timeout`` for a body, checked by `PublishConnections`'s sweep.
     """
 
-    __slots__ = ("front", "stream", "sock", "fd", "address", "remote_ip", "buf", "head", "grant", "out", "busy",
+    __slots__ = ("front", "sock", "fd", "address", "remote_ip", "buf", "head", "grant", "out", "busy",
                  "reading", "closing", "deadline", "started", "last_head", "_readable_cb", "_writable_cb")
 
-    def __init__(self, front: PublishConnections, stream: IOStream, address):
+    def __init__(self, front: PublishConnections, sock: socket.socket, address):
         self.front = front
-        self.stream = stream  # unused until handed to Tornado
-        self.sock = sock = stream.socket
+        self.sock = sock  # non-blocking, registered with nothing yet
         self.fd = sock.fileno()
         self.address = address
         self.remote_ip = (address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) and address
@@ -414,13 +413,12 @@ class PublishConnection:
         self.busy = False
         if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
             return
-        stream, address, remote_ip, deadline = self.stream, self.address, self.remote_ip, self.deadline
+        address, remote_ip, deadline = self.address, self.remote_ip, self.deadline
         fd, loop = self.fd, self.front.loop
         # Still registered for reading when completed at once (not from a batch): the
         # registration is left for the socket, whose add_reader replaces the callback. Otherwise
         # whatever is registered (this connection's, or a half-made socket's) is removed here.
         sock, prefix = self._detach(keep_reader=True)
-        self.stream = None
         try:
             completed = self.front.upgrades.complete(sock, head, remote_ip, prefix[head.length:])
         except Exception:
@@ -429,15 +427,14 @@ class PublishConnection:
             raise
         if not completed:
             loop.remove_reader(fd)  # (none registered, from a batch: a no-op)
-            self.front.server.hand_over(stream, address, prefix, deadline)
+            self.front.server.hand_over(sock, address, prefix, deadline)
 
     def _hand_over(self) -> None:
         """Give the connection to Tornado, with the bytes it has sent so far."""
         deadline = self.deadline
         sock, prefix = self._detach()
         if sock is not None:
-            self.front.server.hand_over(self.stream, self.address, prefix, deadline)
-        self.stream = None
+            self.front.server.hand_over(sock, self.address, prefix, deadline)
 
     def _detach(self, keep_reader: bool = False):
         """Let the connection go: ``(socket, the bytes read)``. `keep_reader`: the descriptor stays
@@ -467,7 +464,6 @@ class PublishConnection:
         sock, _ = self._detach()
         if sock is not None:
             sock.close()
-        self.stream = None
 
 
 @types.coroutine

@@ -161,12 +161,13 @@ class FrontSocket:
     wire = staticmethod(ws_text_frame)
 
     def __init__(self, service: "Service", rounds: FlushQueue, sock, remote_ip: str, serializer, claims,
-                 response: bytes, rest: bytes = b""):
-        """`response`: the 101, written first; `rest`: what the client sent after its head."""
+                 response: bytes, rest: bytes = b"", loop: Optional[asyncio.AbstractEventLoop] = None):
+        """`response`: the 101, written first; `rest`: what the client sent after its head;
+        `loop`: the running loop (asked for when not given: a system call on Python 3.11)."""
         self.service = service
         self.sock = sock
         self.fd = sock.fileno()
-        self.loop = loop = asyncio.get_running_loop()
+        self.loop = loop = loop or asyncio.get_running_loop()
         self.serializer = serializer
         self.closing = False  # closed by pusherd: nothing more is written but its close frame
         self.client_terminated = False  # its close frame came (or the connection is gone)

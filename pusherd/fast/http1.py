@@ -194,16 +194,26 @@ _UPGRADE_SINGLE = frozenset(("host", "upgrade", "connection", "sec-websocket-key
 _WS_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 
 
+class UpgradeHeaders(dict):
+    """An upgrade's header fields by lower-cased name, repeated ones joined with commas: what
+    ``HTTPHeaders.get`` gives for a name, at the cost of a dict (made by `read_upgrade` in the
+    pass that checks the names)."""
+
+    def get(self, name: str, default=None):
+        return dict.get(self, name.lower(), default)
+
+
 class UpgradeHead:
     """A recognized WebSocket upgrade head: ``GET <path>[?query] HTTP/1.1`` on one of the
     socket paths, every header line strict, the upgrade headers once each and well formed."""
 
-    __slots__ = ("uri", "path", "fields", "length")
+    __slots__ = ("uri", "path", "fields", "headers", "length")
 
-    def __init__(self, uri: str, path: str, fields: List[tuple], length: int):
+    def __init__(self, uri: str, path: str, fields: List[tuple], headers: UpgradeHeaders, length: int):
         self.uri = uri
         self.path = path
         self.fields = fields  # (name as sent, value), in order
+        self.headers = headers
         self.length = length  # bytes of the head, blank line included
 
     def __repr__(self) -> str:
@@ -231,26 +241,30 @@ def read_upgrade(buf: Union[bytes, bytearray], paths) -> Union[UpgradeHead, _Ver
     fields = _fields(buf, length, lines)
     if fields is None:
         return OTHER
-    single = {}
+    headers = UpgradeHeaders()
+    known = dict.get
     for name, value in fields:
         lower = name.lower()
-        if lower in _UPGRADE_SINGLE:
-            if lower in single:
-                return OTHER
-            single[lower] = value
-        elif lower in _OTHER:
+        before = known(headers, lower)
+        if before is None:
+            headers[lower] = value
+        elif lower in _UPGRADE_SINGLE:
             return OTHER
-    host = single.get("host")
-    connection = single.get("connection", "").lower()
+        else:
+            headers[lower] = before + "," + value
+        if lower in _OTHER:
+            return OTHER
+    host = known(headers, "host")
+    connection = known(headers, "connection", "").lower()
     if (host is None or _HOST.fullmatch(host) is None
-            or single.get("upgrade", "").lower() != "websocket"
+            or known(headers, "upgrade", "").lower() != "websocket"
             or (connection != "upgrade" and "upgrade" not in [part.strip() for part in connection.split(",")])
-            or single.get("sec-websocket-version") != "13"
-            or _WS_KEY.fullmatch(single.get("sec-websocket-key", "")) is None
-            or single.get("content-length", "0") != "0"):
+            or known(headers, "sec-websocket-version") != "13"
+            or _WS_KEY.fullmatch(known(headers, "sec-websocket-key", "")) is None
+            or known(headers, "content-length", "0") != "0"):
         return OTHER
     # Tornado 6.6 refuses a cross-site upgrade without an Origin before pusherd's own check
     # would run: such a request is left to it.
-    if single.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") and not single.get("origin"):
+    if known(headers, "sec-fetch-site", "same-origin") not in ("same-origin", "none") and not known(headers, "origin"):
         return OTHER
-    return UpgradeHead(uri, path, fields, length)
+    return UpgradeHead(uri, path, fields, headers, length)

@@ -227,13 +227,23 @@ class Server(tornado.httpserver.HTTPServer):
             self._handle_connection_socket(connection, address)
 
     def _handle_connection_socket(self, connection: socket.socket, address) -> None:
-        """What TCPServer does with an accepted socket (pusherd serves no TLS itself)."""
+        """What TCPServer does with an accepted socket (pusherd serves no TLS itself). With the
+        front on, the socket is the front's, and its IOStream is made only if it is handed over
+        to Tornado (`stream`): most connections of a storm are upgraded on the front and never
+        need one (bench/run.py --only storm)."""
         try:
-            stream = IOStream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
-            self.handle_stream(stream, address)
+            if self.front is not None:
+                connection.setblocking(False)  # (as IOStream would)
+                self.front.adopt(connection, address)
+                return
+            self.handle_stream(self.stream(connection), address)
         except Exception:
             log.error("error in connection callback", exc_info=True)
             connection.close()
+
+    def stream(self, connection: socket.socket) -> IOStream:
+        """The IOStream TCPServer makes for an accepted socket."""
+        return IOStream(connection, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size)
 
     def left(self) -> None:
         """A connection left the count (closed, or upgraded to a WebSocket): accept again."""
@@ -244,19 +254,17 @@ class Server(tornado.httpserver.HTTPServer):
     # -- connections ---------------------------------------------------------------------------
 
     def handle_stream(self, stream: IOStream, address) -> None:
-        front = self.front
         if type(stream) is not IOStream:
             super().handle_stream(stream, address)
-        elif front is not None:  # the stream has registered nothing with the loop yet: its socket is the front's
-            front.adopt(stream, address)
         else:
             stream.__class__ = _ServedIOStream
             self.fresh[stream] = (time.monotonic(), None)
             super().handle_stream(stream, address)
 
-    def hand_over(self, stream: IOStream, address, prefix: bytes, head_deadline: float) -> None:
-        """Serve `stream` as Tornado would have from the start, `prefix` being what it sent so
-        far, its head due by `head_deadline` (loop time) as it was on the front."""
+    def hand_over(self, connection: socket.socket, address, prefix: bytes, head_deadline: float) -> None:
+        """Serve the front's `connection` as Tornado would have from the start, `prefix` being
+        what it sent so far, its head due by `head_deadline` (loop time) as it was on the front."""
+        stream = self.stream(connection)
         cls = self._prefilled
         cls.prefixes[stream] = prefix, stream.read_chunk_size
         stream.read_chunk_size = max(stream.read_chunk_size, len(prefix))

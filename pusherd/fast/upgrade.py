@@ -18,6 +18,7 @@ them); tests/integration/test_fast_paths.py compares the conversations of both p
 byte. Benchmark that justifies it: ``python bench/run.py --only storm,stormrails``.
 """
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
@@ -33,7 +34,7 @@ from ..transports.http import log_access
 from ..transports.websocket import text_params
 from .direct import FlushQueue
 from .frontsocket import FrontSocket
-from .http1 import UpgradeHead
+from .http1 import UpgradeHead, UpgradeHeaders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import Service
@@ -43,21 +44,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: phoenix.js query without socket params (``vsn=2.0.0``); a token is longer.
 QUERIES_KEPT = 16
 QUERY_CHARS_KEPT = 24
-
-
-class UpgradeHeaders(dict):
-    """An upgrade's header fields by lower-cased name, repeated ones joined with commas: what
-    ``HTTPHeaders.get`` gives for a name, at the cost of a dict."""
-
-    def __init__(self, fields: List[Tuple[str, str]]):
-        super().__init__()
-        for name, value in fields:
-            key = name.lower()
-            known = dict.get(self, key)
-            self[key] = value if known is None else known + "," + value
-
-    def get(self, name: str, default=None):
-        return dict.get(self, name.lower(), default)
 
 
 def handshake(key: str, subprotocol: Optional[str], date: str) -> bytes:
@@ -80,6 +66,7 @@ class Upgrades:
         self.rounds = rounds
         self.date = date
         self._queries: Dict[str, Dict[str, list]] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, once known
 
     def paths(self) -> Tuple[str, str]:
         """The WebSocket path and the bare one the 2015 client opens (transports/app.py's routes)."""
@@ -137,7 +124,7 @@ class Upgrades:
         False when it is Tornado's to answer (nothing has been written then)."""
         started = time.time()
         legacy = head.path != self.paths()[0]
-        headers = UpgradeHeaders(head.fields)
+        headers = head.headers
         arguments = self.arguments(head.uri.partition("?")[2])
         protocols = self.subprotocols(headers)
         admitted = self.admit(headers, arguments, protocols, legacy)
@@ -150,5 +137,8 @@ class Upgrades:
         response = handshake(headers["sec-websocket-key"], subprotocol, self.date(now))
         if self.service.config.settings.access_log:  # as Tornado logs its 101 (transports.http.log_request)
             log_access(101, "GET", head.path, remote_ip, now - started)
-        FrontSocket(self.service, self.rounds, sock, remote_ip, serializer, claims, response, rest)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        FrontSocket(self.service, self.rounds, sock, remote_ip, serializer, claims, response, rest, loop)
         return True

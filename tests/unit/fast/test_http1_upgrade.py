@@ -103,6 +103,8 @@ def test_whatever_is_recognized_tornado_reads_the_same_and_would_upgrade(raw):
     for name, value in head.fields:
         ours.add(name, value)
     assert sorted(headers.get_all()) == sorted(ours.get_all())
+    for name in set(name for name, _ in head.fields) | {"Origin", "Sec-WebSocket-Protocol", "X-Absent"}:
+        assert head.headers.get(name) == headers.get(name)  # what Upgrades reads, as Tornado's HTTPHeaders
     # WebSocketHandler.get and WebSocketProtocol13's own checks pass
     assert headers.get("Upgrade", "").lower() == "websocket"
     assert "upgrade" in [s.strip().lower() for s in headers.get("Connection", "").split(",")]
