@@ -89,8 +89,10 @@ class PublishConnections:
             self._turn_left -= 1
             self._upgrade_one(conn, head)
             return
-        conn.busy = True  # waiting for its batch: not read, not evicted (Server._make_room)
-        conn._pause()
+        # Waiting for its batch: not read, not evicted (Server._make_room). Its registration
+        # stays, to pass to its socket as it is (no removal and new registration of the
+        # descriptor); nothing comes before the 101, but if anything does, `_readable` pauses.
+        conn.busy = conn.waiting = True
         self.waiting_upgrades.append((conn, head))
         if not self._upgrading:
             self._upgrading = True
@@ -170,7 +172,7 @@ class PublishConnection:
     """
 
     __slots__ = ("front", "sock", "fd", "address", "remote_ip", "buf", "head", "grant", "out", "busy",
-                 "reading", "closing", "deadline", "started", "last_head", "_readable_cb", "_writable_cb")
+                 "reading", "closing", "deadline", "started", "last_head", "waiting", "_readable_cb", "_writable_cb")
 
     def __init__(self, front: PublishConnections, sock: socket.socket, address):
         self.front = front
@@ -185,6 +187,7 @@ class PublishConnection:
         self.grant = None  # what the credential of `head` may publish
         self.out = b""  # answer bytes the socket has not taken yet
         self.busy = False  # a request is being answered
+        self.waiting = False  # an upgrade waiting for its batch (PublishConnections.upgrade)
         self.reading = False
         self.closing = False  # close once `out` is sent
         self.started = 0.0
@@ -212,6 +215,9 @@ class PublishConnection:
             self.front.loop.remove_reader(self.fd)
 
     def _readable(self) -> None:
+        if self.waiting:  # (an upgrade waiting for its batch: read by its socket, later)
+            self._pause()
+            return
         view = self.front.read_view
         try:
             n = self.sock.recv_into(view)
@@ -225,7 +231,7 @@ class PublishConnection:
             return
         self.buf += view[:n]
         self._serve_buffered()
-        if self.busy or self.out:  # answering takes a while: read no more until it is done
+        if (self.busy or self.out) and not self.waiting:  # answering takes a while: read no more until it is done
             self._pause()
 
     def _serve_buffered(self) -> None:
@@ -410,14 +416,15 @@ class PublishConnection:
     def upgrade_now(self, head) -> None:
         """A plain WebSocket upgrade: completed here when pusherd accepts it (upgrade.py), else
         given to Tornado, which answers it."""
-        self.busy = False
+        self.busy = self.waiting = False
         if self.sock is None:  # closed while it waited (the sweep's head timeout, shutting down)
             return
         address, remote_ip, deadline = self.address, self.remote_ip, self.deadline
         fd, loop = self.fd, self.front.loop
-        # Still registered for reading when completed at once (not from a batch): the
-        # registration is left for the socket, whose add_reader replaces the callback. Otherwise
-        # whatever is registered (this connection's, or a half-made socket's) is removed here.
+        # Still registered for reading unless something came while it waited for its batch: the
+        # registration is left for the socket, whose add_reader replaces the callback. Not
+        # completed, whatever is registered (this connection's, or a half-made socket's) is
+        # removed here.
         sock, prefix = self._detach(keep_reader=True)
         try:
             completed = self.front.upgrades.complete(sock, head, remote_ip, prefix[head.length:])

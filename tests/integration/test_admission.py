@@ -236,3 +236,65 @@ def test_max_new_connections_per_second_reloads_on_sighup(pusherd_factory):
     answers = upgrades(d.port, 20)
     assert 3 <= sum(a[0] == 101 for a in answers) <= 4, [a[0] for a in answers]
     assert all(refused_rate_limited(a) for a in answers if a[0] != 101)
+
+
+def read_answer(sock, buf=b""):
+    """(status, the bytes after the head) of the answer to an upgrade, from a blocking socket."""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError("closed before its answer: %r" % buf)
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    return int(head.split(b" ", 2)[1]), rest
+
+
+def read_reply(sock, buf):
+    """The first server frame (unmasked, short) as JSON, reading after `buf`."""
+    while len(buf) < 2 or len(buf) < 2 + (buf[1] & 0x7F):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError("closed before its reply")
+        buf += chunk
+    assert buf[1] & 0x7F < 126, buf
+    return json.loads(buf[2:2 + buf[1]])
+
+
+@PATHS
+def test_upgrades_that_wait_for_their_batch_answer_early_frames_and_survive_early_closes(pusherd_factory, fast):
+    """300 upgrade heads reach a stopped daemon (SIGSTOP: its loop busy, as in a storm), so that it
+    finds them all at once and completes most in later batches (UPGRADES_PER_TURN on the front). A
+    quarter send their join frame with their head, a quarter as soon as the daemon resumes, before
+    they read their 101, a quarter close right after their
+    head, the rest join after the 101. Each upgrade gets its 101, each join its reply, in that
+    order; the ones that left disturb nobody and log no error. (What the front does with bytes
+    that come while an upgrade waits: tests/unit/fast/test_front.py.)"""
+    d = start(pusherd_factory, fast)
+    join = text_frame(json.dumps(["1", "1", "public:batch", "phx_join", {}]))
+    socks = []
+    d.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(300):
+            sock = socket.create_connection(("127.0.0.1", d.port), timeout=20)
+            sock.sendall(upgrade_head(d.port) + (join if i % 4 == 0 else b""))
+            if i % 4 == 1:
+                sock.close()
+            socks.append(sock)
+    finally:
+        d.send_signal(signal.SIGCONT)
+    try:
+        for i in range(2, 300, 4):
+            socks[i].sendall(join)
+        for i, sock in enumerate(socks):
+            if i % 4 == 1:
+                continue
+            status, rest = read_answer(sock)
+            assert status == 101, (i, status)
+            if i % 4 == 3:
+                sock.sendall(join)
+            reply = read_reply(sock, rest)
+            assert reply[3] == "phx_reply" and reply[4]["status"] == "ok", (i, reply)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert not [line for line in d.lines if " ERROR " in line or "Traceback" in line], d.log()

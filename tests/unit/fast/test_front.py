@@ -1,0 +1,49 @@
+"""front.PublishConnection on a real socket pair, where a storm's timing decides what happens: an
+upgrade that waits for its batch (PublishConnections.upgrade) reads nothing, whatever its client
+sends meanwhile, and leaves it on the socket for the WebSocket to read. (Whole conversations on
+the front, against Tornado's own answers: tests/integration/test_fast_paths.py.)"""
+
+import asyncio
+import socket
+import types
+
+from pusherd.fast.front import PublishConnection, PublishConnections
+
+
+def _front():
+    settings = types.SimpleNamespace(http_header_timeout=10.0, http_body_timeout=10.0)
+    service = types.SimpleNamespace(config=types.SimpleNamespace(settings=settings), requests=set())
+    server = types.SimpleNamespace(fresh={}, idle={}, left=lambda: None)
+    return PublishConnections(service, server)
+
+
+def test_an_upgrade_waiting_for_its_batch_leaves_what_comes_meanwhile_on_its_socket():
+    async def main():
+        front = _front()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        conn = PublishConnection(front, ours, ("203.0.113.9", 1))
+        assert conn.reading
+        conn.busy = conn.waiting = True  # as PublishConnections.upgrade leaves one whose batch has not come
+        theirs.sendall(b"\x81\x85early")  # its first frame, sent before the 101 (or anything at all)
+        await asyncio.sleep(0.05)  # the loop sees the socket readable
+        assert not conn.reading, "still registered for reading: the loop would call it again and again"
+        assert conn.buf == b"" and conn.sock is ours  # nothing read, nothing closed
+        assert ours.recv(100) == b"\x81\x85early"  # the socket's, for the WebSocket to read
+        conn.close()
+        theirs.close()
+    asyncio.run(main())
+
+
+def test_a_connection_not_waiting_reads_what_comes():
+    async def main():
+        front = _front()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        conn = PublishConnection(front, ours, ("203.0.113.9", 1))
+        theirs.sendall(b"POST /publ")  # the start of a head: read, more awaited
+        await asyncio.sleep(0.05)
+        assert conn.buf == b"POST /publ" and conn.reading
+        conn.close()
+        theirs.close()
+    asyncio.run(main())
