@@ -17,12 +17,16 @@ def _front():
     return PublishConnections(service, server)
 
 
+def _connection():
+    """A PublishConnection on one end of a socket pair: (it, its socket, the client's)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    return PublishConnection(_front(), ours, ("203.0.113.9", 1)), ours, theirs
+
+
 def test_an_upgrade_waiting_for_its_batch_leaves_what_comes_meanwhile_on_its_socket():
     async def main():
-        front = _front()
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        conn = PublishConnection(front, ours, ("203.0.113.9", 1))
+        conn, ours, theirs = _connection()
         assert conn.reading
         conn.busy = conn.waiting = True  # as PublishConnections.upgrade leaves one whose batch has not come
         theirs.sendall(b"\x81\x85early")  # its first frame, sent before the 101 (or anything at all)
@@ -37,10 +41,7 @@ def test_an_upgrade_waiting_for_its_batch_leaves_what_comes_meanwhile_on_its_soc
 
 def test_a_connection_not_waiting_reads_what_comes():
     async def main():
-        front = _front()
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        conn = PublishConnection(front, ours, ("203.0.113.9", 1))
+        conn, ours, theirs = _connection()
         theirs.sendall(b"POST /publ")  # the start of a head: read, more awaited
         await asyncio.sleep(0.05)
         assert conn.buf == b"POST /publ" and conn.reading
