@@ -74,8 +74,8 @@ class HS256Keys:
         payload = canonical_segment(parts[1])
         if payload is None:
             return None
-        try:
-            claims = json.loads(payload)
+        try:  # (as text: json.loads would detect the encoding of bytes; not UTF-8, PyJWT decides)
+            claims = json.loads(payload.decode("utf-8"))
         except (ValueError, RecursionError):
             return None
         if not isinstance(claims, dict):

@@ -104,6 +104,13 @@ def _pattern_claim(claims: dict, name: str) -> Tuple[TopicPattern, ...]:
     value = claims.get(name, [])
     if value is None:
         return ()
+    if type(value) is list:
+        try:  # a list already compiled: its items are strings (a JSON value equal to a string is one)
+            patterns = _PATTERNS.get(tuple(value))
+        except TypeError:  # an unhashable item: a list or an object
+            patterns = None
+        if patterns is not None:
+            return patterns
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise AuthError(INVALID_TOKEN, "claim %r must be a list of strings" % name)
     key = tuple(value)

@@ -632,3 +632,17 @@ def test_socket_token_from_connect_params_or_the_auth_token():
 def test_auth_token_from_subprotocols(protocols, token):
     from pusherd.core.tokens import auth_token_from_subprotocols
     assert auth_token_from_subprotocols(protocols) == token
+
+
+@pytest.mark.parametrize("claim", ["listen", "publish"])
+@pytest.mark.parametrize("value", [["deploys:*", 1], [["deploys:*"]], [{"p": "deploys:*"}], [True], [None],
+                                   "deploys:*", {"deploys:*": 1}, 7])
+def test_a_pattern_claim_not_a_list_of_strings_is_refused_after_a_good_one_was_compiled(verifier, claim, value):
+    """The compiled lists are kept by their text (tokens._PATTERNS): a list found there is one of
+    strings; anything else is checked and refused, whatever was compiled before."""
+    good = verifier.verify(rails_token(**{claim: ("deploys:*",)}), CSRF, now=NOW)
+    assert [p.text for p in getattr(good, claim)] == ["deploys:*"]
+    claims = rails_claims()
+    claims[claim] = value
+    error = refused(verifier, signed({"alg": "HS256"}, claims, SECRET), INVALID_TOKEN)
+    assert "must be a list of strings" in error.detail
