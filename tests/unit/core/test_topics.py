@@ -187,3 +187,11 @@ def test_is_valid_topic_never_raises(value, max_length):
     if result:
         assert isinstance(value, str) and 0 < len(value) <= max_length
         assert not any(c.isspace() or not c.isprintable() for c in value)
+
+
+def test_the_only_printable_whitespace_is_the_space():
+    """is_valid_topic refuses whitespace as `isprintable() and " " not in topic`: exact as long as
+    the space is the one character both printable and whitespace (this Python's Unicode data)."""
+    assert [c for c in map(chr, range(0x110000)) if c.isspace() and c.isprintable()] == [" "]
+    for c in "\t\n\x0b\x0c\r\x1c\x85\xa0\u1680\u2000\u2028\u2029\u202f\u205f\u3000 ":
+        assert not is_valid_topic("public:a" + c + "b")
