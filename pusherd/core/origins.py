@@ -10,6 +10,12 @@ from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
+#: Verdicts an OriginPolicy keeps, by the origin as sent, and the longest origin kept: every
+#: page of a site sends the same one (a storm's thousands of upgrades: urlsplit is most of the
+#: check). Bounded, whatever origins clients make up: emptied when full.
+ORIGINS_KEPT = 256
+ORIGIN_CHARS_KEPT = 256
+
 
 def _split(origin: str) -> Optional[Tuple[str, str, str]]:
     """(scheme, host, port-as-text) or None when `origin` is not an origin."""
@@ -52,6 +58,7 @@ class OriginPolicy:
             if "*" in bare or not bare:
                 raise ValueError("not an origin pattern: %r" % text)
             self._rules.append((scheme, host, None if wildcard_port else port))
+        self._verdicts: dict = {}  # origin -> `_decide`'s verdict (ORIGINS_KEPT)
 
     def allows(self, origin: Optional[str]) -> bool:
         """Whether a browser page from `origin` may connect (an empty origin is refused)."""
@@ -59,6 +66,16 @@ class OriginPolicy:
             return True
         if not origin:
             return False
+        verdict = self._verdicts.get(origin)
+        if verdict is None:
+            verdict = self._decide(origin)
+            if len(origin) <= ORIGIN_CHARS_KEPT:
+                if len(self._verdicts) >= ORIGINS_KEPT:
+                    self._verdicts.clear()
+                self._verdicts[origin] = verdict
+        return verdict
+
+    def _decide(self, origin: str) -> bool:
         split = _split(origin)
         if split is None:
             return False

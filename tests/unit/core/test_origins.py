@@ -129,3 +129,27 @@ def test_subdomain_wildcard_property(host, under_example):
 def test_typos_in_patterns_are_errors_not_silent_refusals(pattern):
     with pytest.raises(ValueError):
         OriginPolicy([pattern])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(["http://localhost:3000", "https://a.example.com", "https://example.com",
+                                           "http://localhost:3001", "HTTPS://A.EXAMPLE.COM:443", "null", ""]),
+                          st.text(max_size=40)), max_size=40))
+def test_a_kept_verdict_is_the_verdict(origins):
+    """OriginPolicy keeps its verdicts by origin: asked again, in any order, it answers as a
+    policy that never saw the origin before."""
+    patterns = ["http://localhost:3000", "https://*.example.com"]
+    kept = OriginPolicy(patterns)
+    for origin in origins + origins[::-1]:
+        assert kept.allows(origin) == OriginPolicy(patterns).allows(origin), origin
+
+
+def test_the_kept_verdicts_stay_bounded_whatever_origins_come():
+    from pusherd.core import origins as module
+    policy = OriginPolicy(["http://localhost:3000"])
+    for i in range(10 * module.ORIGINS_KEPT):
+        assert not policy.allows("http://evil%d.example" % i)
+        assert not policy.allows("http://x" + "y" * module.ORIGIN_CHARS_KEPT + str(i))  # too long to keep
+    assert len(policy._verdicts) <= module.ORIGINS_KEPT
+    assert all(len(origin) <= module.ORIGIN_CHARS_KEPT for origin in policy._verdicts)
+    assert policy.allows("http://localhost:3000")
