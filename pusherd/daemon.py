@@ -168,7 +168,7 @@ class Daemon:
             from .fast.front import PublishConnections
             server.front = PublishConnections(self.service, server)
             from .fast.upgrade import Upgrades
-            server.front.upgrades = Upgrades(self.service, self.rounds, server.front.date)
+            server.front.upgrades = Upgrades(self.service, self.rounds, server.front.date, server.front.loop)
         server.add_sockets(sockets)
         self._servers.append(server)
         self.bound = [sock.getsockname() for sock in sockets]

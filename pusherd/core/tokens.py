@@ -104,21 +104,20 @@ def _pattern_claim(claims: dict, name: str) -> Tuple[TopicPattern, ...]:
     value = claims.get(name, [])
     if value is None:
         return ()
-    if type(value) is list:
-        try:  # a list already compiled: its items are strings (a JSON value equal to a string is one)
-            patterns = _PATTERNS.get(tuple(value))
-        except TypeError:  # an unhashable item: a list or an object
-            patterns = None
-        if patterns is not None:
-            return patterns
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise AuthError(INVALID_TOKEN, "claim %r must be a list of strings" % name)
     key = tuple(value)
-    patterns = _PATTERNS.get(key)
-    if patterns is None:
-        if len(_PATTERNS) >= _PATTERNS_MAX:
-            _PATTERNS.clear()
-        patterns = _PATTERNS[key] = compile_patterns(value)
+    try:
+        patterns = _PATTERNS.get(key)
+    except TypeError:  # an unhashable item (a list or an object): not a list of strings
+        patterns = None
+    if patterns is not None:  # compiled before: a list of strings (no other JSON value equals a string)
+        return patterns
+    if not all(isinstance(v, str) for v in value):
+        raise AuthError(INVALID_TOKEN, "claim %r must be a list of strings" % name)
+    if len(_PATTERNS) >= _PATTERNS_MAX:
+        _PATTERNS.clear()
+    patterns = _PATTERNS[key] = compile_patterns(value)
     return patterns
 
 

@@ -59,14 +59,15 @@ def handshake(key: str, subprotocol: Optional[str], date: str) -> bytes:
 class Upgrades:
     """The socket routes of the application, and how an upgrade on them is completed."""
 
-    def __init__(self, service: "Service", rounds: FlushQueue, date: Callable[[float], str]):
+    def __init__(self, service: "Service", rounds: FlushQueue, date: Callable[[float], str],
+                 loop: asyncio.AbstractEventLoop):
         """`rounds`: the process's fan-out rounds (direct.py); `date`: the HTTP date of a time
-        (the front's, cached per second)."""
+        (the front's, cached per second); `loop`: the front's."""
         self.service = service
         self.rounds = rounds
         self.date = date
         self._queries: Dict[str, Dict[str, list]] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the running loop, once known
+        self.loop = loop  # given to each socket (asyncio.get_running_loop is a system call on Python 3.11)
 
     def paths(self) -> Tuple[str, str]:
         """The WebSocket path and the bare one the 2015 client opens (transports/app.py's routes)."""
@@ -137,8 +138,5 @@ class Upgrades:
         response = handshake(headers["sec-websocket-key"], subprotocol, self.date(now))
         if self.service.config.settings.access_log:  # as Tornado logs its 101 (transports.http.log_request)
             log_access(101, "GET", head.path, remote_ip, now - started)
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        FrontSocket(self.service, self.rounds, sock, remote_ip, serializer, claims, response, rest, loop)
+        FrontSocket(self.service, self.rounds, sock, remote_ip, serializer, claims, response, rest, self.loop)
         return True
