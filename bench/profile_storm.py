@@ -90,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--callgrind", action="store_true", help="run the server under valgrind's callgrind, "
                     "instrumented during the storms only: instructions per client, a count that does not move "
                     "with the machine's load as CPU time does (a VM without hardware counters)")
+    ap.add_argument("--joins-only", action="store_true", help="with --callgrind: instrument each storm's "
+                    "connects and joins only, not the closes after it (what bench/run.py's storm figure times)")
     opts = ap.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else (None, None)
@@ -145,8 +147,12 @@ def main(argv=None):
         spy = subprocess.Popen(["py-spy", "record", "--pid", str(proc.pid), "--rate", "997", "--format", "raw",
                                 "--output", opts.py_spy, "--nonblocking"], stdout=subprocess.DEVNULL)
         time.sleep(1.0)
+    def instrument(on: bool) -> None:
+        subprocess.run(["callgrind_control", "--instr=" + ("on" if on else "off"), str(proc.pid)], check=True,
+                       stdout=subprocess.DEVNULL)
+
     if opts.callgrind:
-        subprocess.run(["callgrind_control", "--instr=on", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+        instrument(True)
     cpu0 = run.cpu_seconds(proc.pid)
     proc.send_signal(signal.SIGUSR2)
     try:
@@ -159,15 +165,19 @@ def main(argv=None):
             c = pool.connect(server, opts.n, topic, tokens=tokens, concurrency=opts.n, timeout=60, spread=True)
             if timeline is not None:
                 timeline.stop()
+            if opts.callgrind and opts.joins_only:
+                instrument(False)
             pool.close_all()
             print("storm: %d joined, %d errors, %.2f s" % (c["joined"], c["failed"], c["seconds"]), flush=True)
             time.sleep(1.5)
+            if opts.callgrind and opts.joins_only and _ < opts.repeat - 1:
+                instrument(True)
     finally:
         pool.exit()
     cpu = run.cpu_seconds(proc.pid) - cpu0
     instructions = None
-    if opts.callgrind:
-        subprocess.run(["callgrind_control", "--instr=off", str(proc.pid)], check=True, stdout=subprocess.DEVNULL)
+    if opts.callgrind and not opts.joins_only:
+        instrument(False)
     if spy is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
@@ -187,7 +197,8 @@ def main(argv=None):
              "" if opts.no_profile else ", under cProfile"))
     print("garbage collector: %.0f µs per client (%d collections)" % (gc_seconds / storms * 1e6, gc_runs))
     if instructions is not None:
-        print("callgrind: %.0f instructions per client (the server's, during the storms)" % (instructions / storms))
+        print("callgrind: %.0f instructions per client (the server's, during the storms%s)"
+              % (instructions / storms, "' connects and joins" if opts.joins_only else ""))
     if opts.py_spy:
         print_samples(opts.py_spy, opts.top)
     if opts.no_profile:

@@ -259,10 +259,12 @@ class Verifier:
             raise AuthError(CSRF_MISMATCH, "token has aud csrf but no s_csrf claim")
         if not isinstance(csrf_token, str) or not csrf_token:
             raise AuthError(CSRF_MISMATCH, "csrf_token missing from join payload")
-        if not _encodable(csrf_token):  # a lone surrogate ("\ud800"): no page's csrf token
-            raise AuthError(CSRF_MISMATCH, "csrf_token is not valid UTF-8 text")
+        try:
+            sent = csrf_token.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): no page's csrf token
+            raise AuthError(CSRF_MISMATCH, "csrf_token is not valid UTF-8 text") from None
         claimed = expected.encode("utf-8", "replace")
-        matches = hmac.compare_digest(self._s_csrf(secret, csrf_token), claimed)
+        matches = hmac.compare_digest(self._s_csrf(secret, sent), claimed)
         unmasked = rails_csrf.unmask(csrf_token)
         if unmasked is not None:  # also Rails' masked authenticity token: s_csrf is over what it unmasks to
             matches |= hmac.compare_digest(self._s_csrf(secret, unmasked), claimed)
@@ -280,15 +282,6 @@ def _fast_keys(keys: Sequence[str]) -> Optional[HS256Keys]:
         return HS256Keys([hs256.prepare_key(key) for key in keys])
     except Exception:  # noqa: BLE001 - whatever PyJWT refuses, its own path reports
         return None
-
-
-def _encodable(text: str) -> bool:
-    """Whether `text` can be written as UTF-8 (JSON lets a client send lone surrogate escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_finite_number(value: Any) -> bool:

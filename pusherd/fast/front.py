@@ -179,8 +179,9 @@ class PublishConnection:
         self.sock = sock  # non-blocking, registered with nothing yet
         self.fd = sock.fileno()
         self.address = address
-        self.remote_ip = (address[0] if sock.family in (socket.AF_INET, socket.AF_INET6) and address
-                          else "0.0.0.0")
+        # (an IPv4 or IPv6 peer's address is a tuple, a Unix socket's a string: asking the socket
+        # its family is an enum conversion in Python)
+        self.remote_ip = address[0] if type(address) is tuple and address else "0.0.0.0"
         self.buf = bytearray()
         self.head: Optional[PublishHead] = None
         self.last_head: Optional[PublishHead] = None  # the previous request's, which the next often repeats

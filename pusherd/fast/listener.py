@@ -16,7 +16,8 @@ What it relies on of Tornado's: ``HTTPServer._connections`` (its live connection
 ``IOStream.close`` is told ``UnsatisfiableReadError`` for a head over ``max_header_size``,
 ``IOStream.read_from_fd`` (documented as the override point for a stream's reads), and
 ``TCPServer.max_buffer_size``/``read_chunk_size`` (what its own accept makes streams with).
-tests/unit/fast/test_tornado_internals.py checks each.
+Of CPython's: ``socket._accept``, what ``socket.accept`` calls (`_accept_one`; without it,
+``accept`` itself). tests/unit/fast/test_tornado_internals.py checks each.
 """
 
 import copy
@@ -26,7 +27,7 @@ import logging
 import socket
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import tornado
 import tornado.httpserver
@@ -63,6 +64,22 @@ ACCEPTS_PER_TURN = 128
 #: accept() errors that mean "out of descriptors or memory": the listener pauses and retries
 #: instead of spinning on a socket that stays readable.
 _ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _accept_one(listening: socket.socket, kind: Tuple[int, int, int]):
+    """``listening.accept()`` for a non-blocking listening socket of `kind` (family, type,
+    proto), without asking it for them on every call: CPython's accept reads ``family`` and
+    ``type`` through properties that convert them to enums in Python, ~1 µs per connection of
+    a storm (bench/profile_storm.py). CPython 3.11-3.13's accept is this: ``_accept`` and a
+    socket made on the descriptor (its "blocking if the listener has a timeout" rule never
+    applies to a non-blocking listener). Another Python without ``_accept``: its own accept."""
+    if _RAW_ACCEPT is None:  # pragma: no cover
+        return listening.accept()
+    fd, address = _RAW_ACCEPT(listening)
+    return socket.socket(*kind, fileno=fd), address
+
+
+_RAW_ACCEPT = getattr(socket.socket, "_accept", None)
 
 log = logging.getLogger("pusherd")
 
@@ -115,6 +132,7 @@ class Server(tornado.httpserver.HTTPServer):
         self.fresh: dict = {}
         self.idle: dict = {}
         self._listeners: Dict[int, socket.socket] = {}  # fd -> listening socket (add_sockets)
+        self._kinds: Dict[int, Tuple[int, int, int]] = {}  # fd -> its family, type, proto
         self._accepting = False  # the listeners are registered with the loop
         self._listen_stopped = False
         self._recheck = None  # the timer that looks again while accepting is paused
@@ -143,6 +161,7 @@ class Server(tornado.httpserver.HTTPServer):
         for sock in sockets:
             sock.setblocking(False)
             self._listeners[sock.fileno()] = sock
+            self._kinds[sock.fileno()] = (sock.family, sock.type, sock.proto)
             if self._accepting:
                 IOLoop.current().add_handler(sock.fileno(), self._accept, IOLoop.READ)
         self._listen_stopped = False
@@ -157,7 +176,7 @@ class Server(tornado.httpserver.HTTPServer):
             self._recheck = None
         for sock in self._listeners.values():
             sock.close()
-        self._listeners = {}
+        self._listeners, self._kinds = {}, {}
         super().stop()
 
     def _pause(self) -> None:
@@ -192,7 +211,7 @@ class Server(tornado.httpserver.HTTPServer):
         return self.http_connections() < limit or self._make_room(limit)
 
     def _accept(self, fd: int, events: int) -> None:
-        sock = self._listeners.get(fd)
+        sock, kind = self._listeners.get(fd), self._kinds.get(fd)
         for _ in range(ACCEPTS_PER_TURN):
             if sock is None or not self._accepting:
                 return
@@ -210,7 +229,7 @@ class Server(tornado.httpserver.HTTPServer):
                 service.refusals.http.note(now, limit)  # nobody leaves: refused, not left waiting
                 refuse = True
             try:
-                connection, address = sock.accept()
+                connection, address = _accept_one(sock, kind)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:

@@ -452,3 +452,36 @@ def test_deepest_decodable_push_can_still_be_encoded():
             hi = mid - 1
     msg = V2.decode(frame(lo))
     _at_depth(50, lambda: V2.encode_broadcast(msg.topic, msg.event, msg.payload))
+
+
+# --- kept ok replies ----------------------------------------------------------------------------
+
+REPLY_REFS = st.one_of(st.none(), st.sampled_from(["1", "2", "10", "\ud800", "x" * 600]), st.integers(0, 3),
+                       st.sampled_from([1.0, True, False, 0.0]), st.text(max_size=4))
+REPLY_TOPICS = st.one_of(st.sampled_from(["deploys:web", "phoenix", "room:\ud800", "t" * 600]), st.text(max_size=8))
+REPLY_RESPONSES = st.sampled_from([{}, {"id": 1}, [], None, {"": {}}])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(REPLY_REFS, REPLY_REFS, REPLY_TOPICS), min_size=1, max_size=4),
+       st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["ok", "error"]), REPLY_RESPONSES), min_size=1,
+                max_size=40),
+       st.sampled_from([V1Serializer, V2Serializer, LegacyV1Serializer]))
+def test_a_kept_reply_is_the_text_a_fresh_encoding_gives(keys, calls, kind):
+    """Each call, in any order and repeated, answers what the same reply encoded anew would be
+    (refs 1, 1.0 and true are equal keys but different JSON, as are "1" and 1; the same refs
+    and topic come with other statuses and responses)."""
+    kept = kind()
+    for which, status, response in calls + calls[::-1]:
+        join_ref, ref, topic = keys[which % len(keys)]
+        assert kept.encode_reply(join_ref, ref, topic, status, response) == \
+            kind()._encode_reply(join_ref, ref, topic, status, response)
+
+
+def test_kept_replies_stay_bounded():
+    kept = V2Serializer()
+    for n in range(5000):
+        kept.encode_reply(None, str(n), "phoenix", "ok", {})
+    kept.encode_reply("1", "1", "t" * 600, "ok", {})
+    assert 0 < len(kept._ok_replies) <= 256
+    assert ("1", "1", "t" * 600) not in kept._ok_replies

@@ -260,3 +260,45 @@ def test_tcp_server_keeps_the_sizes_listener_accepts_with_and_stops_without_sock
     assert (server.max_buffer_size, server.read_chunk_size) == (12345, 678)
     server.stop()
     server.stop()
+
+
+@pytest.mark.parametrize("family, address", [(socket.AF_INET, ("127.0.0.1", 0)), (socket.AF_INET6, ("::1", 0)),
+                                             (socket.AF_UNIX, "")])
+def test_the_listeners_accept_makes_the_socket_and_address_accept_makes(family, address, tmp_path):
+    """listener._accept_one (CPython's ``socket._accept``) against ``socket.accept`` itself."""
+    from pusherd.fast.listener import _accept_one
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    if family == socket.AF_UNIX:
+        address = str(tmp_path / "s")
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.bind(address)
+    except OSError as exc:  # pragma: no cover - a host without ::1
+        listening.close()
+        pytest.skip("cannot bind %r: %s" % (address, exc))
+    listening.listen(8)
+    listening.setblocking(False)
+    kind = (listening.family, listening.type, listening.proto)
+    peers = []
+    try:
+        for _ in range(2):
+            peer = socket.socket(family, socket.SOCK_STREAM)
+            peer.connect(listening.getsockname())
+            peers.append(peer)
+        time.sleep(0.05)
+        ours, our_address = _accept_one(listening, kind)
+        theirs, their_address = listening.accept()
+        with ours, theirs:
+            assert (ours.family, ours.type, ours.proto, ours.gettimeout()) == \
+                (theirs.family, theirs.type, theirs.proto, theirs.gettimeout())
+            assert type(our_address) is type(their_address)
+            assert (our_address[0] == their_address[0]) if family != socket.AF_UNIX else our_address == their_address
+            assert ours.get_inheritable() is theirs.get_inheritable() is False
+            peers[0].sendall(b"x")
+            ours.settimeout(1)
+            assert ours.recv(1) == b"x"
+    finally:
+        for peer in peers:
+            peer.close()
+        listening.close()
