@@ -24,6 +24,11 @@ import hmac
 import json
 from typing import Any, Optional, Sequence, Tuple
 
+from .protocol import whole_text
+
+#: json.loads for a str, as PyJWT reads a payload (the default decoder), on `whole_text`'s path.
+_json_loads = whole_text(json.JSONDecoder())
+
 
 _STANDARD_TO_URL = bytes.maketrans(b"+/", b"-_")
 #: base64url to base64, and "+", "/" and "=" (no base64url character) to one strict mode refuses.
@@ -91,7 +96,7 @@ class HS256Keys:
         if payload is None:
             return None
         try:  # (as text: json.loads would detect the encoding of bytes; not UTF-8, PyJWT decides)
-            claims = json.loads(payload.decode("utf-8"))
+            claims = _json_loads(payload.decode("utf-8"))
         except (ValueError, RecursionError):
             return None
         if not isinstance(claims, dict):

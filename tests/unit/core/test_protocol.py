@@ -485,3 +485,29 @@ def test_kept_replies_stay_bounded():
     kept.encode_reply("1", "1", "t" * 600, "ok", {})
     assert 0 < len(kept._ok_replies) <= 256
     assert ("1", "1", "t" * 600) not in kept._ok_replies
+
+
+# --- whole_text: the scanner first, decode for the rest ------------------------------------------
+
+def _decoded(parse, text):
+    try:
+        return "value", parse(text)
+    except ValueError as exc:
+        return "error", type(exc), str(exc)
+
+
+JSON_TEXTS = st.one_of(
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                 max_leaves=8).map(json.dumps),
+    st.text(alphabet='[]{}",:0123456789.eE+-truefalsn \t\n\r\ufeffx\\', max_size=20),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(["", " ", "\n", "\ufeff"]), JSON_TEXTS, st.sampled_from(["", " ", "\r\n", "x", "{}", "]"]))
+def test_whole_text_decodes_as_the_decoder_does(before, text, after):
+    from pusherd.core.protocol import whole_text
+    text = before + text + after
+    for decoder in (json.JSONDecoder(), json.JSONDecoder(parse_constant=lambda name: 0)):
+        assert _decoded(whole_text(decoder), text) == _decoded(decoder.decode, text)
