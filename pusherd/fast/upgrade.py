@@ -19,12 +19,13 @@ byte. Benchmark that justifies it: ``python bench/run.py --only storm,stormrails
 """
 
 import asyncio
+import binascii
+import hashlib
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import tornado
 from tornado import httputil
-from tornado.websocket import WebSocketProtocol13
 
 from ..core.origins import upgrade_allowed
 from ..core.errors import AuthError
@@ -46,14 +47,19 @@ QUERIES_KEPT = 16
 QUERY_CHARS_KEPT = 24
 
 
+#: RFC 6455 4.2.2: what the Sec-WebSocket-Accept of a key hashes after it.
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_HANDSHAKE_START = "HTTP/1.1 101 Switching Protocols\r\nServer: TornadoServer/%s\r\nDate: " % tornado.version
+
+
 def handshake(key: str, subprotocol: Optional[str], date: str) -> bytes:
-    """The 101 Tornado's WebSocketHandler answers an upgrade with."""
-    lines = ["HTTP/1.1 101 Switching Protocols", "Server: TornadoServer/%s" % tornado.version, "Date: " + date]
-    if subprotocol:
-        lines.append("Sec-Websocket-Protocol: " + subprotocol)
-    lines += ["Upgrade: websocket", "Connection: Upgrade",
-              "Sec-Websocket-Accept: " + WebSocketProtocol13.compute_accept_value(key), "", ""]
-    return "\r\n".join(lines).encode("latin1")
+    """The 101 Tornado's WebSocketHandler answers an upgrade with (its accept value computed
+    here as RFC 6455 says, as WebSocketProtocol13.compute_accept_value does, without that
+    method's text conversions: `read_upgrade` admits only a base64 key)."""
+    accept = binascii.b2a_base64(hashlib.sha1(key.encode("ascii") + _WS_GUID).digest(), newline=False)
+    return ("%s%s\r\n%sUpgrade: websocket\r\nConnection: Upgrade\r\nSec-Websocket-Accept: %s\r\n\r\n" % (
+        _HANDSHAKE_START, date, "Sec-Websocket-Protocol: %s\r\n" % subprotocol if subprotocol else "",
+        accept.decode("ascii"))).encode("latin1")
 
 
 class Upgrades:
@@ -67,12 +73,17 @@ class Upgrades:
         self.rounds = rounds
         self.date = date
         self._queries: Dict[str, Dict[str, list]] = {}
+        self._path_setting: Optional[str] = None  # the `path` setting `_paths` was made of
+        self._paths: Tuple[str, str] = ("", "")
         self.loop = loop  # given to each socket (asyncio.get_running_loop is a system call on Python 3.11)
 
     def paths(self) -> Tuple[str, str]:
         """The WebSocket path and the bare one the 2015 client opens (transports/app.py's routes)."""
-        path = self.service.config.settings.path.rstrip("/")
-        return path + "/websocket", path or "/"
+        setting = self.service.config.settings.path
+        if setting is not self._path_setting:  # (made again only when a reload changes it)
+            path = setting.rstrip("/")
+            self._path_setting, self._paths = setting, (path + "/websocket", path or "/")
+        return self._paths
 
     def admit(self, headers: UpgradeHeaders, arguments: Dict[str, list], protocols: List[str], legacy: bool):
         """(serializer, socket claims) when SocketHandler.prepare would accept this upgrade, else

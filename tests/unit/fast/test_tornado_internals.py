@@ -302,3 +302,15 @@ def test_the_listeners_accept_makes_the_socket_and_address_accept_makes(family, 
         for peer in peers:
             peer.close()
         listening.close()
+
+
+def test_the_front_computes_the_accept_value_tornado_computes():
+    """upgrade.handshake's Sec-WebSocket-Accept against WebSocketProtocol13's, for keys of
+    every shape read_upgrade admits (16 random bytes in base64)."""
+    import base64
+    import os
+    from pusherd.fast.upgrade import handshake
+    for raw in [bytes(16), b"\xff" * 16] + [os.urandom(16) for _ in range(500)]:
+        key = base64.b64encode(raw).decode()
+        accept = tornado.websocket.WebSocketProtocol13.compute_accept_value(key)
+        assert ("\r\nSec-Websocket-Accept: %s\r\n\r\n" % accept).encode() in handshake(key, None, "d")
