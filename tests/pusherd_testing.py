@@ -229,18 +229,22 @@ when asked: unlike PhxClient's background reader, it lets the server's writes ba
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         self.status = int(head.split(b" ", 2)[1])
 
-    def send_frame(self, opcode, data: bytes, fin=True):
+    def send_frame(self, opcode, data: bytes, fin=True, masked=True):
+        """One frame; ``masked=False`` sends it as no client may (RFC 6455 5.1)."""
         mask = os.urandom(4)
         n = len(data)
         first = (0x80 if fin else 0) | opcode
+        bit = 0x80 if masked else 0
         if n < 126:
-            header = struct.pack("!BB", first, 0x80 | n)
+            header = struct.pack("!BB", first, bit | n)
         elif n < 65536:
-            header = struct.pack("!BBH", first, 0x80 | 126, n)
+            header = struct.pack("!BBH", first, bit | 126, n)
         else:
-            header = struct.pack("!BBQ", first, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        self.sock.sendall(header + mask + masked)
+            header = struct.pack("!BBQ", first, bit | 127, n)
+        if not masked:
+            self.sock.sendall(header + data)
+            return
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
     def send_text(self, data):
         self.send_frame(OP_TEXT, data if isinstance(data, bytes) else data.encode())

@@ -24,6 +24,7 @@ UNAVAILABLE = "unavailable"
 
 # --- WebSocket close codes (RFC 6455). Never 1000 when the client should come back. ---
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008

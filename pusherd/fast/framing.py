@@ -9,6 +9,8 @@ import struct
 
 from tornado.util import _websocket_mask
 
+from ..core.errors import CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG
+
 _OP_TEXT = 0x81  # FIN + text opcode
 
 
@@ -69,7 +71,12 @@ def client_frame_head(data, pos: int):
 #: has worked long enough and the loop should serve others before it goes on (`PAUSE`).
 ABORT = "abort"
 TOO_BIG = "too big"
+UNMASKED = "unmasked"
 PAUSE = "pause"
+#: The verdicts that close with a code first, then abort: a message over the size limit, and a
+#: frame the client did not mask (RFC 6455 5.1: the server MUST close the connection; Phoenix's
+#: Cowboy closes with 1002; Tornado reads it as if masked).
+CLOSE_FIRST = {TOO_BIG: (CLOSE_TOO_BIG, "message too big"), UNMASKED: (CLOSE_PROTOCOL_ERROR, "frame not masked")}
 #: After this much work the reader says `PAUSE` (a client sending frames faster than they are
 #: handled must not hold the loop), each frame counting as `FRAME_WORK` bytes beside its own:
 #: Tornado 6.6's ``_YIELD_THRESHOLD`` and ``_FRAME_YIELD_COST``, on every release.
@@ -89,9 +96,9 @@ class MessageReader:
     """The messages and control frames in what a client has sent, by Tornado's rules, check for
     check (``WebSocketProtocol13._receive_frame``): reserved bits, long control frames and
     fragments out of place abort, a message over ``max_size`` (its fragments counted) is refused
-    on its head, control frames may come between the fragments of a message. One check is
+    on its head, control frames may come between the fragments of a message. Two checks are
     added: a close frame whose reason is not UTF-8 aborts (RFC 6455 7.1.6; Tornado raises out of
-    its reader there). What has arrived is cut in one go, where Tornado awaits a read per part
+    its reader there), and a frame the client did not mask is `UNMASKED` (RFC 6455 5.1). What has arrived is cut in one go, where Tornado awaits a read per part
     of a frame. It holds at most one unfinished frame (bounded by ``max_size``) between reads.
     """
 
@@ -119,6 +126,9 @@ class MessageReader:
                 if head.rsv or (opcode & 0x8 and head.length >= 126):
                     yield ABORT  # an extension nobody negotiated; a control frame must be short
                     return
+                if not head.masked:
+                    yield UNMASKED
+                    return
                 fragments = self._fragments
                 if head.length + (len(fragments) if fragments is not None else 0) > max_size:
                     yield TOO_BIG
@@ -128,8 +138,7 @@ class MessageReader:
                 if end > len(data):  # the rest of this frame has not arrived
                     return
                 payload = data[start:end]
-                if head.masked:
-                    payload = _websocket_mask(data[start - 4:start], payload)
+                payload = _websocket_mask(data[start - 4:start], payload)
                 pos = end
                 fin = head.fin
                 if opcode & 0x8:  # control frames may come between the fragments of a message

@@ -30,7 +30,7 @@ from tornado.iostream import StreamBufferFullError, StreamClosedError
 from ..core import errors
 from ..core.session import Session
 from .direct import FlushQueue, Outbox
-from .framing import ABORT, PAUSE, TOO_BIG, MessageReader
+from .framing import ABORT, CLOSE_FIRST, PAUSE, TOO_BIG, UNMASKED, MessageReader
 from .websocket import READ_SIZE, ws_text_frame
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,9 +210,9 @@ class FrontSocket:
                 self._pause_reading()
                 self.loop.call_soon(self._go_on)
                 return
-            if item is TOO_BIG:
-                self._send_close(1009, "message too big")
-            if item is ABORT or item is TOO_BIG:
+            if item is ABORT or item is TOO_BIG or item is UNMASKED:
+                if item is not ABORT:
+                    self._send_close(*CLOSE_FIRST[item])
                 self.abort()
                 return
             opcode, payload = item

@@ -19,7 +19,7 @@ from tornado.iostream import StreamClosedError
 from ..core import errors
 from ..transports.websocket import SocketHandler
 from .direct import Outbox
-from .framing import ABORT, PAUSE, TOO_BIG, MessageReader, text_frame
+from .framing import ABORT, CLOSE_FIRST, PAUSE, TOO_BIG, UNMASKED, MessageReader, text_frame
 from .lean import open_class, trim_open_socket
 
 log = logging.getLogger("pusherd")
@@ -148,9 +148,9 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                 if item is PAUSE:
                     await asyncio.sleep(0)
                     continue
-                if item is TOO_BIG:
-                    self.close(1009, "message too big")
-                if item is ABORT or item is TOO_BIG:
+                if item is ABORT or item is TOO_BIG or item is UNMASKED:
+                    if item is not ABORT:
+                        self.close(*CLOSE_FIRST[item])
                     self._abort()
                     return
                 handled = self._handle_message(*item)

@@ -260,6 +260,24 @@ def test_frame_over_max_frame_bytes_closes_1009(pusherd_factory, phx_connect):
     assert still_serving(d)
 
 
+@pytest.mark.parametrize("via_tornado", [False, True], ids=["front", "tornado-http"])
+def test_an_unmasked_frame_closes_1002(pusherd_factory, via_tornado):
+    """RFC 6455 5.1: the server MUST close the connection on a client frame that is not masked
+    (Phoenix's Cowboy closes with 1002). Found by an outside trial: it was read as if masked.
+    With the speed-ups (PUSHERD_FAST=1, set here whatever the pass), on both kinds of socket:
+    the front's and one upgraded through Tornado's HTTP server (a header that is not ASCII makes
+    the front leave the upgrade to Tornado; the fast handler reads its frames)."""
+    d = pusherd_factory(extra_env={"PUSHERD_FAST": "1"})
+    ws = RawWS(d.port, headers={"X-Name": "café"} if via_tornado else None)
+    try:
+        assert ws.join("public:masks")[4]["status"] == "ok"
+        ws.send_frame(OP_TEXT, b'["1","2","public:masks","msg",{}]', masked=False)
+        assert ws.close_outcome() == ("close", 1002)
+    finally:
+        ws.close()
+    assert still_serving(d)
+
+
 def test_join_flood(daemon, phx_connect):
     """Thousands of joins on one socket: at most max_channels_per_socket succeed, each is answered."""
     ws = RawWS(daemon.port)

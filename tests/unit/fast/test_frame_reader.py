@@ -5,8 +5,10 @@
 out a byte sequence in given pieces (and may end early), with a handler that records what it is
 told: the messages, pings, pongs and the close each delivers, the bytes each writes (pongs,
 close frames), whether it aborted, must be the same, for any frames hypothesis makes (fragments,
-control frames between them, reserved bits and opcodes, unmasked frames, over-long lengths,
-lengths in 16 or 64 bits, invalid UTF-8, a stream cut mid-frame).
+control frames between them, reserved bits and opcodes, over-long lengths, lengths in 16 or 64
+bits, invalid UTF-8, a stream cut mid-frame). Where they differ on purpose: a close reason that is
+not UTF-8 (Tornado's reader raises), and a frame the client did not mask (RFC 6455 5.1: ours close
+with 1002; Tornado reads it as masked).
 
 The second reader is `frontsocket.FrontSocket`'s, the sockets the front completes: it is run on a
 real socket pair (`run_front_socket`), the bytes sent in the same pieces, and must deliver the
@@ -208,7 +210,7 @@ frames = st.builds(
     payload=payloads,
     fin=st.booleans(),
     rsv=st.sampled_from([0, 0, 0, 0, 0, 0, 0x40, 0x20, 0x10]),
-    masked=st.sampled_from([True, True, True, False]),
+    masked=st.just(True),  # (an unmasked frame: test_an_unmasked_frame_is_closed_1002_after_what_came_before)
     mask=st.binary(min_size=4, max_size=4),
     width=st.sampled_from([None, None, None, 16, 64]),
 )
@@ -276,6 +278,28 @@ def test_a_frame_over_the_limit_is_closed_1009_before_its_payload_arrives():
     assert ours == run_reader(WebSocketProtocol13, data, [], 4096)[0]
     front = run_front_socket(data, [], 4096)
     assert front["writes"] == b"\x88\x11\x03\xf1message too big" and front["events"] == [("closed",)]
+
+
+CLOSE_1002 = b"\x88\x12\x03\xeaframe not masked"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(max_size=30), max_size=4), st.sampled_from([0x1, 0x2, 0x8, 0x9, 0xA, 0x0]), st.booleans(),
+       st.lists(st.integers(0, 400), max_size=6))
+def test_an_unmasked_frame_is_closed_1002_after_what_came_before(before, opcode, more, cuts):
+    """RFC 6455 5.1: a server MUST close the connection on a client frame that is not masked
+    (Phoenix's Cowboy closes with 1002). The messages before it are delivered as Tornado
+    delivers them; nothing of it or after it is."""
+    masked = b"".join(frame(0x1, text.encode()) for text in before)
+    data = masked + frame(opcode, b"x", masked=False) + (frame(0x1, b"after") if more else b"")
+    ours, _ = run_reader(_Protocol, data, cuts, 4096)
+    tornados, _ = run_reader(WebSocketProtocol13, masked, cuts, 4096)
+    delivered = [("message", text) for text in before]
+    assert messages(ours["events"]) == messages(tornados["events"]) == delivered
+    assert ours["writes"] == [CLOSE_1002] and ours["closed"]
+    front = run_front_socket(data, cuts, 4096)
+    assert messages(front["events"]) == delivered and front["events"][-1] == ("closed",)
+    assert front["writes"] == CLOSE_1002 and front["ended"]
 
 
 def test_a_long_control_frame_is_refused_on_its_first_two_bytes():
