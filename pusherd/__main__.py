@@ -1,6 +1,6 @@
 """Command line: ``pusherd`` serves; ``pusherd --check-config`` validates; exit 2 on a config error.
 
-``pusherd publish ...`` and ``pusherd token ...`` are handled by :mod:`pusherd.cli`.
+``pusherd publish ...``, ``pusherd presence ...`` and ``pusherd token ...`` are handled by :mod:`pusherd.cli`.
 """
 
 import argparse
@@ -18,7 +18,8 @@ def _serve_parser() -> argparse.ArgumentParser:
         prog="pusherd",
         description="Real-time push daemon speaking the Phoenix Channels protocol. "
                     "With no arguments: development settings on 127.0.0.1:4000.",
-        epilog="Other commands: 'pusherd publish TOPIC EVENT [PAYLOAD_JSON]' (see pusherd publish --help) and "
+        epilog="Other commands: 'pusherd publish TOPIC EVENT [PAYLOAD_JSON]' (see pusherd publish --help), "
+               "'pusherd presence TOPIC' (see pusherd presence --help) and "
                "'pusherd token [--listen P] [--csrf]' (see pusherd token --help).")
     add_config_options(p)
     p.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sys
+import urllib.parse
 from typing import TYPE_CHECKING, List, Mapping, Optional, TextIO
 
 from . import client
@@ -129,10 +130,21 @@ def _payload(text: Optional[str], stdin: Optional[TextIO]):
         raise UsageError("PAYLOAD_JSON is not valid JSON: %s" % exc) from None
 
 
+def _checked_url(url: str, given: bool) -> str:
+    """`url` when it can be a pusherd base URL (http or https, a host, no spaces), else a usage
+    error naming where it came from (--url or PUSHERD_URL): exit 2, not a failed request."""
+    parts = urllib.parse.urlsplit(client.publish_url(url))
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url.strip()):
+        raise UsageError("%s is not an http(s) URL: %r" % ("--url" if given else "PUSHERD_URL", url))
+    return url
+
+
 def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     args = publish_parser().parse_args(argv)
     payload = _payload(args.payload, stdin)
     url = args.url or environ.get("PUSHERD_URL")
+    if url:
+        url = _checked_url(url, bool(args.url))
     secret = args.secret or environ.get("PUSHERD_PUBLISH_SECRET")
     if not url or not secret:
         settings = _load(args, environ)
@@ -154,6 +166,8 @@ def run_publish(argv: List[str], environ: Mapping[str, str], stdin: TextIO, stdo
 def run_presence(argv: List[str], environ: Mapping[str, str], stdout: TextIO) -> int:
     args = presence_parser().parse_args(argv)
     url = args.url or environ.get("PUSHERD_URL")
+    if url:
+        url = _checked_url(url, bool(args.url))
     secret = args.secret or environ.get("PUSHERD_PUBLISH_SECRET")
     if not url or not secret:
         settings = _load(args, environ)

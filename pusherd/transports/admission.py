@@ -46,7 +46,7 @@ def check_vsn(service: "Service", vsn: Optional[str], legacy_path: bool = False)
 
 def refuse_origin(service: "Service", what: str, origin: Optional[str]) -> Refusal:
     service.counters.connections_refused["origin_not_allowed"] += 1
-    log.info("refused %s from origin %.200s", what, origin)
+    log.info("refused %s from origin %.200s", what, origin if origin is not None else "(none sent)")
     return Refusal(403, "origin not allowed")
 
 

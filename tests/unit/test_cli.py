@@ -41,3 +41,18 @@ def test_token_command_mints_what_the_verifier_accepts():
     claims = Verifier(["k" * 32]).verify(token, csrf)
     assert claims.sub == {"id": 3} and [p.text for p in claims.listen] == ["deploys:*"]
     assert [p.text for p in claims.publish] == ["deploys:web"] and claims.aud == "csrf"
+
+
+@pytest.mark.parametrize("command", ["publish", "presence"])
+@pytest.mark.parametrize("url", ["not a url", "ftp://example.org", "http://", "http://a b:4000"])
+def test_a_url_that_is_no_http_url_is_a_usage_error(command, url):
+    """Exit 2 with the option named, as the README says of bad arguments (an outside trial found
+    exit 1 and a failed request to 'http://not a url/publish')."""
+    err = io.StringIO()
+    args = [command, "--url", url, "--secret", "s", "--retries", "0", "public:x"] + (["e"] if command == "publish" else [])
+    assert cli.main(args, environ={}, stdin=io.StringIO(), stdout=io.StringIO(), stderr=err) == 2
+    assert err.getvalue() == "pusherd %s: --url is not an http(s) URL: %r\n" % (command, url)
+    err = io.StringIO()
+    assert cli.main(args[:1] + args[3:], environ={"PUSHERD_URL": url}, stdin=io.StringIO(), stdout=io.StringIO(),
+                    stderr=err) == 2
+    assert "PUSHERD_URL is not an http(s) URL" in err.getvalue()

@@ -800,6 +800,16 @@ def test_warnings():
     assert build({}, env="development").warnings() == []
 
 
+@pytest.mark.parametrize("origins, warned", [
+    (["https://*.com"], ["https://*.com"]), (["https://*.io:*", "https://*.example.com"], ["https://*.io:*"]),
+    (["https://*.example.com", "http://*.example.co.uk:8080", "https://app.com"], []),
+])
+def test_a_wildcard_over_a_top_level_domain_is_warned_of(origins, warned):
+    """Found by an outside trial: 'https://*.com' let every .com site in without a word."""
+    notes = [n for n in prod(allowed_origins=origins).warnings() if n.startswith("allowed_origins")]
+    assert [n.split("'")[1] for n in notes] == warned
+
+
 # ---------------------------------------------------------------- resolve_env / resolve_path
 
 
