@@ -7,6 +7,7 @@ and join at once, the self time grouped by where the code lives, and the garbage
     python bench/profile_storm.py --no-profile             # the CPU figure alone (no profiler)
     python bench/profile_storm.py --no-profile --timeline  # server and load generator CPU, per 50 ms
     python bench/profile_storm.py --callgrind -n 1000      # instructions per client, under valgrind
+    python bench/profile_storm.py --callgrind --joins-only -n 1000   # ... of the connects and joins alone
 
 The same clients as ``run.py --only storm,stormrails`` (bench/loadgen.py, two worker processes;
 server pinned to CPU 0, load generator to CPU 1). cProfile slows Python code more than C code,
