@@ -8,8 +8,10 @@ Tests talk to the daemon over real sockets. `PUSHERD_NO_SKIP=1` (set by .ci/run)
 """
 
 import base64
+import collections
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,10 +57,37 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: The ports `free_port` hands out lie below the kernel's ephemeral range. A port the kernel
+#: gave out (bind to 0) and took back can at once be the local port of an outgoing connection:
+#: a daemon's own connection to Redis, made before it binds its listener, took the port the
+#: test had picked for it ("Address already in use", seen once in CI).
+_PORT_LOW = max(1024, _ephemeral_low() - 12000)
+_PORT_HIGH = max(_PORT_LOW + 2000, _ephemeral_low())
+_GIVEN = collections.deque(maxlen=2000)  # not handed out twice in a row (two picked before either is bound)
+
+
+def free_port(low: int = _PORT_LOW, high: int = _PORT_HIGH) -> int:
+    """A port nothing listens on now, in [low, high): below the ephemeral range by default."""
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.append(port)
+        return port
+    raise AssertionError("no free port in [%d, %d)" % (low, high))
 
 
 def rails_token(listen=(), publish=(), sub=None, csrf="csrf-token-from-the-page", ttl=30 * 86400,

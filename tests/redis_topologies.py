@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-from pusherd_testing import RedisServer, free_port, require
+from pusherd_testing import _PORT_HIGH, _PORT_LOW, RedisServer, free_port, require
 
 SERVICE = "mymaster"
 #: Sentinel's and the cluster's failure detection in the tests (production defaults: 30 s and 15 s).
@@ -39,16 +39,14 @@ def _need(*programs: str) -> None:
 def cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too."""
     for _ in range(200):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port + 10000 > 65535:
-                continue
+        # Both below the ephemeral range (pusherd_testing.free_port: why).
+        port = free_port(_PORT_LOW, _PORT_HIGH - 10000)
+        with socket.socket() as b:
             try:
                 b.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
-            return port
+        return port
     raise AssertionError("no free port pair for a cluster node")
 
 

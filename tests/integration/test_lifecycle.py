@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pusherd_testing import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, http, rails_token, require
+from pusherd_testing import BASE_CONFIG, GUARDIAN_SECRET, PUBLISH_SECRET, PhxClient, free_port, http, rails_token, require
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lifecycle_testing import ManagedPusherd, NotifyListener, listening_socket  # noqa: E402
@@ -133,9 +133,7 @@ def test_no_watchdog_pings_without_watchdog_usec(tmp_path, notify, managed):
 def test_systemd_socket_activate_serves_the_first_connection(tmp_path, notify, managed):
     activate = shutil.which("systemd-socket-activate")
     require(activate is not None, "systemd-socket-activate not installed (Debian package systemd)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     d = managed(write_config(tmp_path / "p.yml"), notify=notify,
                 argv_prefix=[activate, "-l", "127.0.0.1:%d" % port, "--fdname=http",
                              "-E", "PYTHONPATH", "-E", "NOTIFY_SOCKET", "-E", "PYTHONUNBUFFERED"])
