@@ -42,7 +42,7 @@ def main() -> None:
     tokens = run.rails_tokens(opts.tokens)
     fast = Verifier([run.GSECRET], issuers=[run.ISSUER])
     slow = Verifier([run.GSECRET], issuers=[run.ISSUER], fast_path=False)
-    assert fast.verify(tokens[0], run.CSRF, now=time.time()).raw == slow.verify(tokens[0], run.CSRF, now=time.time()).raw
+    assert fast.verify_all(tokens[0], run.CSRF, now=time.time())[1] == slow.verify_all(tokens[0], run.CSRF, now=time.time())[1]
     print("PyJWT %s, %d distinct Rails tokens, best of %d" % (jwt.__version__, len(tokens), opts.rounds))
     print("| path | µs per Verifier.verify |")
     print("|---|---|")

@@ -144,12 +144,11 @@ def test_a_mutated_token_never_verifies_with_other_claims(position, char):
     mutated = token[:position] + char + token[position + 1:]
     assume(mutated != token)
     try:
-        claims = VERIFIER.verify(mutated, "c")
+        _, raw = VERIFIER.verify_all(mutated, "c")
     except AuthError:
         return
     # Base64 padding bits: a last-character change may decode to the very same bytes.
-    original = VERIFIER.verify(token, "c")
-    assert claims.raw == original.raw
+    assert raw == VERIFIER.verify_all(token, "c")[1]
 
 
 @TOKENS

@@ -48,10 +48,10 @@ def rails_token(claims: dict, secret: str = SECRET, header: str = '{"alg":"HS256
 
 def outcome(verifier: Verifier, token, csrf=CSRF, now=NOW):
     try:
-        c = verifier.verify(token, csrf, now=now)
+        c, raw = verifier.verify_all(token, csrf, now=now)
     except AuthError as exc:
         return ("refused", exc.reason, str(exc))
-    return ("accepted", c.raw, c.sub, c.exp, [p.text for p in c.listen], [p.text for p in c.publish], c.iss, c.aud)
+    return ("accepted", raw, c.sub, c.exp, [p.text for p in c.listen], [p.text for p in c.publish], c.iss, c.aud)
 
 
 @functools.lru_cache(maxsize=None)
