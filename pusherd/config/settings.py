@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..core.origins import OriginPolicy
 from ..core.presence import PresenceRule
 from . import values as v
 from .sources import DEV_ENVIRONMENTS, FAILED, UNSET, Section
@@ -337,12 +338,9 @@ class Settings:
                 notes.append("publish_secret: shorter than 32 bytes")
             if "*" in self.allowed_origins:
                 notes.append("allowed_origins: '*' lets any web page open a socket with a visitor's cookies")
-            for pattern in self.allowed_origins:
-                # '*.' before a single label (https://*.com): every site under a top-level domain
-                host = pattern.partition("://")[2].rpartition(":")[0] or pattern.partition("://")[2]
-                if host.startswith("*.") and "." not in host[2:] and not host.endswith("]"):
-                    notes.append("allowed_origins: %r lets every site under .%s open a socket with a visitor's "
-                                 "cookies" % (pattern, host[2:]))
+            for pattern in OriginPolicy(self.allowed_origins).over_a_top_level_domain:
+                notes.append("allowed_origins: %r lets every site under a top-level domain open a socket "
+                             "with a visitor's cookies" % pattern)
             if self.demo:
                 notes.append("demo: the live demo page is served at /demo (meant for development)")
         for i, rule in enumerate(self.presence):

@@ -5,7 +5,7 @@ a subdomain wildcard ``https://*.example.com`` (any subdomain, not the bare doma
 port wildcard ``http://localhost:*``. Comparison is on scheme, host and port, case-insensitive.
 """
 
-from typing import Iterable, Mapping, Optional, Tuple
+from typing import Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -46,6 +46,9 @@ class OriginPolicy:
         self.patterns = tuple(patterns)
         self.any = "*" in self.patterns
         self._rules = []
+        #: The patterns whose ``*.`` stands before a single label (``https://*.com``): every site
+        #: under a top-level domain (settings warn of them).
+        self.over_a_top_level_domain: List[str] = []
         for text in self.patterns:
             if text == "*":
                 continue
@@ -58,6 +61,8 @@ class OriginPolicy:
             if "*" in bare or not bare:
                 raise ValueError("not an origin pattern: %r" % text)
             self._rules.append((scheme, host, None if wildcard_port else port))
+            if host.startswith("*.") and "." not in bare:
+                self.over_a_top_level_domain.append(text)
         self._verdicts: dict = {}  # origin -> `_decide`'s verdict (ORIGINS_KEPT)
 
     def allows(self, origin: Optional[str]) -> bool:

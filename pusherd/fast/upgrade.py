@@ -73,16 +73,14 @@ class Upgrades:
         self.rounds = rounds
         self.date = date
         self._queries: Dict[str, Dict[str, list]] = {}
-        self._path_setting: Optional[str] = None  # the `path` setting `_paths` was made of
-        self._paths: Tuple[str, str] = ("", "")
+        # `path` takes a restart (the routes of transports/app.py are made at start): made once,
+        # from the settings the routes were made of.
+        path = service.config.settings.path.rstrip("/")
+        self._paths = (path + "/websocket", path or "/")
         self.loop = loop  # given to each socket (asyncio.get_running_loop is a system call on Python 3.11)
 
     def paths(self) -> Tuple[str, str]:
         """The WebSocket path and the bare one the 2015 client opens (transports/app.py's routes)."""
-        setting = self.service.config.settings.path
-        if setting is not self._path_setting:  # (made again only when a reload changes it)
-            path = setting.rstrip("/")
-            self._path_setting, self._paths = setting, (path + "/websocket", path or "/")
         return self._paths
 
     def admit(self, headers: UpgradeHeaders, arguments: Dict[str, list], protocols: List[str], legacy: bool):

@@ -48,3 +48,18 @@ def test_a_connection_not_waiting_reads_what_comes():
         conn.close()
         theirs.close()
     asyncio.run(main())
+
+
+def test_the_front_recognizes_the_socket_paths_the_routes_were_made_for():
+    """`path` takes a restart: the Tornado routes are made at start. A reload that changes it
+    (pending, logged as needing a restart) leaves the front's paths as the routes' too."""
+    import types
+    from pusherd.fast.upgrade import Upgrades
+    service = types.SimpleNamespace(config=types.SimpleNamespace(settings=types.SimpleNamespace(path="/events/")))
+    upgrades = Upgrades(service, None, str, None)
+    assert upgrades.paths() == ("/events/websocket", "/events")
+    service.config = types.SimpleNamespace(settings=types.SimpleNamespace(path="/other"))
+    assert upgrades.paths() == ("/events/websocket", "/events")
+    root = Upgrades(types.SimpleNamespace(config=types.SimpleNamespace(settings=types.SimpleNamespace(path="/"))),
+                    None, str, None)
+    assert root.paths() == ("/websocket", "/")
